@@ -1,0 +1,3 @@
+fn main() {
+    sipt_build::link_libtorch();
+}

@@ -1,0 +1,261 @@
+//! The `sipt` command line.
+
+use crate::config::{self, Problems, SetOverride};
+use crate::registry::Registry;
+use crate::rundir;
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// sipt: Self-Improving Pretraining experiments.
+///
+/// A policy is pretrained on streamed documents while judges score candidate continuations
+/// (the original suffix, a rewrite, the policy's own rollouts) and the policy learns from those
+/// judgments. Experiments are TOML files; plugins (judges, rewriters, rewards, curricula,
+/// objectives) are chosen by name in them.
+#[derive(Parser, Debug)]
+#[command(name = "sipt", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Load an external plugin library (repeatable), in addition to the file's `plugins`.
+    #[arg(long = "plugin", global = true, value_name = "PATH")]
+    plugins: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate an experiment file, create its run directory and run it.
+    Run(RunArgs),
+    /// Check an experiment file; print every problem; exit 1 if there is any.
+    Validate(FileArgs),
+    /// Inspect experiment configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect the plugin registry.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+#[derive(Args, Debug)]
+struct FileArgs {
+    /// The experiment file (TOML).
+    file: PathBuf,
+    /// Override a key, e.g. --set train.lr=3e-4 --set sip.tournament=pivot (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<SetOverride>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    file: FileArgs,
+    /// Write the run here instead of <experiment.output_dir>/<experiment.name>/<timestamp>.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long, requires = "out")]
+    resume: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the fully resolved configuration as TOML.
+    Show {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Instead, list every key with the layer (file:line, environment, --set, default) that set it.
+        #[arg(long)]
+        origins: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginsCommand {
+    /// List every registered plugin: kind, name, origin and summary.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failed command: the message to print and the exit code.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Problems> for Failure {
+    fn from(p: Problems) -> Self {
+        Failure::invalid(p.to_string())
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::invalid(format!("error: {e:#}"))
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .compact()
+        .try_init();
+}
+
+/// Parse the command line and run; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // clap: 0 for --help/--version, 2 for usage errors.
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("{}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Validate(args) => {
+            let (resolved, _) = load(&args, &cli.plugins)?;
+            println!(
+                "{}: valid ({} file{} in the extends chain)",
+                args.file.display(),
+                resolved.files.len(),
+                if resolved.files.len() == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Show { file, origins }) => {
+            let (resolved, _) = load(&file, &cli.plugins)?;
+            if origins {
+                for (key, value, origin) in config::origins(&resolved) {
+                    println!("{key} = {value}  # {origin}");
+                }
+            } else {
+                print!("{}", resolved.to_toml());
+            }
+            Ok(())
+        }
+        Command::Plugins(PluginsCommand::List { json }) => {
+            let registry = registry_with(&cli.plugins)?;
+            list_plugins(&registry, json);
+            Ok(())
+        }
+        Command::Run(args) => {
+            let (resolved, registry) = load(&args.file, &cli.plugins)?;
+            let dir = match &args.out {
+                Some(dir) => dir.clone(),
+                None => rundir::new_run_path(&resolved.experiment)?,
+            };
+            let run = rundir::RunDir::create(&dir, &resolved, args.resume)?;
+            tracing::info!("run directory: {}", run.path().display());
+            crate::engine::run(&resolved, &registry, &run, args.resume)?;
+            Ok(())
+        }
+    }
+}
+
+fn registry_with(cli_plugins: &[PathBuf]) -> Result<Registry, Failure> {
+    let mut registry = Registry::builtin().map_err(|e| Failure::invalid(format!("error: {e}")))?;
+    for path in cli_plugins {
+        registry
+            .load_library(path)
+            .map_err(|e| Failure::invalid(format!("error: --plugin {}: {e}", path.display())))?;
+    }
+    Ok(registry)
+}
+
+/// Resolve, load the file's plugin libraries, and validate everything; all problems at once.
+fn load(args: &FileArgs, cli_plugins: &[PathBuf]) -> Result<(config::Resolved, Registry), Failure> {
+    let (resolved, mut problems) = config::resolve_lenient(&args.file, &args.sets)?;
+    let mut registry = registry_with(cli_plugins)?;
+    for (i, lib) in resolved.experiment.plugins.iter().enumerate() {
+        if let Err(e) = registry.load_library(Path::new(lib)) {
+            problems.push(resolved.problem(&["plugins".into(), i.to_string()], e.0));
+        }
+    }
+    problems.extend(config::validate_plugins(&resolved, &registry));
+    if problems.is_empty() {
+        Ok((resolved, registry))
+    } else {
+        Err(Problems::sorted(problems).into())
+    }
+}
+
+fn list_plugins(registry: &Registry, json: bool) {
+    if json {
+        let rows: Vec<serde_json::Value> = registry
+            .entries()
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "kind": e.kind,
+                    "name": e.name,
+                    "origin": match &e.origin {
+                        crate::registry::Origin::BuiltIn => "built-in".to_string(),
+                        crate::registry::Origin::Library(_) => "library".to_string(),
+                    },
+                    "path": match &e.origin {
+                        crate::registry::Origin::BuiltIn => serde_json::Value::Null,
+                        crate::registry::Origin::Library(p) => p.display().to_string().into(),
+                    },
+                    "summary": e.summary,
+                    "options": e.fields,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        return;
+    }
+    let kind_w = registry.entries().iter().map(|e| e.kind.as_str().len()).max().unwrap_or(4);
+    let name_w = registry.entries().iter().map(|e| e.name.len()).max().unwrap_or(4);
+    let origin_w = registry
+        .entries()
+        .iter()
+        .map(|e| e.origin.to_string().len())
+        .max()
+        .unwrap_or(6);
+    println!("{:kind_w$}  {:name_w$}  {:origin_w$}  SUMMARY", "KIND", "NAME", "ORIGIN");
+    for e in registry.entries() {
+        println!(
+            "{:kind_w$}  {:name_w$}  {:origin_w$}  {}",
+            e.kind.as_str(),
+            e.name,
+            e.origin.to_string(),
+            e.summary
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! Experiment files: layering, the typed schema, and problems reported with file, key and line.
+//!
+//! Layers, lowest first: built-in defaults (the schema's `Default`s), the `extends` chain (paths
+//! relative to the file that names them; cycles are errors), the file itself, `SIPT_`-prefixed
+//! environment variables with `__` between key segments (`SIPT_TRAIN__LR=3e-4`), and
+//! `--set a.b=value` overrides whose values are read as TOML (numbers, booleans, arrays), or as
+//! plain strings when they are not valid TOML.
+
+pub mod locate;
+mod problems;
+pub mod schema;
+mod validate;
+
+pub use problems::{Origin, Problem, Problems};
+pub use schema::*;
+pub use validate::{check_choice, validate_plugins};
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Value as FigValue};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One `--set key.path=value` override, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetOverride {
+    pub key: Vec<String>,
+    pub value: toml::Value,
+    pub raw: String,
+}
+
+impl std::str::FromStr for SetOverride {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let (key, value) = raw
+            .split_once('=')
+            .ok_or_else(|| format!("'{raw}' is not KEY=VALUE (e.g. train.lr=3e-4)"))?;
+        let key: Vec<String> = key.trim().split('.').map(|s| s.trim().to_string()).collect();
+        if key.iter().any(String::is_empty) {
+            return Err(format!("'{raw}' has an empty key segment"));
+        }
+        let value = parse_value(value.trim());
+        Ok(SetOverride {
+            key,
+            value,
+            raw: raw.to_string(),
+        })
+    }
+}
+
+/// A value as typed on a command line: TOML when it parses as TOML, a string otherwise.
+pub fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+struct SetProvider(Vec<SetOverride>);
+
+const SET_NAME: &str = "--set";
+
+impl Provider for SetProvider {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(SET_NAME)
+    }
+
+    fn data(&self) -> Result<figment::value::Map<Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for o in &self.0 {
+            let value = FigValue::serialize(&o.value)?;
+            insert_path(&mut root, &o.key, value);
+        }
+        Ok(Profile::Default.collect(root))
+    }
+}
+
+fn insert_path(dict: &mut Dict, key: &[String], value: FigValue) {
+    match key {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| FigValue::from(Dict::new()));
+            if entry.as_dict().is_none() {
+                *entry = FigValue::from(Dict::new());
+            }
+            if let FigValue::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "SIPT_";
+
+fn env_provider() -> Env {
+    // Only nested keys (with `__`) are configuration, so that variables such as SIPT_ASSETS
+    // that configure the tool itself never clash with the schema.
+    Env::prefixed(ENV_PREFIX)
+        .filter(|k| k.as_str().contains("__"))
+        .split("__")
+}
+
+/// An experiment file with its layers resolved and checked against the schema.
+pub struct Resolved {
+    pub file: PathBuf,
+    /// The typed configuration (keys with problems fall back to their defaults).
+    pub experiment: Experiment,
+    /// The merged raw values, as written (before defaults).
+    pub raw: Value,
+    /// Every file of the `extends` chain, bases first, the experiment file last.
+    pub files: Vec<PathBuf>,
+    figment: Figment,
+    texts: HashMap<PathBuf, String>,
+    env_name: String,
+}
+
+impl Resolved {
+    /// Which layer set `path`, and the line when it came from a file.
+    pub fn origin(&self, path: &[String]) -> (Origin, Option<usize>) {
+        let Some(meta) = self.figment.find_metadata(&path.join(".")) else {
+            return (Origin::Default, None);
+        };
+        if let Some(figment::Source::File(file)) = &meta.source {
+            let line = self
+                .texts
+                .get(file)
+                .and_then(|text| locate::line_of(text, path));
+            return (Origin::File(file.clone()), line);
+        }
+        if meta.name == SET_NAME {
+            (Origin::Set, None)
+        } else if meta.name == self.env_name {
+            (
+                Origin::Env(format!(
+                    "{ENV_PREFIX}{}",
+                    path.join("__").to_ascii_uppercase()
+                )),
+                None,
+            )
+        } else {
+            (Origin::Default, None)
+        }
+    }
+
+    /// A problem at `path`, located and showing the value found there.
+    pub fn problem(&self, path: &[String], message: impl Into<String>) -> Problem {
+        let (origin, line) = self.origin(path);
+        let origin = match origin {
+            // A key absent from every layer: the problem is still the experiment file's.
+            Origin::Default => Origin::File(self.file.clone()),
+            other => other,
+        };
+        Problem {
+            origin,
+            line,
+            key: path.join("."),
+            value: value_at(&self.raw, path).map(show_value),
+            message: message.into(),
+        }
+    }
+
+    /// The resolved configuration as TOML, as written into every run directory.
+    pub fn to_toml(&self) -> String {
+        to_toml(&self.experiment)
+    }
+}
+
+/// Serialize a configuration as TOML.
+pub fn to_toml(experiment: &Experiment) -> String {
+    toml::to_string_pretty(experiment).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+}
+
+pub(crate) fn value_at<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, seg| match v {
+        Value::Object(map) => map.get(seg),
+        Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
+        _ => None,
+    })
+}
+
+fn show_value(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() > 60 {
+        let cut: String = text.chars().take(57).collect();
+        format!("{cut}...")
+    } else {
+        text
+    }
+}
+
+/// Read one file of the chain: its text and its `extends` list.
+fn read_layer(path: &Path, problems: &mut Vec<Problem>) -> Option<(String, Vec<PathBuf>)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(Problem::file(path, None, format!("cannot read the file: {e}")));
+            return None;
+        }
+    };
+    let table: toml::Table = match toml::from_str(&text) {
+        Ok(t) => t,
+        Err(e) => {
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+            problems.push(Problem::file(
+                path,
+                line,
+                format!("invalid TOML: {}", e.message()),
+            ));
+            return None;
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let bases = match table.get("extends") {
+        None => Vec::new(),
+        Some(toml::Value::String(s)) => vec![dir.join(s)],
+        Some(toml::Value::Array(items)) if items.iter().all(|v| v.is_str()) => items
+            .iter()
+            .filter_map(|v| v.as_str())
+            .map(|s| dir.join(s))
+            .collect(),
+        Some(other) => {
+            problems.push(Problem {
+                origin: Origin::File(path.to_path_buf()),
+                line: locate::line_of(&text, &["extends".to_string()]),
+                key: "extends".into(),
+                value: Some(other.to_string()),
+                message: "expected a file name or a list of file names".into(),
+            });
+            Vec::new()
+        }
+    };
+    Some((text, bases))
+}
+
+/// Walk the `extends` chain depth-first, bases before the files that extend them.
+fn collect_chain(
+    path: &Path,
+    stack: &mut Vec<PathBuf>,
+    order: &mut Vec<PathBuf>,
+    texts: &mut HashMap<PathBuf, String>,
+    problems: &mut Vec<Problem>,
+) {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(pos) = stack.iter().position(|p| *p == key) {
+        let cycle: Vec<String> = stack[pos..]
+            .iter()
+            .chain(std::iter::once(&key))
+            .map(|p| p.display().to_string())
+            .collect();
+        let from = stack.last().cloned().unwrap_or_else(|| key.clone());
+        problems.push(Problem::file(
+            &from,
+            texts
+                .get(&from)
+                .and_then(|t| locate::line_of(t, &["extends".to_string()])),
+            format!("extends forms a cycle: {}", cycle.join(" -> ")),
+        ));
+        return;
+    }
+    if order.contains(&key) {
+        return;
+    }
+    let Some((text, bases)) = read_layer(path, problems) else {
+        return;
+    };
+    texts.insert(key.clone(), text);
+    stack.push(key.clone());
+    for base in bases {
+        collect_chain(&base, stack, order, texts, problems);
+    }
+    stack.pop();
+    order.push(key);
+}
+
+/// Resolve an experiment file's layers and check them against the schema; any problem fails.
+/// Plugin tables are checked separately ([`validate_plugins`]), once the registry is known.
+pub fn resolve(file: &Path, sets: &[SetOverride]) -> Result<Resolved, Problems> {
+    let (resolved, problems) = resolve_lenient(file, sets)?;
+    if problems.is_empty() {
+        Ok(resolved)
+    } else {
+        Err(Problems(problems))
+    }
+}
+
+/// Like [`resolve`], but schema problems come back beside the configuration (whose offending
+/// keys fell back to defaults), so that later checks can still run and report theirs too.
+/// Only problems that leave nothing to check (unreadable files, bad TOML) are errors.
+pub fn resolve_lenient(
+    file: &Path,
+    sets: &[SetOverride],
+) -> Result<(Resolved, Vec<Problem>), Problems> {
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    let mut texts = HashMap::new();
+    collect_chain(file, &mut Vec::new(), &mut files, &mut texts, &mut problems);
+    if !problems.is_empty() {
+        return Err(Problems(problems));
+    }
+
+    let env = env_provider();
+    let env_name = env.metadata().name.to_string();
+    let mut figment = Figment::new();
+    for f in &files {
+        figment = figment.merge(Toml::file_exact(f));
+    }
+    let figment = figment.merge(env).merge(SetProvider(sets.to_vec()));
+
+    let mut raw: Value = match figment.extract() {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(Problems(vec![Problem::file(
+                file,
+                None,
+                format!("cannot merge the configuration layers: {e}"),
+            )]))
+        }
+    };
+    if let Value::Object(map) = &mut raw {
+        map.remove("extends");
+    }
+
+    let mut resolved = Resolved {
+        file: file.to_path_buf(),
+        experiment: Experiment::default(),
+        raw: raw.clone(),
+        files,
+        figment,
+        texts,
+        env_name,
+    };
+    let (experiment, found) = validate::check_all(raw, |v| {
+        sipt_api::check_config::<Experiment>(v).map(|_| ())
+    });
+    for (path, message) in found {
+        problems.push(resolved.problem(&path, message));
+    }
+    resolved.experiment = experiment
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    problems.extend(validate::check_values(&resolved));
+    Ok((resolved, problems))
+}
+
+/// Every leaf of the resolved configuration with where it came from, for `config show --origins`.
+pub fn origins(resolved: &Resolved) -> Vec<(String, String, String)> {
+    let full = serde_json::to_value(&resolved.experiment).unwrap_or(Value::Null);
+    let mut rows = Vec::new();
+    walk_leaves(&full, &mut Vec::new(), &mut |path, value| {
+        let (origin, line) = resolved.origin(path);
+        let place = match (origin, line) {
+            (Origin::File(f), Some(l)) => format!("{}:{l}", f.display()),
+            (origin, _) => origin.to_string(),
+        };
+        rows.push((path.join("."), value.to_string(), place));
+    });
+    rows
+}
+
+fn walk_leaves(value: &Value, path: &mut Vec<String>, f: &mut dyn FnMut(&[String], &Value)) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                path.push(k.clone());
+                walk_leaves(v, path, f);
+                path.pop();
+            }
+        }
+        Value::Null => {}
+        _ => f(path, value),
+    }
+}
+
+#[cfg(test)]
+mod tests;

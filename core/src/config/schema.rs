@@ -1,0 +1,347 @@
+//! The experiment file's typed schema: one struct per section, every field with a default, and
+//! unknown keys rejected, so that a misspelt key is an error rather than silently ignored.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A whole experiment file, after layering (see [`super::load`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Experiment {
+    /// Base file(s) this one extends, relative to this file. Consumed while loading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extends: Option<Extends>,
+    /// External plugin libraries to load (paths to shared libraries).
+    pub plugins: Vec<String>,
+    pub experiment: ExperimentSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub sip: SipSection,
+    pub train: TrainSection,
+    /// Pointwise and pairwise judges by name; the name is how rewards refer to them.
+    pub judges: BTreeMap<String, PluginTable>,
+    pub rewriter: Option<PluginTable>,
+    pub reward: Option<PluginTable>,
+    pub curriculum: Option<PluginTable>,
+    pub eval: EvalSection,
+    pub tracking: TrackingSection,
+    pub sweep: Option<SweepSection>,
+}
+
+/// `extends = "base.toml"` or `extends = ["a.toml", "b.toml"]` (later ones win).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Extends {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Extends {
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            Extends::One(p) => vec![p.as_str()],
+            Extends::Many(ps) => ps.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentSection {
+    /// Names the run directory: `<output_dir>/<name>/<run>`.
+    pub name: String,
+    pub seed: u64,
+    pub output_dir: String,
+    /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Intra-op threads for CPU work; 0 lets libtorch decide.
+    pub threads: usize,
+}
+
+impl Default for ExperimentSection {
+    fn default() -> Self {
+        ExperimentSection {
+            name: "experiment".into(),
+            seed: 0,
+            output_dir: "runs".into(),
+            device: "auto".into(),
+            threads: 0,
+        }
+    }
+}
+
+/// The policy: a pretrained Hugging Face-layout folder, or a from-scratch architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Folder with config.json, model.safetensors and tokenizer.json. Empty = from scratch.
+    pub path: String,
+    /// tokenizer.json for from-scratch models (a pretrained folder brings its own).
+    pub tokenizer: String,
+    /// `f32` or `bf16` (bf16 autocast applies on CUDA only).
+    pub dtype: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position: usize,
+    pub rope_theta: f64,
+    pub norm_eps: f64,
+    pub tie_embeddings: bool,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: String::new(),
+            tokenizer: String::new(),
+            dtype: "f32".into(),
+            vocab_size: 8192,
+            hidden_size: 256,
+            layers: 4,
+            heads: 8,
+            kv_heads: 4,
+            intermediate_size: 688,
+            max_position: 1024,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Files, folders or globs of training documents (text or JSON lines).
+    pub train: Vec<String>,
+    /// Held-out documents; empty = carve `validation_fraction` out of `train`.
+    pub validation: Vec<String>,
+    pub validation_fraction: f64,
+    /// `auto` (by extension), `text` or `jsonl`.
+    pub format: String,
+    /// Field holding the text in JSON-lines files.
+    pub jsonl_field: String,
+    pub shuffle: bool,
+    /// Sequence length for next-token training.
+    pub seq_len: usize,
+    /// Suffix length N: the tokens that candidates continue with.
+    pub suffix_tokens: usize,
+    /// Shortest and longest prefix, in tokens.
+    pub prefix_min_tokens: usize,
+    pub prefix_max_tokens: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train: Vec::new(),
+            validation: Vec::new(),
+            validation_fraction: 0.02,
+            format: "auto".into(),
+            jsonl_field: "text".into(),
+            shuffle: true,
+            seq_len: 256,
+            suffix_tokens: 128,
+            prefix_min_tokens: 32,
+            prefix_max_tokens: 256,
+        }
+    }
+}
+
+/// How each step builds its candidate pool and picks from it (the base plan; a curriculum may
+/// change it step by step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipSection {
+    pub original: bool,
+    pub rewrite: bool,
+    pub rollouts: u32,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    /// How pairwise judges are run over a pool: `all-pairs`, `pivot`, `swiss`, `sort`.
+    pub tournament: String,
+    /// Judge batch t while sampling batch t+1.
+    pub overlap: bool,
+    /// Candidates (with their judgments) written to the run directory every N steps.
+    pub sample_every: u64,
+}
+
+impl Default for SipSection {
+    fn default() -> Self {
+        SipSection {
+            original: true,
+            rewrite: false,
+            rollouts: 4,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            tournament: "all-pairs".into(),
+            overlap: true,
+            sample_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub steps: u64,
+    /// Sequences (NTP) or prefixes (SIP) per optimizer step.
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub grad_clip: f64,
+    pub checkpoint_every: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub log_every: u64,
+    /// The training objective: `ntp`, `online-dpo`, `rf-nll`, `sft`, `mixture`.
+    pub objective: PluginTable,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            steps: 200,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            checkpoint_every: 100,
+            eval_every: 50,
+            eval_batches: 4,
+            log_every: 10,
+            objective: PluginTable::named("ntp"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Held-out prefixes evaluated with greedy continuations.
+    pub prefixes: usize,
+    pub max_new_tokens: usize,
+    /// Prefix files of unsafe prompts (one per line), e.g. RealToxicityPrompts subsets.
+    pub unsafe_prefixes: Vec<String>,
+    /// Baseline checkpoint to compute the judged win rate against.
+    pub baseline: String,
+    /// The pairwise judge (by name in `[judges]`) that decides win rates.
+    pub judge: String,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            prefixes: 64,
+            max_new_tokens: 64,
+            unsafe_prefixes: Vec::new(),
+            baseline: String::new(),
+            judge: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingSection {
+    /// Metrics always go to `metrics.jsonl` in the run directory; this adds W&B.
+    pub wandb: WandbSection,
+    /// Write TensorBoard event files too.
+    pub tensorboard: bool,
+}
+
+impl Default for TrackingSection {
+    fn default() -> Self {
+        TrackingSection {
+            wandb: WandbSection::default(),
+            tensorboard: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WandbSection {
+    /// `off`, `offline` (write the run file; `wandb sync` later) or `live` (stream it).
+    pub mode: String,
+    pub project: String,
+    pub entity: String,
+    pub tags: Vec<String>,
+}
+
+impl Default for WandbSection {
+    fn default() -> Self {
+        WandbSection {
+            mode: "off".into(),
+            project: "sipt".into(),
+            entity: String::new(),
+            tags: Vec::new(),
+        }
+    }
+}
+
+/// A sweep over configuration keys: grid (cartesian product), zip (lists walked together) and
+/// seeded random samples, combined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweepSection {
+    /// key path → values; every combination is a trial.
+    pub grid: BTreeMap<String, Vec<toml::Value>>,
+    /// key path → values; all lists the same length, walked together.
+    pub zip: BTreeMap<String, Vec<toml::Value>>,
+    /// key path → values to draw from; `samples` trials drawn with `seed`.
+    pub random: BTreeMap<String, Vec<toml::Value>>,
+    pub samples: usize,
+    pub seed: u64,
+    pub fail_fast: bool,
+}
+
+impl Default for SweepSection {
+    fn default() -> Self {
+        SweepSection {
+            grid: BTreeMap::new(),
+            zip: BTreeMap::new(),
+            random: BTreeMap::new(),
+            samples: 0,
+            seed: 0,
+            fail_fast: false,
+        }
+    }
+}
+
+/// A plugin choice: `type = "name"` plus that plugin's own options, which the plugin checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginTable {
+    #[serde(rename = "type")]
+    pub name: String,
+    #[serde(flatten)]
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl PluginTable {
+    pub fn named(name: &str) -> Self {
+        PluginTable {
+            name: name.to_string(),
+            options: serde_json::Map::new(),
+        }
+    }
+
+    pub fn options_value(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.options.clone())
+    }
+}

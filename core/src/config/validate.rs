@@ -1,0 +1,346 @@
+//! Checking a configuration completely: every problem at once, not the first one only.
+//!
+//! serde stops at the first error, so [`check_all`] records it, removes the offending key (its
+//! default then applies) and checks again, until the value passes.
+
+use super::{value_at, Problem, Resolved};
+use crate::registry::Registry;
+use crate::suggest;
+use sipt_api::{ConfigProblem, PluginKind};
+use serde_json::Value;
+
+/// Check `value` with `check` repeatedly, collecting `(key path, message)` for every problem.
+/// Returns the value with the offending keys removed when what is left passes.
+pub fn check_all(
+    mut value: Value,
+    check: impl Fn(&Value) -> Result<(), ConfigProblem>,
+) -> (Option<Value>, Vec<(Vec<String>, String)>) {
+    let mut found = Vec::new();
+    for _ in 0..256 {
+        match check(&value) {
+            Ok(()) => return (Some(value), found),
+            Err(problem) => {
+                let (path, message) = explain(&value, problem);
+                let removed = !path.is_empty() && remove_at(&mut value, &path);
+                found.push((path, message));
+                if !removed {
+                    return (None, found);
+                }
+            }
+        }
+    }
+    (None, found)
+}
+
+fn remove_at(value: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut current = value;
+    for seg in parents {
+        current = match current {
+            Value::Object(map) => match map.get_mut(seg) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Array(items) => match seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match current {
+        Value::Object(map) => map.remove(last).is_some(),
+        // A bad array element: drop the whole array so its default applies.
+        Value::Array(_) => false,
+        _ => false,
+    }
+}
+
+/// Backticked names in a serde message: "unknown field `x`, expected one of `a`, `b`".
+fn backticked(message: &str) -> Vec<&str> {
+    message.split('`').skip(1).step_by(2).collect()
+}
+
+/// Turn serde's wording into ours: unknown keys get a suggestion, type names read as English.
+fn explain(value: &Value, problem: ConfigProblem) -> (Vec<String>, String) {
+    let ConfigProblem { mut path, message } = problem;
+    if message.starts_with("unknown field") {
+        let names = backticked(&message);
+        if let Some((unknown, expected)) = names.split_first() {
+            // serde_path_to_error points at the table; name the key itself.
+            if path.last().map(String::as_str) != Some(*unknown) {
+                path.push(unknown.to_string());
+            }
+            let hint = suggest::hint(unknown, expected.iter().copied());
+            let message = if hint.is_empty() {
+                format!("unknown key '{unknown}' (valid keys: {})", expected.join(", "))
+            } else {
+                format!("unknown key '{unknown}'{hint}")
+            };
+            return (path, message);
+        }
+    }
+    if message.starts_with("unknown variant") {
+        let names = backticked(&message);
+        if let Some((unknown, expected)) = names.split_first() {
+            let hint = suggest::hint(unknown, expected.iter().copied());
+            return (
+                path,
+                format!("'{unknown}' is not one of: {}{hint}", expected.join(", ")),
+            );
+        }
+    }
+    if message.starts_with("missing field") {
+        let names = backticked(&message);
+        if let Some(field) = names.first() {
+            return (path, format!("missing required key '{field}'"));
+        }
+    }
+    // A problem inside an array element is reported on the array.
+    if let Some(pos) = path.iter().position(|s| s.parse::<usize>().is_ok()) {
+        if matches!(value_at(value, &path[..pos]), Some(Value::Array(_))) {
+            path.truncate(pos + 1);
+        }
+    }
+    (path, plain_types(&message))
+}
+
+fn plain_types(message: &str) -> String {
+    let mut out = message.to_string();
+    for (serde_name, plain) in [
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected u64", "expected a whole number >= 0"),
+        ("expected u32", "expected a whole number >= 0"),
+        ("expected usize", "expected a whole number >= 0"),
+        ("expected i64", "expected a whole number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected struct PluginTable", "expected a plugin table (with type = \"...\")"),
+    ] {
+        out = out.replace(serde_name, plain);
+    }
+    out
+}
+
+/// A value that must be one of a fixed set of names.
+pub fn check_choice(
+    resolved: &Resolved,
+    path: &str,
+    value: &str,
+    choices: &[&str],
+    problems: &mut Vec<Problem>,
+) {
+    if !choices.contains(&value) {
+        let key: Vec<String> = path.split('.').map(String::from).collect();
+        let hint = suggest::hint(value, choices.iter().copied());
+        let message = if hint.is_empty() {
+            format!("expected one of: {}", choices.join(", "))
+        } else {
+            format!("expected one of: {}{hint}", choices.join(", "))
+        };
+        problems.push(resolved.problem(&key, message));
+    }
+}
+
+/// Tournament designs the engine knows.
+pub const TOURNAMENTS: &[&str] = &["all-pairs", "pivot", "swiss", "sort"];
+
+/// Checks that need more than a type: names from fixed sets, ranges, consistency.
+pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
+    let e = &resolved.experiment;
+    let problem = |path: &str, message: String| {
+        let key: Vec<String> = path.split('.').map(String::from).collect();
+        resolved.problem(&key, message)
+    };
+    let mut out = Vec::new();
+
+    let device = e.experiment.device.as_str();
+    let cuda_index = device
+        .strip_prefix("cuda:")
+        .map(|i| i.parse::<usize>().is_ok())
+        .unwrap_or(false);
+    if !(matches!(device, "auto" | "cpu" | "cuda") || cuda_index) {
+        out.push(problem(
+            "experiment.device",
+            "expected auto, cpu, cuda or cuda:N".into(),
+        ));
+    }
+    if e.experiment.name.is_empty()
+        || e
+            .experiment
+            .name
+            .contains(|c: char| c == '/' || c == '\\' || c.is_control())
+    {
+        out.push(problem(
+            "experiment.name",
+            "expected a non-empty name usable as a folder name (no slashes)".into(),
+        ));
+    }
+    let m = &e.model;
+    if m.path.is_empty() {
+        for (key, value) in [
+            ("model.vocab_size", m.vocab_size),
+            ("model.hidden_size", m.hidden_size),
+            ("model.layers", m.layers),
+            ("model.heads", m.heads),
+            ("model.kv_heads", m.kv_heads),
+            ("model.intermediate_size", m.intermediate_size),
+            ("model.max_position", m.max_position),
+        ] {
+            if value == 0 {
+                out.push(problem(key, "expected a positive number".into()));
+            }
+        }
+        if m.heads > 0 && m.hidden_size % m.heads != 0 {
+            out.push(problem(
+                "model.heads",
+                format!("hidden_size {} is not divisible by heads", m.hidden_size),
+            ));
+        }
+        if m.kv_heads > 0 && m.heads % m.kv_heads != 0 {
+            out.push(problem(
+                "model.kv_heads",
+                format!("heads {} is not divisible by kv_heads", m.heads),
+            ));
+        }
+        if m.heads > 0 && m.hidden_size % m.heads == 0 && (m.hidden_size / m.heads) % 2 != 0 {
+            out.push(problem(
+                "model.heads",
+                "the head size (hidden_size / heads) must be even for rotary embeddings".into(),
+            ));
+        }
+    }
+    let t = &e.train;
+    for (key, ok) in [
+        ("train.steps", t.steps > 0),
+        ("train.batch_size", t.batch_size > 0),
+        ("train.grad_accum", t.grad_accum > 0),
+        ("train.lr", t.lr > 0.0 && t.lr.is_finite()),
+        ("train.min_lr_ratio", (0.0..=1.0).contains(&t.min_lr_ratio)),
+        ("train.weight_decay", t.weight_decay >= 0.0),
+        ("train.beta1", (0.0..1.0).contains(&t.beta1)),
+        ("train.beta2", (0.0..1.0).contains(&t.beta2)),
+        ("train.grad_clip", t.grad_clip >= 0.0),
+        ("data.seq_len", e.data.seq_len >= 2),
+        ("data.suffix_tokens", e.data.suffix_tokens > 0),
+        (
+            "data.validation_fraction",
+            (0.0..1.0).contains(&e.data.validation_fraction),
+        ),
+        ("sip.top_p", e.sip.top_p > 0.0 && e.sip.top_p <= 1.0),
+        ("sip.temperature", e.sip.temperature >= 0.0),
+    ] {
+        if !ok {
+            let what = match key {
+                "train.min_lr_ratio" => "expected a number between 0 and 1",
+                "train.beta1" | "train.beta2" | "data.validation_fraction" => {
+                    "expected a number in [0, 1)"
+                }
+                "sip.top_p" => "expected a number in (0, 1]",
+                "data.seq_len" => "expected at least 2",
+                "train.weight_decay" | "train.grad_clip" | "sip.temperature" => {
+                    "expected a number >= 0"
+                }
+                _ => "expected a positive number",
+            };
+            out.push(problem(key, what.into()));
+        }
+    }
+    if e.data.prefix_min_tokens > e.data.prefix_max_tokens {
+        out.push(problem(
+            "data.prefix_min_tokens",
+            format!(
+                "larger than data.prefix_max_tokens ({})",
+                e.data.prefix_max_tokens
+            ),
+        ));
+    }
+    let mut problems = Vec::new();
+    check_choice(resolved, "model.dtype", &m.dtype, &["f32", "bf16"], &mut problems);
+    check_choice(
+        resolved,
+        "data.format",
+        &e.data.format,
+        &["auto", "text", "jsonl"],
+        &mut problems,
+    );
+    check_choice(resolved, "sip.tournament", &e.sip.tournament, TOURNAMENTS, &mut problems);
+    check_choice(
+        resolved,
+        "tracking.wandb.mode",
+        &e.tracking.wandb.mode,
+        &["off", "offline", "live"],
+        &mut problems,
+    );
+    if !e.eval.judge.is_empty() && !e.judges.contains_key(&e.eval.judge) {
+        let names: Vec<&str> = e.judges.keys().map(String::as_str).collect();
+        let hint = suggest::hint(&e.eval.judge, names.iter().copied());
+        problems.push(resolved.problem(
+            &["eval".into(), "judge".into()],
+            format!("no judge of that name in [judges]{hint}"),
+        ));
+    }
+    out.extend(problems);
+    out
+}
+
+/// Check every plugin table against the registry: the `type` names a registered plugin of the
+/// right kind, and the plugin accepts the rest of the table.
+pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem> {
+    let e = &resolved.experiment;
+    let mut tables: Vec<(Vec<String>, &[PluginKind], &super::PluginTable)> = Vec::new();
+    const JUDGES: &[PluginKind] = &[PluginKind::PointwiseJudge, PluginKind::PairwiseJudge];
+    for (name, table) in &e.judges {
+        tables.push((vec!["judges".into(), name.clone()], JUDGES, table));
+    }
+    if let Some(t) = &e.rewriter {
+        tables.push((vec!["rewriter".into()], &[PluginKind::Rewriter], t));
+    }
+    if let Some(t) = &e.reward {
+        tables.push((vec!["reward".into()], &[PluginKind::Reward], t));
+    }
+    if let Some(t) = &e.curriculum {
+        tables.push((vec!["curriculum".into()], &[PluginKind::Curriculum], t));
+    }
+    tables.push((
+        vec!["train".into(), "objective".into()],
+        &[PluginKind::Objective],
+        &e.train.objective,
+    ));
+
+    let mut problems = Vec::new();
+    for (path, kinds, table) in tables {
+        let entry = kinds.iter().find_map(|k| registry.find(*k, &table.name));
+        let Some(entry) = entry else {
+            let names: Vec<&str> = kinds.iter().flat_map(|k| registry.names(*k)).collect();
+            let what = if kinds.len() > 1 {
+                "judge".to_string()
+            } else {
+                kinds[0].to_string()
+            };
+            let hint = suggest::hint(&table.name, names.iter().copied());
+            let message = if hint.is_empty() {
+                format!(
+                    "unknown {what} type '{}' (known: {})",
+                    table.name,
+                    names.join(", ")
+                )
+            } else {
+                format!("unknown {what} type '{}'{hint}", table.name)
+            };
+            let mut key = path.clone();
+            key.push("type".into());
+            problems.push(resolved.problem(&key, message));
+            continue;
+        };
+        let (_, found) = check_all(table.options_value(), |v| registry.check(entry, v));
+        for (sub, message) in found {
+            let mut key = path.clone();
+            key.extend(sub);
+            problems.push(resolved.problem(&key, message));
+        }
+    }
+    problems
+}

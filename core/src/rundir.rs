@@ -1,0 +1,113 @@
+//! Run directories: `<output_dir>/<experiment>/<run>/` with the resolved configuration, metrics,
+//! samples, checkpoints and logs. Files are written atomically (temporary file, fsync, rename),
+//! so a crash or kill never leaves a half-written file behind.
+
+use crate::config::{Experiment, Resolved};
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Write `bytes` to `path` atomically: readers see the old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// A fresh, unused run path: `<output_dir>/<name>/<UTC timestamp>[-N]`.
+pub fn new_run_path(experiment: &Experiment) -> Result<PathBuf> {
+    let base = Path::new(&experiment.experiment.output_dir).join(&experiment.experiment.name);
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+    let mut candidate = base.join(&stamp);
+    let mut n = 2;
+    while candidate.exists() {
+        candidate = base.join(format!("{stamp}-{n}"));
+        n += 1;
+    }
+    Ok(candidate)
+}
+
+/// An open run directory.
+pub struct RunDir {
+    path: PathBuf,
+}
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+
+impl RunDir {
+    /// Create the directory and write the resolved configuration into it. With `resume`, the
+    /// directory must exist and hold the same configuration.
+    pub fn create(path: &Path, resolved: &Resolved, resume: bool) -> Result<RunDir> {
+        let config = resolved.to_toml();
+        let config_path = path.join(CONFIG_FILE);
+        if resume {
+            let existing = std::fs::read_to_string(&config_path).with_context(|| {
+                format!(
+                    "cannot resume: {} has no {CONFIG_FILE}",
+                    path.display()
+                )
+            })?;
+            if existing != config {
+                bail!(
+                    "cannot resume {}: its configuration differs from this one (compare {} with `sipt config show`)",
+                    path.display(),
+                    config_path.display()
+                );
+            }
+        } else {
+            if config_path.exists() {
+                bail!(
+                    "{} already holds a run; pass --resume to continue it, or choose another --out",
+                    path.display()
+                );
+            }
+            std::fs::create_dir_all(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            write_atomic(&config_path, config.as_bytes())?;
+        }
+        std::fs::create_dir_all(path.join(CHECKPOINTS_DIR))
+            .with_context(|| format!("cannot create {}", path.join(CHECKPOINTS_DIR).display()))?;
+        Ok(RunDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.txt");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "second");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+}

@@ -1,0 +1,10 @@
+//! Built-in sipt plugins that need no server: rewards, curricula, and cheap proxy judges.
+//!
+//! Each plugin registers itself next to its definition with `sipt_api::register_plugin!`, so
+//! adding one touches one file.
+
+pub mod curricula;
+pub mod rewards;
+
+/// Called by the `sipt` binary so the linker keeps this crate, and with it the registrations.
+pub fn link() {}
