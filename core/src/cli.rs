@@ -38,6 +38,27 @@ enum Command {
     /// Inspect the plugin registry.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Run one judge of an experiment file on given text and print its verdicts as JSON lines.
+    ///
+    /// A pointwise judge scores each --candidate; a pairwise judge compares the first two.
+    Judge(JudgeArgs),
+}
+
+#[derive(Args, Debug)]
+struct JudgeArgs {
+    #[command(flatten)]
+    file: FileArgs,
+    /// The judge's name in the file's [judges] table.
+    #[arg(long)]
+    judge: String,
+    #[arg(long)]
+    prefix: String,
+    /// A continuation to judge (repeatable).
+    #[arg(long = "candidate", required = true)]
+    candidates: Vec<String>,
+    /// The original suffix, for judges that compare against a reference.
+    #[arg(long)]
+    reference: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +195,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             list_plugins(&registry, json);
             Ok(())
         }
+        Command::Judge(args) => judge(args, &cli.plugins),
         Command::Run(args) => {
             let (resolved, registry) = load(&args.file, &cli.plugins)?;
             let dir = match &args.out {
@@ -237,18 +259,34 @@ fn list_plugins(registry: &Registry, json: bool) {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
         return;
     }
-    let kind_w = registry.entries().iter().map(|e| e.kind.as_str().len()).max().unwrap_or(4);
-    let name_w = registry.entries().iter().map(|e| e.name.len()).max().unwrap_or(4);
+    let kind_w = registry
+        .entries()
+        .iter()
+        .map(|e| e.kind.as_str().len())
+        .max()
+        .unwrap_or(4);
+    let name_w = registry
+        .entries()
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(4);
     let origin_w = registry
         .entries()
         .iter()
         .map(|e| e.origin.to_string().len())
         .max()
         .unwrap_or(6);
-    println!("{:kind_w$}  {:name_w$}  {:origin_w$}  SUMMARY", "KIND", "NAME", "ORIGIN");
+    println!(
+        "{:kind_w$}  {:name_w$}  {:origin_w$}  SUMMARY",
+        "KIND", "NAME", "ORIGIN"
+    );
     for e in registry.entries() {
         println!(
             "{:kind_w$}  {:name_w$}  {:origin_w$}  {}",
@@ -258,4 +296,81 @@ fn list_plugins(registry: &Registry, json: bool) {
             e.summary
         );
     }
+}
+
+fn judge(args: JudgeArgs, cli_plugins: &[PathBuf]) -> Result<(), Failure> {
+    use sipt_api::{Instance, PairwiseItem, PluginKind, PointwiseItem};
+    let (resolved, registry) = load(&args.file, cli_plugins)?;
+    let names: Vec<&str> = resolved
+        .experiment
+        .judges
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let table = resolved.experiment.judges.get(&args.judge).ok_or_else(|| {
+        Failure::invalid(format!(
+            "error: {} has no judge named '{}' in [judges]{}",
+            args.file.file.display(),
+            args.judge,
+            crate::suggest::hint(&args.judge, names.iter().copied())
+        ))
+    })?;
+    let entry = [PluginKind::PointwiseJudge, PluginKind::PairwiseJudge]
+        .iter()
+        .find_map(|k| registry.find(*k, &table.name))
+        .ok_or_else(|| Failure::invalid(format!("error: unknown judge type '{}'", table.name)))?;
+    let context = crate::paths::plugin_context(&resolved);
+    let instance = registry
+        .build(entry, table.options_value(), &context)
+        .map_err(|e| Failure::invalid(format!("error: {e}")))?;
+    let show = |v: serde_json::Value| println!("{v}");
+    match instance {
+        Instance::PointwiseJudge(j) => {
+            let items: Vec<PointwiseItem> = args
+                .candidates
+                .iter()
+                .map(|c| PointwiseItem {
+                    prefix: args.prefix.clone(),
+                    candidate: c.clone(),
+                    reference: args.reference.clone(),
+                })
+                .collect();
+            for (c, verdict) in args.candidates.iter().zip(j.judge(&items)) {
+                show(match verdict {
+                    Ok(scores) => serde_json::json!({"candidate": c, "scores": scores}),
+                    Err(f) => serde_json::json!({"candidate": c, "failed": f.reason}),
+                });
+            }
+        }
+        Instance::PairwiseJudge(j) => {
+            let [first, second, ..] = args.candidates.as_slice() else {
+                return Err(Failure {
+                    code: 2,
+                    message: "error: a pairwise judge needs two --candidate values".into(),
+                });
+            };
+            let item = PairwiseItem {
+                prefix: args.prefix.clone(),
+                first: first.clone(),
+                second: second.clone(),
+                reference: args.reference.clone(),
+            };
+            for outcome in j.compare(&[item]) {
+                show(match outcome {
+                    Ok(p) => {
+                        serde_json::json!({"criterion": j.criterion(), "first_wins": p.first_wins})
+                    }
+                    Err(f) => serde_json::json!({"criterion": j.criterion(), "failed": f.reason}),
+                });
+            }
+        }
+        other => {
+            return Err(Failure::invalid(format!(
+                "error: '{}' is a {} plugin, not a judge",
+                table.name,
+                other.kind()
+            )))
+        }
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod objective;
+pub mod paths;
 pub mod registry;
 pub mod rundir;
 pub mod suggest;

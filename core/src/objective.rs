@@ -139,7 +139,11 @@ impl Objective for Ntp {
         Vec::new()
     }
     fn loss(&self, inputs: &LossInputs) -> LossTerms {
-        let loss = inputs.ntp.as_ref().map(|t| t.shallow_clone()).unwrap_or_else(zero);
+        let loss = inputs
+            .ntp
+            .as_ref()
+            .map(|t| t.shallow_clone())
+            .unwrap_or_else(zero);
         LossTerms {
             metrics: vec![("loss/ntp".into(), scalar(&loss))],
             loss,
@@ -285,13 +289,15 @@ impl Objective for Dpo {
                 let margin = &chosen_reward - &rejected_reward;
                 let dpo = -margin.log_sigmoid().mean(tch::Kind::Float);
                 metrics.push(("loss/dpo".into(), scalar(&dpo)));
-                metrics.push((
-                    "dpo/margin".into(),
-                    scalar(&margin.mean(tch::Kind::Float)),
-                ));
+                metrics.push(("dpo/margin".into(), scalar(&margin.mean(tch::Kind::Float))));
                 metrics.push((
                     "dpo/accuracy".into(),
-                    scalar(&margin.gt(0.0).to_kind(tch::Kind::Float).mean(tch::Kind::Float)),
+                    scalar(
+                        &margin
+                            .gt(0.0)
+                            .to_kind(tch::Kind::Float)
+                            .mean(tch::Kind::Float),
+                    ),
                 ));
                 metrics.push(("dpo/pairs".into(), pc.numel() as f64));
                 loss = dpo;
@@ -317,7 +323,10 @@ register_objective!(
             return Err(format!("beta must be positive, got {}", c.beta));
         }
         let reference = c.reference_update()?;
-        Ok(Box::new(Dpo { config: c, reference }) as Box<dyn Objective>)
+        Ok(Box::new(Dpo {
+            config: c,
+            reference,
+        }) as Box<dyn Objective>)
     }
 );
 
@@ -505,10 +514,14 @@ mod tests {
         let c: DpoConfig =
             serde_json::from_value(serde_json::json!({"reference": "sync", "sync_every": 10}))
                 .unwrap();
-        assert_eq!(c.reference_update(), Ok(ReferenceUpdate::Sync { every: 10 }));
+        assert_eq!(
+            c.reference_update(),
+            Ok(ReferenceUpdate::Sync { every: 10 })
+        );
         let c: DpoConfig = serde_json::from_value(serde_json::json!({"beta": 0.2})).unwrap();
         assert_eq!(c.reference_update(), Ok(ReferenceUpdate::Frozen));
-        assert!(sipt_api::check_config::<DpoConfig>(&serde_json::json!({"reference": "emma"}))
-            .is_err());
+        assert!(
+            sipt_api::check_config::<DpoConfig>(&serde_json::json!({"reference": "emma"})).is_err()
+        );
     }
 }

@@ -13,7 +13,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let mut file =
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     file.write_all(bytes)
@@ -57,10 +61,7 @@ impl RunDir {
         let config_path = path.join(CONFIG_FILE);
         if resume {
             let existing = std::fs::read_to_string(&config_path).with_context(|| {
-                format!(
-                    "cannot resume: {} has no {CONFIG_FILE}",
-                    path.display()
-                )
+                format!("cannot resume: {} has no {CONFIG_FILE}", path.display())
             })?;
             if existing != config {
                 bail!(

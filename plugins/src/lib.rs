@@ -4,6 +4,7 @@
 //! adding one touches one file.
 
 pub mod curricula;
+pub mod judges;
 pub mod rewards;
 
 /// Called by the `sipt` binary so the linker keeps this crate, and with it the registrations.

@@ -333,6 +333,9 @@ mod tests {
         .unwrap();
         let check: CheckResult = serde_json::from_value(ok).unwrap();
         let problem = check.unwrap_err();
-        assert!(problem.message.contains("unknown field `valeu`"), "{problem:?}");
+        assert!(
+            problem.message.contains("unknown field `valeu`"),
+            "{problem:?}"
+        );
     }
 }

@@ -37,7 +37,11 @@ impl std::str::FromStr for SetOverride {
         let (key, value) = raw
             .split_once('=')
             .ok_or_else(|| format!("'{raw}' is not KEY=VALUE (e.g. train.lr=3e-4)"))?;
-        let key: Vec<String> = key.trim().split('.').map(|s| s.trim().to_string()).collect();
+        let key: Vec<String> = key
+            .trim()
+            .split('.')
+            .map(|s| s.trim().to_string())
+            .collect();
         if key.iter().any(String::is_empty) {
             return Err(format!("'{raw}' has an empty key segment"));
         }
@@ -200,7 +204,11 @@ fn read_layer(path: &Path, problems: &mut Vec<Problem>) -> Option<(String, Vec<P
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            problems.push(Problem::file(path, None, format!("cannot read the file: {e}")));
+            problems.push(Problem::file(
+                path,
+                None,
+                format!("cannot read the file: {e}"),
+            ));
             return None;
         }
     };
@@ -336,9 +344,8 @@ pub fn resolve_lenient(
         texts,
         env_name,
     };
-    let (experiment, found) = validate::check_all(raw, |v| {
-        sipt_api::check_config::<Experiment>(v).map(|_| ())
-    });
+    let (experiment, found) =
+        validate::check_all(raw, |v| sipt_api::check_config::<Experiment>(v).map(|_| ()));
     for (path, message) in found {
         problems.push(resolved.problem(&path, message));
     }

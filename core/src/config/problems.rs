@@ -99,11 +99,7 @@ impl fmt::Display for Problems {
             writeln!(f, "error: {p}")?;
         }
         let n = self.0.len();
-        write!(
-            f,
-            "{n} problem{} found; nothing was run",
-            if n == 1 { "" } else { "s" }
-        )
+        write!(f, "{n} problem{} found", if n == 1 { "" } else { "s" })
     }
 }
 

@@ -25,7 +25,11 @@ fn layers_in_order() {
         "exp.toml",
         "extends = \"base.toml\"\n[train]\nlr = 0.25\n",
     );
-    let r = resolve(&file, &[set("train.batch_size=3"), set("sip.tournament=pivot")]).unwrap();
+    let r = resolve(
+        &file,
+        &[set("train.batch_size=3"), set("sip.tournament=pivot")],
+    )
+    .unwrap();
     assert_eq!(r.experiment.train.lr, 0.25);
     assert_eq!(r.experiment.train.steps, 7);
     assert_eq!(r.experiment.train.batch_size, 3);
@@ -35,8 +39,14 @@ fn layers_in_order() {
     let (origin, line) = r.origin(&["train".into(), "steps".into()]);
     assert!(matches!(origin, Origin::File(p) if p.ends_with("base.toml")));
     assert_eq!(line, Some(3));
-    assert_eq!(r.origin(&["train".into(), "batch_size".into()]).0, Origin::Set);
-    assert_eq!(r.origin(&["train".into(), "grad_clip".into()]).0, Origin::Default);
+    assert_eq!(
+        r.origin(&["train".into(), "batch_size".into()]).0,
+        Origin::Set
+    );
+    assert_eq!(
+        r.origin(&["train".into(), "grad_clip".into()]).0,
+        Origin::Default
+    );
 }
 
 #[test]
@@ -84,9 +94,18 @@ fn reports_every_problem_with_key_line_and_value() {
     let problems = resolve(&file, &[]).err().unwrap();
     let text = problems.to_string();
     assert_eq!(problems.0.len(), 5, "{text}");
-    assert!(text.contains("exp.toml:2: train.lr = \"fast\": invalid type"), "{text}");
-    assert!(text.contains("exp.toml:3: train.stepz = 10: unknown key 'stepz'; did you mean 'steps'?"), "{text}");
-    assert!(text.contains("exp.toml:6: sip.tournament = \"pivott\""), "{text}");
+    assert!(
+        text.contains("exp.toml:2: train.lr = \"fast\": invalid type"),
+        "{text}"
+    );
+    assert!(
+        text.contains("exp.toml:3: train.stepz = 10: unknown key 'stepz'; did you mean 'steps'?"),
+        "{text}"
+    );
+    assert!(
+        text.contains("exp.toml:6: sip.tournament = \"pivott\""),
+        "{text}"
+    );
     assert!(text.contains("did you mean 'pivot'?"), "{text}");
     assert!(text.contains("exp.toml:7: sip.rollouts = -1"), "{text}");
     assert!(text.contains("exp.toml:9: modle"), "{text}");
@@ -98,7 +117,12 @@ fn env_and_set_problems_name_their_layer() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "exp.toml", "");
     let problems = resolve(&file, &[set("train.steps=many")]).err().unwrap();
-    assert!(problems.to_string().contains("--set: train.steps = \"many\""), "{problems}");
+    assert!(
+        problems
+            .to_string()
+            .contains("--set: train.steps = \"many\""),
+        "{problems}"
+    );
 }
 
 #[test]

@@ -6,8 +6,8 @@
 use super::{value_at, Problem, Resolved};
 use crate::registry::Registry;
 use crate::suggest;
-use sipt_api::{ConfigProblem, PluginKind};
 use serde_json::Value;
+use sipt_api::{ConfigProblem, PluginKind};
 
 /// Check `value` with `check` repeatedly, collecting `(key path, message)` for every problem.
 /// Returns the value with the offending keys removed when what is left passes.
@@ -75,7 +75,10 @@ fn explain(value: &Value, problem: ConfigProblem) -> (Vec<String>, String) {
             }
             let hint = suggest::hint(unknown, expected.iter().copied());
             let message = if hint.is_empty() {
-                format!("unknown key '{unknown}' (valid keys: {})", expected.join(", "))
+                format!(
+                    "unknown key '{unknown}' (valid keys: {})",
+                    expected.join(", ")
+                )
             } else {
                 format!("unknown key '{unknown}'{hint}")
             };
@@ -117,7 +120,10 @@ fn plain_types(message: &str) -> String {
         ("expected usize", "expected a whole number >= 0"),
         ("expected i64", "expected a whole number"),
         ("expected a boolean", "expected true or false"),
-        ("expected struct PluginTable", "expected a plugin table (with type = \"...\")"),
+        (
+            "expected struct PluginTable",
+            "expected a plugin table (with type = \"...\")",
+        ),
     ] {
         out = out.replace(serde_name, plain);
     }
@@ -168,8 +174,7 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
         ));
     }
     if e.experiment.name.is_empty()
-        || e
-            .experiment
+        || e.experiment
             .name
             .contains(|c: char| c == '/' || c == '\\' || c.is_control())
     {
@@ -258,7 +263,13 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
         ));
     }
     let mut problems = Vec::new();
-    check_choice(resolved, "model.dtype", &m.dtype, &["f32", "bf16"], &mut problems);
+    check_choice(
+        resolved,
+        "model.dtype",
+        &m.dtype,
+        &["f32", "bf16"],
+        &mut problems,
+    );
     check_choice(
         resolved,
         "data.format",
@@ -266,7 +277,13 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
         &["auto", "text", "jsonl"],
         &mut problems,
     );
-    check_choice(resolved, "sip.tournament", &e.sip.tournament, TOURNAMENTS, &mut problems);
+    check_choice(
+        resolved,
+        "sip.tournament",
+        &e.sip.tournament,
+        TOURNAMENTS,
+        &mut problems,
+    );
     check_choice(
         resolved,
         "tracking.wandb.mode",

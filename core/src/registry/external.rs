@@ -2,13 +2,13 @@
 //! [`sipt_api::abi`]. Libraries are never unloaded: plugin objects and threads inside them may
 //! outlive any point at which unloading would be safe.
 
+use serde::de::DeserializeOwned;
 use sipt_api::abi::{self, Call, ManifestEntry, Request, Response};
 use sipt_api::{
     CandidateScores, ConfigProblem, Counters, Curriculum, Failure, Instance, PairwiseItem,
-    PairwiseJudge, PluginContext, PluginKind, PointwiseItem, PointwiseJudge, Preference,
-    Progress, RewardFn, RewriteItem, Rewriter, StepPlan, Verdict,
+    PairwiseJudge, PluginContext, PluginKind, PointwiseItem, PointwiseJudge, Preference, Progress,
+    RewardFn, RewriteItem, Rewriter, StepPlan, Verdict,
 };
-use serde::de::DeserializeOwned;
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,10 +34,9 @@ impl Library {
         // SAFETY: loading runs the library's initialisers; that is what loading a plugin means.
         // The library is leaked, so the function pointers below stay valid for the process.
         let lib: &'static libloading::Library = unsafe {
-            Box::leak(Box::new(
-                libloading::Library::new(path)
-                    .map_err(|e| format!("cannot load plugin library {shown}: {e}"))?,
-            ))
+            Box::leak(Box::new(libloading::Library::new(path).map_err(|e| {
+                format!("cannot load plugin library {shown}: {e}")
+            })?))
         };
         let version: VersionFn = unsafe {
             *lib.get::<VersionFn>(abi::SYMBOL_VERSION).map_err(|_| {
@@ -195,11 +194,9 @@ fn failed<T>(n: usize, reason: &str) -> Vec<Result<T, Failure>> {
 
 impl Drop for Remote {
     fn drop(&mut self) {
-        let _ = self
-            .library
-            .request::<serde_json::Value>(&Request::Drop {
-                handle: self.handle,
-            });
+        let _ = self.library.request::<serde_json::Value>(&Request::Drop {
+            handle: self.handle,
+        });
     }
 }
 
@@ -230,7 +227,8 @@ impl PairwiseJudge for RemotePairwise {
         self.criterion.clone()
     }
     fn compare(&self, items: &[PairwiseItem]) -> Vec<Result<Preference, Failure>> {
-        self.remote.batch(Call::Compare(items.to_vec()), items.len())
+        self.remote
+            .batch(Call::Compare(items.to_vec()), items.len())
     }
     fn counters(&self) -> Counters {
         self.remote.counters()

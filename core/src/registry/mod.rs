@@ -7,8 +7,8 @@ mod external;
 pub use external::Library;
 
 use crate::objective::{self, Objective};
-use sipt_api::{ConfigProblem, Instance, PluginContext, PluginKind};
 use serde::Serialize;
+use sipt_api::{ConfigProblem, Instance, PluginContext, PluginKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -143,7 +143,9 @@ impl Registry {
     }
 
     pub fn find(&self, kind: PluginKind, name: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.kind == kind && e.name == name)
+        self.entries
+            .iter()
+            .find(|e| e.kind == kind && e.name == name)
     }
 
     pub fn names(&self, kind: PluginKind) -> Vec<&str> {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up everything sipt needs to build: a Python virtual environment holding PyTorch 2.11.0
+# (libtorch for the tch crate). Idempotent and quick when already done.
+#
+# Use:  scripts/setup.sh            (creates .venv in the project)
+#       SIPT_VENV=/path scripts/setup.sh   (elsewhere; then export LIBTORCH=$SIPT_VENV/libtorch)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${SIPT_VENV:-$root/.venv}"
+torch_version="2.11.0"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating virtual environment $venv"
+  "$python" -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" 2>/dev/null; then
+  echo "setup: installing torch==$torch_version into $venv (about 4.6 GB with its CUDA libraries; a few minutes)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version"
+fi
+torch_dir="$("$venv/bin/python" -c "import torch, os; print(os.path.dirname(torch.__file__))" 2>/dev/null)"
+ln -sfn "$torch_dir" "$venv/libtorch"
+echo "setup: libtorch $torch_version at $venv/libtorch"

@@ -1,0 +1,129 @@
+//! The command line end to end: validation messages, exit codes, configuration display.
+
+mod common;
+use common::*;
+
+#[test]
+fn validate_reports_five_mistakes_with_file_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "five.toml",
+        r#"[experiment]
+name = "five"
+device = "gpu"
+
+[train]
+lr = "fast"
+stepz = 10
+
+[judges.safety]
+type = "safety-wrods"
+
+[sip]
+tournament = "pivott"
+"#,
+    );
+    let out = run(sipt().arg("validate").arg(&file));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 5, "{}", out.stderr);
+    for (line, key) in [
+        (3, "experiment.device = \"gpu\""),
+        (6, "train.lr = \"fast\""),
+        (7, "train.stepz = 10"),
+        (10, "judges.safety.type = \"safety-wrods\""),
+        (13, "sip.tournament = \"pivott\""),
+    ] {
+        let want = format!("five.toml:{line}: {key}");
+        assert!(
+            errors.iter().any(|e| e.contains(&want)),
+            "missing {want} in\n{}",
+            out.stderr
+        );
+    }
+    assert!(out.stderr.contains("did you mean 'steps'?"));
+    assert!(out.stderr.contains("did you mean 'safety-words'?"));
+    assert!(out.stderr.contains("did you mean 'pivot'?"));
+    assert!(!out.stderr.contains("panicked") && !out.stderr.contains("backtrace"));
+}
+
+#[test]
+fn exit_codes_distinguish_usage_from_invalid_input() {
+    assert_eq!(run(sipt().arg("validate")).code, 2);
+    assert_eq!(
+        run(sipt().args(["validate", "x.toml", "--set", "novalue"])).code,
+        2
+    );
+    assert_eq!(run(sipt().arg("frobnicate")).code, 2);
+    let missing = run(sipt().args(["validate", "does/not/exist.toml"]));
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.contains("does/not/exist.toml") && missing.stderr.contains("cannot read")
+    );
+    assert_eq!(run(sipt().arg("--help")).code, 0);
+}
+
+#[test]
+fn config_show_resolves_layers_and_names_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", "[train]\nsteps = 11\nlr = 0.5\n");
+    let file = write(
+        dir.path(),
+        "exp.toml",
+        "extends = \"base.toml\"\n[train]\nlr = 0.25\n",
+    );
+    let out = run(sipt()
+        .args(["config", "show"])
+        .arg(&file)
+        .args(["--set", "train.batch_size=3"])
+        .env("SIPT_SIP__ROLLOUTS", "8"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let shown: toml::Table = toml::from_str(&out.stdout).unwrap();
+    assert_eq!(shown["train"]["steps"].as_integer(), Some(11));
+    assert_eq!(shown["train"]["lr"].as_float(), Some(0.25));
+    assert_eq!(shown["train"]["batch_size"].as_integer(), Some(3));
+    assert_eq!(shown["sip"]["rollouts"].as_integer(), Some(8));
+
+    let out = run(sipt()
+        .args(["config", "show", "--origins"])
+        .arg(&file)
+        .args(["--set", "train.batch_size=3"])
+        .env("SIPT_SIP__ROLLOUTS", "8"));
+    let line = |key: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in {}", out.stdout))
+            .to_string()
+    };
+    assert!(
+        line("train.steps").ends_with("base.toml:2"),
+        "{}",
+        line("train.steps")
+    );
+    assert!(line("train.lr").ends_with("exp.toml:3"));
+    assert!(line("train.batch_size").ends_with("# --set"));
+    assert!(line("sip.rollouts").ends_with("SIPT_SIP__ROLLOUTS"));
+    assert!(line("train.grad_clip").ends_with("# default"));
+}
+
+#[test]
+fn plugins_list_shows_builtins() {
+    let out = run(sipt().args(["plugins", "list", "--json"]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    let has = |kind: &str, name: &str| {
+        rows.iter()
+            .any(|r| r["kind"] == kind && r["name"] == name && r["origin"] == "built-in")
+    };
+    assert!(has("objective", "online-dpo"));
+    assert!(has("reward", "weighted-sum"));
+    assert!(has("curriculum", "constant"));
+    let table = run(sipt().args(["plugins", "list"]));
+    assert!(table.stdout.starts_with("KIND"));
+}
