@@ -179,6 +179,7 @@ run_group() {
         if [[ $ok -eq 1 ]]; then log "$group: up to date"; return 0; fi
     fi
     rm -f "$marker"
+    need "$PYTHON" "unpacking the $group assets"
     local stage
     stage="$(mktemp -d "$ASSETS/.stage-$group.XXXXXX")"
     # shellcheck disable=SC2064

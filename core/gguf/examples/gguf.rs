@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use sipt_gguf::{convert_llama, GgufFile, GgufError};
+use sipt_gguf::{convert_llama, GgufError, GgufFile};
 
 fn inspect(path: &Path) -> Result<(), GgufError> {
     let f = GgufFile::open(path)?;
@@ -39,7 +39,12 @@ fn inspect(path: &Path) -> Result<(), GgufError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["inspect", file] => inspect(Path::new(file)),
         ["convert", file, out] => convert_llama(Path::new(file), Path::new(out)).map(|s| {
             println!("{s:#?}");

@@ -129,7 +129,11 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f3
                     f32::from(nib | (hi << 4))
                 };
                 out.extend(qs.iter().enumerate().map(|(j, &b)| d * q5(j, b & 0x0f) + m));
-                out.extend(qs.iter().enumerate().map(|(j, &b)| d * q5(j + 16, b >> 4) + m));
+                out.extend(
+                    qs.iter()
+                        .enumerate()
+                        .map(|(j, &b)| d * q5(j + 16, b >> 4) + m),
+                );
             }
         }
         _ => return Err(DequantError::Unsupported(ty)),

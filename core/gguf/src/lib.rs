@@ -26,11 +26,16 @@ mod reader;
 mod tokenizer;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub use dequant::{bf16_to_f32, dequantize, f16_to_f32, DequantError};
 pub use error::{GgufError, Result};
 pub use llama::{convert_llama, hf_tensor_name, unpermute_qk, ConvertSummary, LlamaHParams};
 pub use reader::{GgufFile, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT};
-pub use tokenizer::{build_tokenizer, byte_level_char, check_round_trip, token_type, TokenizerInfo};
+pub use tokenizer::{
+    build_tokenizer, byte_level_char, check_round_trip, token_type, TokenizerInfo,
+};
 pub use types::GgmlType;
 
 /// Re-exported so callers can use the tokenizer [`build_tokenizer`] returns without

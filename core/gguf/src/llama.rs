@@ -87,7 +87,10 @@ impl LlamaHParams {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(GgufError::convert(path, format!("head dimension {head_dim} must be even")));
+            return Err(GgufError::convert(
+                path,
+                format!("head dimension {head_dim} must be even"),
+            ));
         }
         if let Some(rope_dim) = gguf.get_u64(&key("rope.dimension_count"))? {
             if rope_dim as usize != head_dim {
@@ -114,10 +117,12 @@ impl LlamaHParams {
             }
         };
 
-        let embd = gguf.tensor("token_embd.weight").ok_or_else(|| GgufError::MissingTensor {
-            path: path.to_path_buf(),
-            name: "token_embd.weight".into(),
-        })?;
+        let embd = gguf
+            .tensor("token_embd.weight")
+            .ok_or_else(|| GgufError::MissingTensor {
+                path: path.to_path_buf(),
+                name: "token_embd.weight".into(),
+            })?;
         let shape = embd.shape();
         if shape.len() != 2 || shape[1] != hidden_size {
             return Err(GgufError::convert(
@@ -183,7 +188,10 @@ impl LlamaHParams {
                 None => Json::Null,
             },
         );
-        c.insert("tie_word_embeddings".into(), json!(self.tie_word_embeddings));
+        c.insert(
+            "tie_word_embeddings".into(),
+            json!(self.tie_word_embeddings),
+        );
         c.insert("attention_bias".into(), json!(self.attention_bias));
         c.insert("attention_dropout".into(), json!(0.0));
         c.insert("mlp_bias".into(), json!(false));
@@ -215,7 +223,10 @@ impl LlamaHParams {
         let (h, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.n_heads * hd, self.n_kv_heads * hd);
         let mut out = vec![
-            ("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h]),
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
             ("model.norm.weight".to_string(), vec![h]),
         ];
         if !self.tie_word_embeddings {
@@ -254,7 +265,10 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) || layer.len() > 1 && layer.starts_with('0') {
+    if layer.is_empty()
+        || !layer.bytes().all(|b| b.is_ascii_digit())
+        || layer.len() > 1 && layer.starts_with('0')
+    {
         return None;
     }
     let (part, kind) = rest.rsplit_once('.')?;
@@ -294,7 +308,8 @@ pub fn unpermute_qk(data: &[f32], rows: usize, cols: usize, heads: usize) -> Opt
             for t in 0..2 {
                 let src = h * head_dim + j * 2 + t;
                 let dst = h * head_dim + t * half + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -332,7 +347,8 @@ fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = write(&tmp).and_then(|()| {
-        fs::rename(&tmp, path).map_err(|e| GgufError::io(path, format!("renaming {}", tmp.display()), e))
+        fs::rename(&tmp, path)
+            .map_err(|e| GgufError::io(path, format!("renaming {}", tmp.display()), e))
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -342,9 +358,8 @@ fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
 
 fn write_json(path: &Path, value: &Json) -> Result<()> {
     write_atomic(path, |tmp| {
-        let mut text = serde_json::to_string_pretty(value).map_err(|e| {
-            GgufError::io(path, "serializing JSON", std::io::Error::other(e))
-        })?;
+        let mut text = serde_json::to_string_pretty(value)
+            .map_err(|e| GgufError::io(path, "serializing JSON", std::io::Error::other(e)))?;
         text.push('\n');
         fs::write(tmp, text).map_err(|e| GgufError::io(tmp, "writing", e))
     })
@@ -365,7 +380,11 @@ fn to_le_bytes(v: &[f32]) -> Vec<u8> {
     out
 }
 
-fn convert_tensors(gguf: &GgufFile, hp: &LlamaHParams, warnings: &mut Vec<String>) -> Result<Vec<Converted>> {
+fn convert_tensors(
+    gguf: &GgufFile,
+    hp: &LlamaHParams,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Converted>> {
     let path = gguf.path();
     let expected: HashMap<String, Vec<usize>> = hp.expected_tensors().into_iter().collect();
 
@@ -381,15 +400,25 @@ fn convert_tensors(gguf: &GgufFile, hp: &LlamaHParams, warnings: &mut Vec<String
             continue;
         }
         let hf = hf_tensor_name(&t.name).ok_or_else(|| {
-            GgufError::convert(path, format!("tensor '{}' has no Llama counterpart", t.name))
+            GgufError::convert(
+                path,
+                format!("tensor '{}' has no Llama counterpart", t.name),
+            )
         })?;
         let want = expected.get(&hf).ok_or_else(|| {
-            GgufError::convert(path, format!("tensor '{}' ({hf}) is not expected for this config", t.name))
+            GgufError::convert(
+                path,
+                format!("tensor '{}' ({hf}) is not expected for this config", t.name),
+            )
         })?;
         if &t.shape() != want {
             return Err(GgufError::convert(
                 path,
-                format!("tensor '{}' has shape {:?}, expected {want:?} for {hf}", t.name, t.shape()),
+                format!(
+                    "tensor '{}' has shape {:?}, expected {want:?} for {hf}",
+                    t.name,
+                    t.shape()
+                ),
             ));
         }
         if !t.ggml_type.can_dequantize() {
@@ -405,11 +434,16 @@ fn convert_tensors(gguf: &GgufFile, hp: &LlamaHParams, warnings: &mut Vec<String
         let have: Vec<&String> = plan.iter().map(|(_, hf, _)| hf).collect();
         let mut missing: Vec<&String> = expected.keys().filter(|k| !have.contains(k)).collect();
         missing.sort();
-        return Err(GgufError::convert(path, format!("missing tensors: {missing:?}")));
+        return Err(GgufError::convert(
+            path,
+            format!("missing tensors: {missing:?}"),
+        ));
     }
 
     // Dequantize, split over the available cores; each worker takes every k-th tensor.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
     let convert_one = |(gname, hf, shape): &(String, String, Vec<usize>)| -> Result<Converted> {
         let mut data = gguf.tensor_f32(gname)?;
         let heads = if hf.contains(".q_proj.") {
@@ -422,7 +456,10 @@ fn convert_tensors(gguf: &GgufFile, hp: &LlamaHParams, warnings: &mut Vec<String
         if let Some(heads) = heads {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             data = unpermute_qk(&data, shape[0], cols, heads).ok_or_else(|| {
-                GgufError::convert(path, format!("cannot un-permute '{gname}' with {heads} heads"))
+                GgufError::convert(
+                    path,
+                    format!("cannot un-permute '{gname}' with {heads} heads"),
+                )
             })?;
         }
         Ok(Converted {
@@ -463,7 +500,10 @@ fn convert_tensors(gguf: &GgufFile, hp: &LlamaHParams, warnings: &mut Vec<String
         .zip(&plan)
         .map(|(r, (gname, _, _))| {
             r.unwrap_or_else(|| {
-                Err(GgufError::convert(path, format!("a worker failed while converting '{gname}'")))
+                Err(GgufError::convert(
+                    path,
+                    format!("a worker failed while converting '{gname}'"),
+                ))
             })
         })
         .collect()
@@ -523,7 +563,10 @@ pub fn convert_llama(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary>
     source_types.sort();
 
     let tensors = convert_tensors(&gguf, &hp, &mut warnings)?;
-    let n_params: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    let n_params: u64 = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .sum();
 
     fs::create_dir_all(out_dir).map_err(|e| GgufError::io(out_dir, "cannot create folder", e))?;
     let mut files = Vec::new();
@@ -532,14 +575,20 @@ pub fn convert_llama(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary>
     write_atomic(&st_path, |tmp| {
         let mut views = Vec::with_capacity(tensors.len());
         for t in &tensors {
-            let view = TensorView::new(Dtype::F32, t.shape.clone(), &t.bytes).map_err(|e| {
-                GgufError::convert(gguf_path, format!("tensor {}: {e}", t.name))
-            })?;
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), &t.bytes)
+                .map_err(|e| GgufError::convert(gguf_path, format!("tensor {}: {e}", t.name)))?;
             views.push((t.name.clone(), view));
         }
+        // safetensors writes through a private temp file (mode 0600); give the result the
+        // permissions an ordinary new file gets here.
+        let perms = fs::File::create(tmp)
+            .and_then(|f| f.metadata())
+            .map_err(|e| GgufError::io(tmp, "creating", e))?
+            .permissions();
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         safetensors::tensor::serialize_to_file(views, Some(meta), tmp)
-            .map_err(|e| GgufError::io(tmp, "writing safetensors", std::io::Error::other(e)))
+            .map_err(|e| GgufError::io(tmp, "writing safetensors", std::io::Error::other(e)))?;
+        fs::set_permissions(tmp, perms).map_err(|e| GgufError::io(tmp, "setting permissions", e))
     })?;
     files.push(st_path);
     let n_tensors = tensors.len();
@@ -558,8 +607,9 @@ pub fn convert_llama(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary>
         tokenizer
             .save(tmp, false)
             .map_err(|e| GgufError::tokenizer(tmp, format!("saving: {e}")))?;
-        let loaded = Tokenizer::from_file(tmp)
-            .map_err(|e| GgufError::tokenizer(tmp, format!("loading back what was written: {e}")))?;
+        let loaded = Tokenizer::from_file(tmp).map_err(|e| {
+            GgufError::tokenizer(tmp, format!("loading back what was written: {e}"))
+        })?;
         probe_ids = check_round_trip(&loaded, PROBE_TEXT, tmp)?;
         Ok(())
     })?;

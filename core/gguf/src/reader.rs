@@ -311,7 +311,10 @@ impl HeaderReader<'_> {
         let start = self.pos;
         let bytes = self.bytes(n, what)?;
         String::from_utf8(bytes).map_err(|_| {
-            GgufError::format(self.path, format!("{what} at offset {start} is not valid UTF-8"))
+            GgufError::format(
+                self.path,
+                format!("{what} at offset {start} is not valid UTF-8"),
+            )
         })
     }
 
@@ -348,7 +351,10 @@ impl HeaderReader<'_> {
                 }
                 let elem_id = self.u32(what)?;
                 let elem = ValueType::from_u32(elem_id).ok_or_else(|| {
-                    GgufError::format(self.path, format!("{what}: unknown array element type {elem_id}"))
+                    GgufError::format(
+                        self.path,
+                        format!("{what}: unknown array element type {elem_id}"),
+                    )
                 })?;
                 let count = self.u64(what)?;
                 // Refuse counts that cannot fit in the rest of the file before allocating.
@@ -390,7 +396,10 @@ impl GgufFile {
         };
 
         if file_len < 4 {
-            return Err(GgufError::format(path, format!("file is only {file_len} bytes long")));
+            return Err(GgufError::format(
+                path,
+                format!("file is only {file_len} bytes long"),
+            ));
         }
         let magic: [u8; 4] = r.array("magic")?;
         if &magic != MAGIC {
@@ -414,7 +423,12 @@ impl GgufFile {
                     "big-endian GGUF files are not supported",
                 ))
             }
-            v => return Err(GgufError::format(path, format!("unsupported GGUF version {v}"))),
+            v => {
+                return Err(GgufError::format(
+                    path,
+                    format!("unsupported GGUF version {v}"),
+                ))
+            }
         }
         let tensor_count = r.u64("tensor count")?;
         let kv_count = r.u64("metadata count")?;
@@ -439,16 +453,25 @@ impl GgufFile {
             let key = r.string(&format!("key of metadata entry {i}"))?;
             let ty_id = r.u32(&format!("type of '{key}'"))?;
             let ty = ValueType::from_u32(ty_id).ok_or_else(|| {
-                GgufError::format(path, format!("metadata '{key}' has unknown value type {ty_id}"))
+                GgufError::format(
+                    path,
+                    format!("metadata '{key}' has unknown value type {ty_id}"),
+                )
             })?;
             let value = r.value(ty, &key, 0)?;
             if metadata_index.insert(key.clone(), metadata.len()).is_some() {
-                return Err(GgufError::format(path, format!("metadata key '{key}' appears twice")));
+                return Err(GgufError::format(
+                    path,
+                    format!("metadata key '{key}' appears twice"),
+                ));
             }
             metadata.push((key, value));
         }
 
-        let alignment = match metadata_index.get("general.alignment").map(|&i| &metadata[i].1) {
+        let alignment = match metadata_index
+            .get("general.alignment")
+            .map(|&i| &metadata[i].1)
+        {
             None => DEFAULT_ALIGNMENT,
             Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => u64::from(*a),
             Some(v) => {
@@ -483,7 +506,10 @@ impl GgufFile {
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .filter(|&n| usize::try_from(n).is_ok())
                 .ok_or_else(|| {
-                    GgufError::format(path, format!("tensor '{name}' dimensions {dims:?} overflow"))
+                    GgufError::format(
+                        path,
+                        format!("tensor '{name}' dimensions {dims:?} overflow"),
+                    )
                 })?;
             let size = match ggml_type.layout() {
                 None => None,
@@ -510,7 +536,10 @@ impl GgufFile {
                 ));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(GgufError::format(path, format!("tensor name '{name}' appears twice")));
+                return Err(GgufError::format(
+                    path,
+                    format!("tensor name '{name}' appears twice"),
+                ));
             }
             tensors.push(TensorInfo {
                 name,
@@ -602,7 +631,11 @@ impl GgufFile {
         match self.get(key) {
             None => Ok(None),
             Some(v) => conv(v).map(Some).ok_or_else(|| {
-                GgufError::metadata(&self.path, key, format!("expected {want}, found {}", v.describe()))
+                GgufError::metadata(
+                    &self.path,
+                    key,
+                    format!("expected {want}, found {}", v.describe()),
+                )
             }),
         }
     }
@@ -690,7 +723,10 @@ impl GgufFile {
         })?;
         // Checked at open: offset + size lies inside the file, so it fits in memory terms.
         let mut buf = vec![0u8; size as usize];
-        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let what = format!("reading tensor '{name}'");
         file.seek(SeekFrom::Start(self.data_offset + info.offset))
             .map_err(|e| GgufError::io(&self.path, what.clone(), e))?;
@@ -711,8 +747,7 @@ impl GgufFile {
             });
         }
         let bytes = self.tensor_bytes(name)?;
-        dequantize(info.ggml_type, &bytes, info.n_elements() as usize).map_err(|e| {
-            GgufError::format(&self.path, format!("tensor '{name}': {e}"))
-        })
+        dequantize(info.ggml_type, &bytes, info.n_elements() as usize)
+            .map_err(|e| GgufError::format(&self.path, format!("tensor '{name}': {e}")))
     }
 }

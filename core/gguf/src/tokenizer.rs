@@ -137,8 +137,12 @@ pub fn build_tokenizer(gguf: &GgufFile) -> Result<(Tokenizer, TokenizerInfo, Vec
     let eos = token_id(gguf, "tokenizer.ggml.eos_token_id", n)?;
     let pad = token_id(gguf, "tokenizer.ggml.padding_token_id", n)?;
     let unk = token_id(gguf, "tokenizer.ggml.unknown_token_id", n)?;
-    let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let add_eos = gguf.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let add_bos = gguf
+        .get_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(false);
+    let add_eos = gguf
+        .get_bool("tokenizer.ggml.add_eos_token")?
+        .unwrap_or(false);
     let chat_template = gguf.get_str("tokenizer.chat_template")?.map(str::to_string);
     let mut warnings = Vec::new();
 
@@ -157,12 +161,16 @@ pub fn build_tokenizer(gguf: &GgufFile) -> Result<(Tokenizer, TokenizerInfo, Vec
             "{duplicates} token strings appear more than once; their later ids are unreachable"
         ));
     }
-    let missing_bytes = (0u8..=255)
+    let missing_bytes: Vec<String> = (0u8..=255)
         .filter(|&b| !vocab.contains_key(&byte_level_char(b).to_string()))
-        .count();
-    if missing_bytes > 0 {
+        .map(|b| format!("{b:#04x}"))
+        .collect();
+    if !missing_bytes.is_empty() {
         warnings.push(format!(
-            "{missing_bytes} of the 256 byte-level symbols are not tokens; some text cannot be encoded"
+            "the vocabulary has no byte-level token for {} bytes ({}); text containing them \
+             is dropped when encoding",
+            missing_bytes.len(),
+            missing_bytes.join(" ")
         ));
     }
 
@@ -172,10 +180,12 @@ pub fn build_tokenizer(gguf: &GgufFile) -> Result<(Tokenizer, TokenizerInfo, Vec
         .map_err(|e| GgufError::tokenizer(path, format!("building the BPE model: {e}")))?;
 
     let pre_tokenizer = match pre.as_deref() {
-        Some("smollm" | "starcoder" | "refact") => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-        ])),
+        Some("smollm" | "starcoder" | "refact") => {
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            ]))
+        }
         Some("llama-bpe" | "llama3") => {
             let split = Split::new(
                 SplitPattern::Regex(LLAMA3_SPLIT.to_string()),
@@ -216,8 +226,16 @@ pub fn build_tokenizer(gguf: &GgufFile) -> Result<(Tokenizer, TokenizerInfo, Vec
             }
             Ok((t, id))
         };
-        let b = if add_bos { Some(named_token(bos, "bos")?) } else { None };
-        let e = if add_eos { Some(named_token(eos, "eos")?) } else { None };
+        let b = if add_bos {
+            Some(named_token(bos, "bos")?)
+        } else {
+            None
+        };
+        let e = if add_eos {
+            Some(named_token(eos, "eos")?)
+        } else {
+            None
+        };
         let mut single: Vec<String> = Vec::new();
         let mut pair: Vec<String> = Vec::new();
         if let Some((t, _)) = &b {
@@ -254,7 +272,7 @@ pub fn build_tokenizer(gguf: &GgufFile) -> Result<(Tokenizer, TokenizerInfo, Vec
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer
         .with_pre_tokenizer(Some(pre_tokenizer))
-        .with_decoder(Some(ByteLevelDecoder::default()))
+        .with_decoder(Some(ByteLevelDecoder::new(false, true, true)))
         .with_post_processor(Some(post_processor));
 
     // Added tokens: control/unknown tokens and the named bos/eos/pad/unk are special;
