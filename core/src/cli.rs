@@ -38,10 +38,54 @@ enum Command {
     /// Inspect the plugin registry.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Import a model from another format into a Hugging Face-layout folder.
+    #[command(subcommand)]
+    Import(ImportCommand),
+    /// Continue a prompt with a model folder (or a checkpoint of a run).
+    Generate(GenerateArgs),
     /// Run one judge of an experiment file on given text and print its verdicts as JSON lines.
     ///
     /// A pointwise judge scores each --candidate; a pairwise judge compares the first two.
     Judge(JudgeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImportCommand {
+    /// Convert a Llama-family GGUF file (e.g. SmolLM2 from llama.cpp) into OUT_DIR:
+    /// config.json, model.safetensors (f32), tokenizer.json.
+    Gguf {
+        file: PathBuf,
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// A model folder (config.json, model.safetensors, tokenizer.json), e.g. a checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop at the end-of-sequence token instead of always generating max_new_tokens.
+    #[arg(long)]
+    stop_at_eos: bool,
+    /// Also print each generated token with its log-probability, as JSON lines.
+    #[arg(long)]
+    logprobs: bool,
+    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Args, Debug)]
@@ -143,6 +187,7 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .compact()
         .try_init();
 }
@@ -196,6 +241,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Judge(args) => judge(args, &cli.plugins),
+        Command::Import(ImportCommand::Gguf { file, out_dir }) => {
+            let summary = sipt_gguf::convert_llama(&file, &out_dir)
+                .map_err(|e| Failure::invalid(format!("error: {e}")))?;
+            for w in &summary.warnings {
+                tracing::warn!("{w}");
+            }
+            println!(
+                "imported {} ({:.1}M parameters) into {} in {:.1}s",
+                file.display(),
+                summary.n_params as f64 / 1e6,
+                out_dir.display(),
+                summary.seconds
+            );
+            Ok(())
+        }
+        Command::Generate(args) => generate(args).map_err(Failure::from),
         Command::Run(args) => {
             let (resolved, registry) = load(&args.file, &cli.plugins)?;
             let dir = match &args.out {
@@ -371,6 +432,45 @@ fn judge(args: JudgeArgs, cli_plugins: &[PathBuf]) -> Result<(), Failure> {
                 other.kind()
             )))
         }
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use crate::model::{select_device, Policy, TOKENIZER_JSON};
+    use crate::sample::{generate, Sampling};
+    let device = select_device(&args.device)?;
+    let policy = Policy::load(&args.model, device)?;
+    let tokenizer = crate::tokenizer::Tokenizer::load(&args.model.join(TOKENIZER_JSON))?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt has no tokens");
+    }
+    let mut eos: Vec<u32> = policy
+        .model
+        .config
+        .eos_ids()
+        .into_iter()
+        .map(|e| e as u32)
+        .collect();
+    eos.extend(tokenizer.eos);
+    let sampling = Sampling {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        stop_at_eos: args.stop_at_eos,
+    };
+    let out = generate(&policy.model, &[prompt], 1, &sampling, &eos, args.seed);
+    if args.logprobs {
+        for (t, l) in out.tokens[0].iter().zip(&out.logprobs[0]) {
+            println!(
+                "{}",
+                serde_json::json!({"id": t, "token": tokenizer.decode(&[*t]), "logprob": l})
+            );
+        }
+    } else {
+        println!("{}", tokenizer.decode(&out.tokens[0]));
     }
     Ok(())
 }

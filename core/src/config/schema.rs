@@ -201,6 +201,8 @@ pub struct TrainSection {
     pub beta2: f64,
     pub grad_clip: f64,
     pub checkpoint_every: u64,
+    /// Checkpoints kept in the run directory (the newest ones).
+    pub keep_checkpoints: usize,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub log_every: u64,
@@ -222,6 +224,7 @@ impl Default for TrainSection {
             beta2: 0.95,
             grad_clip: 1.0,
             checkpoint_every: 100,
+            keep_checkpoints: 2,
             eval_every: 50,
             eval_batches: 4,
             log_every: 10,

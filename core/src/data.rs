@@ -1,0 +1,434 @@
+//! Documents in, token batches out: reading text and JSON-lines files (files, folders, globs),
+//! tokenizing (cached on disk), a deterministic train/validation split, shuffled next-token
+//! windows with a resumable position, and the prefix/suffix cutter of SIP.
+
+use crate::rng::SplitMix;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Expand files, folders (recursively: .txt, .md, .jsonl, .json) and globs, sorted, deduplicated.
+pub fn list_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for pattern in patterns {
+        let path = Path::new(pattern);
+        if path.is_dir() {
+            walk(path, &mut files)?;
+        } else if path.is_file() {
+            files.push(path.to_path_buf());
+        } else if pattern.contains(['*', '?', '[']) {
+            let matches = glob::glob(pattern)
+                .with_context(|| format!("bad glob pattern '{pattern}'"))?
+                .filter_map(|p| p.ok())
+                .filter(|p| p.is_file())
+                .collect::<Vec<_>>();
+            if matches.is_empty() {
+                bail!("no files match '{pattern}'");
+            }
+            files.extend(matches);
+        } else {
+            bail!("no such file or folder: {pattern}");
+        }
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("txt" | "md" | "jsonl" | "json")
+        ) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Read documents: a text file is one document; a JSON-lines file holds one per line.
+pub fn read_documents(files: &[PathBuf], format: &str, field: &str) -> Result<Vec<String>> {
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {} as UTF-8 text", file.display()))?;
+        let jsonl = match format {
+            "jsonl" => true,
+            "text" => false,
+            _ => matches!(
+                file.extension().and_then(|e| e.to_str()),
+                Some("jsonl" | "json")
+            ),
+        };
+        if jsonl {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let value: serde_json::Value = serde_json::from_str(line).with_context(|| {
+                    format!("{}:{}: not a JSON object", file.display(), i + 1)
+                })?;
+                let doc = value.get(field).and_then(|v| v.as_str()).with_context(|| {
+                    format!(
+                        "{}:{}: no string field '{field}' (set data.jsonl_field)",
+                        file.display(),
+                        i + 1
+                    )
+                })?;
+                docs.push(doc.to_string());
+            }
+        } else if !text.trim().is_empty() {
+            docs.push(text);
+        }
+    }
+    Ok(docs)
+}
+
+/// A contiguous run of one document's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Segment {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Segment {
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// A tokenized corpus: all tokens, and the segments of each split.
+pub struct Corpus {
+    pub tokens: Vec<u32>,
+    pub train: Vec<Segment>,
+    pub validation: Vec<Segment>,
+}
+
+/// Blocks this long are assigned to train or validation as a whole.
+const SPLIT_BLOCK: usize = 2048;
+
+fn fnv(bytes: &[u8], mut hash: u64) -> u64 {
+    for b in bytes {
+        hash ^= *b as u64;
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    hash
+}
+
+/// A stable fingerprint of files (names, sizes, modification times) and extra text.
+pub fn fingerprint(files: &[PathBuf], extra: &str) -> u64 {
+    let mut h = fnv(extra.as_bytes(), 0xcbf29ce484222325);
+    for f in files {
+        h = fnv(f.display().to_string().as_bytes(), h);
+        if let Ok(meta) = std::fs::metadata(f) {
+            h = fnv(&meta.len().to_le_bytes(), h);
+            if let Ok(modified) = meta.modified() {
+                if let Ok(d) = modified.duration_since(std::time::UNIX_EPOCH) {
+                    h = fnv(&d.as_nanos().to_le_bytes(), h);
+                }
+            }
+        }
+    }
+    h
+}
+
+/// Tokenize documents into one stream, documents separated by `eos` (when there is one).
+/// Returns the tokens and each document's segment.
+pub fn tokenize(docs: &[String], tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<Segment>)> {
+    let mut tokens = Vec::new();
+    let mut segments = Vec::with_capacity(docs.len());
+    for chunk in docs.chunks(64) {
+        for ids in tokenizer.encode_batch(chunk)? {
+            let start = tokens.len();
+            tokens.extend_from_slice(&ids);
+            segments.push(Segment {
+                start,
+                end: tokens.len(),
+            });
+            if let Some(eos) = tokenizer.eos {
+                tokens.push(eos);
+            }
+        }
+    }
+    Ok((tokens, segments))
+}
+
+impl Corpus {
+    /// Split documents into train and validation by blocks, deterministically from `seed`.
+    /// A separate validation source, when given, is used whole instead.
+    pub fn split(
+        tokens: Vec<u32>,
+        docs: &[Segment],
+        validation_fraction: f64,
+        seed: u64,
+    ) -> Corpus {
+        let mut train = Vec::new();
+        let mut validation = Vec::new();
+        let threshold = (validation_fraction * u32::MAX as f64) as u64;
+        for (d, doc) in docs.iter().enumerate() {
+            let mut start = doc.start;
+            let mut block = 0u64;
+            while start < doc.end {
+                let end = (start + SPLIT_BLOCK).min(doc.end);
+                let draw = SplitMix::new(seed ^ 0x5eed_5711 ^ ((d as u64) << 20) ^ block).next_u64()
+                    & u32::MAX as u64;
+                let seg = Segment { start, end };
+                if draw < threshold {
+                    validation.push(seg);
+                } else {
+                    train.push(seg);
+                }
+                start = end;
+                block += 1;
+            }
+        }
+        merge_adjacent(&mut train);
+        merge_adjacent(&mut validation);
+        Corpus {
+            tokens,
+            train,
+            validation,
+        }
+    }
+
+    pub fn train_tokens(&self) -> usize {
+        self.train.iter().map(Segment::len).sum()
+    }
+
+    pub fn validation_tokens(&self) -> usize {
+        self.validation.iter().map(Segment::len).sum()
+    }
+}
+
+fn merge_adjacent(segments: &mut Vec<Segment>) {
+    let mut merged: Vec<Segment> = Vec::with_capacity(segments.len());
+    for s in segments.drain(..) {
+        match merged.last_mut() {
+            Some(last) if last.end == s.start => last.end = s.end,
+            _ => merged.push(s),
+        }
+    }
+    *segments = merged;
+}
+
+/// Where a [`Windows`] stream is; saved in checkpoints so a resumed run sees the same data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct StreamPosition {
+    pub epoch: u64,
+    pub index: u64,
+}
+
+/// Shuffled windows of `len` tokens from segments, for next-token training: every epoch
+/// visits every window once, in an order drawn from the seed and the epoch.
+pub struct Windows {
+    starts: Vec<usize>,
+    order: Vec<u32>,
+    len: usize,
+    seed: u64,
+    shuffle: bool,
+    pub position: StreamPosition,
+}
+
+impl Windows {
+    pub fn new(segments: &[Segment], len: usize, seed: u64, shuffle: bool) -> Result<Windows> {
+        let mut starts = Vec::new();
+        for s in segments {
+            let mut p = s.start;
+            while p + len <= s.end {
+                starts.push(p);
+                p += len - 1; // consecutive windows share one token: target of one, input of the next
+            }
+        }
+        if starts.is_empty() {
+            bail!("the data holds no window of {len} tokens; use more data or a smaller data.seq_len");
+        }
+        let mut w = Windows {
+            order: Vec::new(),
+            starts,
+            len,
+            seed,
+            shuffle,
+            position: StreamPosition::default(),
+        };
+        w.reorder();
+        Ok(w)
+    }
+
+    pub fn count(&self) -> usize {
+        self.starts.len()
+    }
+
+    fn reorder(&mut self) {
+        self.order = (0..self.starts.len() as u32).collect();
+        if self.shuffle {
+            let mut rng = SplitMix::new(self.seed ^ self.position.epoch.wrapping_mul(0x9e37_79b9));
+            rng.shuffle(&mut self.order);
+        }
+    }
+
+    /// Jump to a saved position.
+    pub fn seek(&mut self, position: StreamPosition) {
+        let epoch_changed = position.epoch != self.position.epoch;
+        self.position = position;
+        if epoch_changed || self.order.is_empty() {
+            self.reorder();
+        }
+    }
+
+    /// The next window's start offset.
+    pub fn next_start(&mut self) -> usize {
+        if self.position.index as usize >= self.order.len() {
+            self.position = StreamPosition {
+                epoch: self.position.epoch + 1,
+                index: 0,
+            };
+            self.reorder();
+        }
+        let start = self.starts[self.order[self.position.index as usize] as usize];
+        self.position.index += 1;
+        start
+    }
+
+    pub fn window_len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Cuts a random point of a random document into a prefix and a suffix of `suffix` tokens.
+pub struct Cutter {
+    segments: Vec<Segment>,
+    cumulative: Vec<usize>,
+    prefix_min: usize,
+    prefix_max: usize,
+    suffix: usize,
+}
+
+/// One cut: context and the document's true continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cut {
+    pub prefix: Vec<u32>,
+    pub suffix: Vec<u32>,
+}
+
+impl Cutter {
+    pub fn new(segments: &[Segment], prefix_min: usize, prefix_max: usize, suffix: usize) -> Result<Cutter> {
+        let prefix_min = prefix_min.max(1);
+        let usable: Vec<Segment> = segments
+            .iter()
+            .copied()
+            .filter(|s| s.len() >= prefix_min + suffix)
+            .collect();
+        if usable.is_empty() {
+            bail!(
+                "no document is long enough for a prefix of {prefix_min} and a suffix of {suffix} tokens"
+            );
+        }
+        let mut cumulative = Vec::with_capacity(usable.len());
+        let mut total = 0;
+        for s in &usable {
+            total += s.len() - prefix_min - suffix + 1;
+            cumulative.push(total);
+        }
+        Ok(Cutter {
+            segments: usable,
+            cumulative,
+            prefix_min,
+            prefix_max: prefix_max.max(prefix_min),
+            suffix,
+        })
+    }
+
+    /// A cut drawn uniformly over all valid cut points.
+    pub fn cut(&self, tokens: &[u32], rng: &mut SplitMix) -> Cut {
+        let total = *self.cumulative.last().unwrap_or(&1);
+        let draw = (rng.next_u64() % total as u64) as usize;
+        let i = self.cumulative.partition_point(|&c| c <= draw);
+        let before = if i == 0 { 0 } else { self.cumulative[i - 1] };
+        let s = self.segments[i];
+        let cut = s.start + self.prefix_min + (draw - before);
+        let prefix_start = cut.saturating_sub(self.prefix_max).max(s.start);
+        Cut {
+            prefix: tokens[prefix_start..cut].to_vec(),
+            suffix: tokens[cut..cut + self.suffix].to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_every_start_once_per_epoch_and_resume() {
+        let segs = [Segment { start: 0, end: 100 }, Segment { start: 120, end: 150 }];
+        let mut w = Windows::new(&segs, 11, 7, true).unwrap();
+        let n = w.count();
+        let first: Vec<usize> = (0..n).map(|_| w.next_start()).collect();
+        let mut sorted = first.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), n);
+        assert!(first.iter().all(|&s| s + 11 <= 100 || (120..=139).contains(&s)));
+        // Seeking reproduces the stream.
+        let saved = w.position;
+        let next: Vec<usize> = (0..5).map(|_| w.next_start()).collect();
+        let mut again = Windows::new(&segs, 11, 7, true).unwrap();
+        again.seek(saved);
+        assert_eq!((0..5).map(|_| again.next_start()).collect::<Vec<_>>(), next);
+    }
+
+    #[test]
+    fn cuts_stay_inside_documents() {
+        let tokens: Vec<u32> = (0..1000).collect();
+        let segs = [Segment { start: 0, end: 300 }, Segment { start: 300, end: 320 }, Segment { start: 400, end: 1000 }];
+        let cutter = Cutter::new(&segs, 8, 64, 16).unwrap();
+        let mut rng = SplitMix::new(1);
+        for _ in 0..500 {
+            let c = cutter.cut(&tokens, &mut rng);
+            assert_eq!(c.suffix.len(), 16);
+            assert!((8..=64).contains(&c.prefix.len()));
+            let first = c.prefix[0] as usize;
+            let last = *c.suffix.last().unwrap() as usize;
+            let doc = segs.iter().find(|s| s.start <= first && first < s.end).unwrap();
+            assert!(last < doc.end, "cut crosses a document boundary");
+            assert_eq!(*c.prefix.last().unwrap() + 1, c.suffix[0]);
+        }
+    }
+
+    #[test]
+    fn split_is_deterministic_and_roughly_proportional() {
+        let docs: Vec<Segment> = (0..50).map(|i| Segment { start: i * 10_000, end: (i + 1) * 10_000 }).collect();
+        let a = Corpus::split(vec![0; 500_000], &docs, 0.1, 3);
+        let b = Corpus::split(vec![0; 500_000], &docs, 0.1, 3);
+        assert_eq!(a.validation, b.validation);
+        let share = a.validation_tokens() as f64 / 500_000.0;
+        assert!((0.04..0.2).contains(&share), "{share}");
+        assert_eq!(a.train_tokens() + a.validation_tokens(), 500_000);
+    }
+
+    #[test]
+    fn reads_text_and_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "hello world").unwrap();
+        std::fs::write(dir.path().join("b.jsonl"), "{\"text\": \"one\"}\n\n{\"text\": \"two\"}\n").unwrap();
+        std::fs::write(dir.path().join("c.bin"), "ignored").unwrap();
+        let files = list_files(&[dir.path().display().to_string()]).unwrap();
+        assert_eq!(files.len(), 2);
+        let docs = read_documents(&files, "auto", "text").unwrap();
+        assert_eq!(docs, vec!["hello world", "one", "two"]);
+        std::fs::write(dir.path().join("d.jsonl"), "{\"body\": 1}\n").unwrap();
+        let err = read_documents(&[dir.path().join("d.jsonl")], "auto", "text").unwrap_err();
+        assert!(err.to_string().contains("d.jsonl:1"), "{err}");
+        assert!(list_files(&["/no/such/*.txt".into()]).is_err());
+    }
+}

@@ -1,0 +1,501 @@
+//! A Llama-architecture decoder on tch: RMSNorm, rotary embeddings (Hugging Face's rotate-half
+//! layout), grouped-query attention and a SwiGLU MLP, optionally with tied embeddings.
+//!
+//! Parameters live in a `VarStore` under Hugging Face's own names (`model.layers.0.self_attn.
+//! q_proj.weight`, ...), so checkpoints load and save as HF-layout safetensors unchanged. The KV
+//! cache is an explicit value passed to `forward`, never hidden state.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// The model's shape, read from (and written as) Hugging Face's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_position")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<i64>,
+    /// One id or several (HF allows both).
+    #[serde(default)]
+    pub eos_token_id: Option<EosIds>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EosIds {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_max_position() -> usize {
+    2048
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn eos_ids(&self) -> Vec<i64> {
+        match &self.eos_token_id {
+            None => Vec::new(),
+            Some(EosIds::One(id)) => vec![*id],
+            Some(EosIds::Many(ids)) => ids.clone(),
+        }
+    }
+
+    /// Parameter count (embeddings counted once when tied).
+    pub fn parameters(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let hd = self.head_dim();
+        let q = h * self.num_attention_heads * hd;
+        let kv = 2 * h * self.kv_heads() * hd;
+        let o = self.num_attention_heads * hd * h;
+        let layer = q + kv + o + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers * layer + h + head
+    }
+
+    /// The whole `config.json` as Hugging Face writes it for LlamaForCausalLM.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = v.as_object_mut() {
+            map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            map.insert("model_type".into(), "llama".into());
+            map.insert("hidden_act".into(), "silu".into());
+            map.insert("torch_dtype".into(), "float32".into());
+            map.insert("head_dim".into(), self.head_dim().into());
+            map.insert(
+                "num_key_value_heads".into(),
+                self.kv_heads().into(),
+            );
+            map.insert("attention_bias".into(), false.into());
+            map.insert("mlp_bias".into(), false.into());
+        }
+        v
+    }
+}
+
+fn linear(p: nn::Path, input: usize, output: usize, std: f64) -> nn::Linear {
+    nn::linear(
+        p,
+        input as i64,
+        output as i64,
+        nn::LinearConfig {
+            ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
+            bs_init: None,
+            bias: false,
+        },
+    )
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, size: usize, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.var("weight", &[size as i64], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        // Normalise in f32 whatever the activation type (as HF does), then scale.
+        let kind = xs.kind();
+        let x = xs.to_kind(Kind::Float);
+        let rms = (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + self.eps).rsqrt();
+        (x * rms).to_kind(kind) * &self.weight
+    }
+}
+
+/// Cosine and sine tables for rotary embeddings, `(max_position, head_dim)` each.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, device: Device) -> Self {
+        let hd = cfg.head_dim() as i64;
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let inv_freq = Tensor::from_slice(&inv_freq).to_device(device);
+        let t = Tensor::arange(cfg.max_position_embeddings as i64, (Kind::Float, device));
+        let freqs = t.outer(&inv_freq);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        Rope {
+            cos: emb.cos(),
+            sin: emb.sin(),
+        }
+    }
+
+    /// `(cos, sin)` for positions `(B, T)`, shaped `(B, 1, T, head_dim)`.
+    fn at(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        let (b, t) = positions.size2().unwrap_or((1, 1));
+        let flat = positions.reshape([-1]);
+        let cos = self.cos.index_select(0, &flat).reshape([b, 1, t, -1]);
+        let sin = self.sin.index_select(0, &flat).reshape([b, 1, t, -1]);
+        (cos, sin)
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&(-x2), &x1], -1)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+/// Keys and values of every layer, preallocated to a capacity; `len` positions are filled.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    pub fn new(cfg: &LlamaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+        let shape = [batch, cfg.kv_heads() as i64, capacity, cfg.head_dim() as i64];
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                (
+                    Tensor::zeros(shape, (kind, device)),
+                    Tensor::zeros(shape, (kind, device)),
+                )
+            })
+            .collect();
+        KvCache {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Repeat every row `times` times (row i becomes rows i*times .. i*times+times-1): one
+    /// prefilled prefix becomes the shared start of several rollouts.
+    pub fn repeat_rows(&self, times: i64) -> KvCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.repeat_interleave_self_int(times, 0, None),
+                    v.repeat_interleave_self_int(times, 0, None),
+                )
+            })
+            .collect();
+        KvCache {
+            layers,
+            len: self.len,
+            capacity: self.capacity,
+        }
+    }
+
+    /// Keep only the given rows (e.g. unfinished sequences).
+    pub fn select_rows(&self, rows: &Tensor) -> KvCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| (k.index_select(0, rows), v.index_select(0, rows)))
+            .collect();
+        KvCache {
+            layers,
+            len: self.len,
+            capacity: self.capacity,
+        }
+    }
+}
+
+struct Attention {
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    o: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &LlamaConfig, std: f64, out_std: f64) -> Self {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        Attention {
+            q: linear(&p / "q_proj", h, cfg.num_attention_heads * hd, std),
+            k: linear(&p / "k_proj", h, cfg.kv_heads() * hd, std),
+            v: linear(&p / "v_proj", h, cfg.kv_heads() * hd, std),
+            o: linear(&p / "o_proj", cfg.num_attention_heads * hd, h, out_std),
+            heads: cfg.num_attention_heads as i64,
+            kv_heads: cfg.kv_heads() as i64,
+            head_dim: hd as i64,
+        }
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<(&mut (Tensor, Tensor), i64)>,
+    ) -> Tensor {
+        let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
+        let q = self
+            .q
+            .forward(xs)
+            .view([b, t, self.heads, self.head_dim])
+            .transpose(1, 2);
+        let k = self
+            .k
+            .forward(xs)
+            .view([b, t, self.kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let v = self
+            .v
+            .forward(xs)
+            .view([b, t, self.kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let q = apply_rope(&q, &rope.0, &rope.1);
+        let k = apply_rope(&k, &rope.0, &rope.1);
+        let (k, v) = match cache {
+            Some(((ck, cv), start)) => {
+                ck.narrow(2, start, t).copy_(&k);
+                cv.narrow(2, start, t).copy_(&v);
+                (ck.narrow(2, 0, start + t), cv.narrow(2, 0, start + t))
+            }
+            None => (k, v),
+        };
+        let gqa = self.kv_heads != self.heads;
+        let y = match mask {
+            // Training and scoring: plain causal attention, the fastest kernels.
+            None => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                t > 1,
+                None,
+                gqa,
+            ),
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa),
+        };
+        let y = y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
+        self.o.forward(&y)
+    }
+}
+
+struct Mlp {
+    gate: nn::Linear,
+    up: nn::Linear,
+    down: nn::Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, cfg: &LlamaConfig, std: f64, out_std: f64) -> Self {
+        Mlp {
+            gate: linear(&p / "gate_proj", cfg.hidden_size, cfg.intermediate_size, std),
+            up: linear(&p / "up_proj", cfg.hidden_size, cfg.intermediate_size, std),
+            down: linear(&p / "down_proj", cfg.intermediate_size, cfg.hidden_size, out_std),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.down
+            .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs)))
+    }
+}
+
+struct Block {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama causal language model.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    rope: Rope,
+}
+
+/// How attention sees a batch: plain causal (no padding) or with an explicit mask.
+pub struct Batch<'a> {
+    pub ids: &'a Tensor,
+    /// Positions `(B, T)`; `None` = `0..T` for every row.
+    pub positions: Option<&'a Tensor>,
+    /// Boolean `(B, 1, T, T_total)`, true where attention is allowed; `None` = causal.
+    pub mask: Option<&'a Tensor>,
+}
+
+impl Llama {
+    /// Create the model's variables under `vs.root()`, initialised for training from scratch
+    /// (normal 0.02; residual output projections scaled down by the depth, as in GPT-2).
+    pub fn new(vs: &nn::VarStore, config: LlamaConfig) -> Self {
+        let root = vs.root();
+        let std = 0.02;
+        let out_std = std / (2.0 * config.num_hidden_layers as f64).sqrt();
+        let model = &root / "model";
+        let embed = (&model / "embed_tokens").var(
+            "weight",
+            &[config.vocab_size as i64, config.hidden_size as i64],
+            nn::Init::Randn { mean: 0.0, stdev: std },
+        );
+        let layers = &model / "layers";
+        let blocks = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = &layers / i;
+                Block {
+                    input_norm: RmsNorm::new(&p / "input_layernorm", config.hidden_size, config.rms_norm_eps),
+                    attn: Attention::new(&p / "self_attn", &config, std, out_std),
+                    post_norm: RmsNorm::new(
+                        &p / "post_attention_layernorm",
+                        config.hidden_size,
+                        config.rms_norm_eps,
+                    ),
+                    mlp: Mlp::new(&p / "mlp", &config, std, out_std),
+                }
+            })
+            .collect();
+        let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
+        let lm_head = (!config.tie_word_embeddings).then(|| {
+            (&root / "lm_head").var(
+                "weight",
+                &[config.vocab_size as i64, config.hidden_size as i64],
+                nn::Init::Randn { mean: 0.0, stdev: std },
+            )
+        });
+        let rope = Rope::new(&config, vs.device());
+        Llama {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.device()
+    }
+
+    /// The type of the weights (and so of the activations and the KV cache).
+    pub fn kind(&self) -> Kind {
+        self.embed.kind()
+    }
+
+    /// Final hidden states `(B, T, hidden)`. With a cache, the batch continues after the
+    /// cache's filled positions and fills them further.
+    pub fn hidden(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Tensor {
+        let (b, t) = batch.ids.size2().unwrap_or((1, 1));
+        let start = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let default_positions;
+        let positions = match batch.positions {
+            Some(p) => p,
+            None => {
+                default_positions = Tensor::arange_start(start, start + t, (Kind::Int64, self.device()))
+                    .unsqueeze(0)
+                    .expand([b, t], false);
+                &default_positions
+            }
+        };
+        let rope = self.rope.at(positions);
+        let rope = (
+            rope.0.to_kind(self.embed.kind()),
+            rope.1.to_kind(self.embed.kind()),
+        );
+        let mut x = Tensor::embedding(&self.embed, batch.ids, -1, false, false);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], start));
+            let h = block
+                .attn
+                .forward(&block.input_norm.forward(&x), &rope, batch.mask, layer_cache);
+            x = x + h;
+            x = &x + block.mlp.forward(&block.post_norm.forward(&x));
+        }
+        if let Some(c) = cache {
+            c.len = start + t;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits for hidden states of any shape `(..., hidden)`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr())
+    }
+
+    /// Logits `(B, T, vocab)` for every position.
+    pub fn forward(&self, batch: &Batch, cache: Option<&mut KvCache>) -> Tensor {
+        self.logits(&self.hidden(batch, cache))
+    }
+
+    /// Mean next-token cross-entropy of `tokens (B, T+1)`: inputs `[..T]`, targets `[1..]`.
+    pub fn ntp_loss(&self, tokens: &Tensor) -> Tensor {
+        let t = tokens.size()[1];
+        let inputs = tokens.narrow(1, 0, t - 1);
+        let targets = tokens.narrow(1, 1, t - 1);
+        let logits = self.forward(
+            &Batch {
+                ids: &inputs,
+                positions: None,
+                mask: None,
+            },
+            None,
+        );
+        logits
+            .to_kind(Kind::Float)
+            .reshape([-1, self.config.vocab_size as i64])
+            .cross_entropy_for_logits(&targets.reshape([-1]))
+    }
+}

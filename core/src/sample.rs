@@ -1,0 +1,281 @@
+//! Batched sampling with a KV cache, and log-prob scoring of given continuations.
+//!
+//! Rollouts for SIP share their prefix: each prefix is prefilled once, and its cache is then
+//! repeated to K rows, never recomputed K times. Decoding is a plain Rust loop over libtorch
+//! calls, one batched forward per token.
+
+use crate::model::{Batch, KvCache, Llama};
+use tch::{Device, Kind, Tensor};
+
+/// How to pick each next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Nucleus sampling; 1.0 = off.
+    pub top_p: f64,
+    /// Keep the k most likely tokens; 0 = off.
+    pub top_k: usize,
+    /// Stop a sequence at an end-of-sequence token (else exactly `max_new_tokens`).
+    pub stop_at_eos: bool,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            stop_at_eos: false,
+        }
+    }
+}
+
+/// Sampled continuations: row `i * per_prefix + j` is prefix `i`'s `j`-th sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    pub tokens: Vec<Vec<u32>>,
+    /// The model's own log-probability of each sampled token (temperature 1, before top-p/k).
+    pub logprobs: Vec<Vec<f32>>,
+}
+
+/// Left-pad prefixes: ids `(B, L)`, key-validity `(B, L)` and positions `(B, L)`.
+fn left_pad(prefixes: &[Vec<u32>], device: Device) -> (Tensor, Tensor, Tensor, bool) {
+    let len = prefixes.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let b = prefixes.len();
+    let mut ids = vec![0i64; b * len];
+    let mut valid = vec![false; b * len];
+    let mut positions = vec![0i64; b * len];
+    let mut padded = false;
+    for (i, p) in prefixes.iter().enumerate() {
+        let pad = len - p.len();
+        padded |= pad > 0;
+        for (j, &t) in p.iter().enumerate() {
+            ids[i * len + pad + j] = t as i64;
+            valid[i * len + pad + j] = true;
+            positions[i * len + pad + j] = j as i64;
+        }
+    }
+    let shape = [b as i64, len as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&valid).view(shape).to_device(device),
+        Tensor::from_slice(&positions).view(shape).to_device(device),
+        padded,
+    )
+}
+
+/// Restrict logits `(N, V)` to top-k and nucleus top-p, then sample (or argmax when greedy).
+pub fn pick(logits: &Tensor, s: &Sampling) -> Tensor {
+    if s.temperature <= 0.0 {
+        return logits.argmax(-1, false);
+    }
+    let mut logits = logits.to_kind(Kind::Float) / s.temperature;
+    let vocab = logits.size()[1];
+    if s.top_k > 0 && (s.top_k as i64) < vocab {
+        let (top, _) = logits.topk(s.top_k as i64, -1, true, true);
+        let kth = top.narrow(1, s.top_k as i64 - 1, 1);
+        logits = logits.masked_fill(&logits.lt_tensor(&kth), f64::NEG_INFINITY);
+    }
+    if s.top_p < 1.0 {
+        let (sorted, order) = logits.sort(-1, true);
+        let probs = sorted.softmax(-1, Kind::Float);
+        // Drop a token when the mass before it already reaches top_p (the first always stays).
+        let before = probs.cumsum(-1, Kind::Float) - &probs;
+        let drop_sorted = before.gt(s.top_p);
+        let drop = drop_sorted.scatter(1, &order, &drop_sorted);
+        logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
+    }
+    logits.softmax(-1, Kind::Float).multinomial(1, true).squeeze_dim(1)
+}
+
+/// Sample `per_prefix` continuations of each prefix. Reproducible for a given `seed`.
+pub fn generate(
+    model: &Llama,
+    prefixes: &[Vec<u32>],
+    per_prefix: usize,
+    s: &Sampling,
+    eos: &[u32],
+    seed: u64,
+) -> Generated {
+    tch::no_grad(|| generate_inner(model, prefixes, per_prefix, s, eos, seed))
+}
+
+fn generate_inner(
+    model: &Llama,
+    prefixes: &[Vec<u32>],
+    per_prefix: usize,
+    s: &Sampling,
+    eos: &[u32],
+    seed: u64,
+) -> Generated {
+    let rows = prefixes.len() * per_prefix;
+    if rows == 0 || s.max_new_tokens == 0 {
+        return Generated {
+            tokens: vec![Vec::new(); rows],
+            logprobs: vec![Vec::new(); rows],
+        };
+    }
+    tch::manual_seed(seed as i64);
+    let device = model.device();
+    let kind = model.kind();
+    let (ids, valid, positions, padded) = left_pad(prefixes, device);
+    let (b, len) = ids.size2().unwrap_or((1, 1));
+    let total = len + s.max_new_tokens as i64;
+    let k = per_prefix as i64;
+
+    // Prefill every prefix once.
+    let mut cache = KvCache::new(&model.config, b, total, kind, device);
+    let prefill_mask = padded.then(|| {
+        let causal = Tensor::ones([len, len], (Kind::Bool, device)).tril(0);
+        let keys = valid.view([b, 1, 1, len]);
+        // A padding query may see itself, so that no attention row is empty (which gives NaN).
+        let diagonal = Tensor::eye(len, (Kind::Bool, device));
+        (causal.logical_and(&keys)).logical_or(&diagonal).view([b, 1, len, len])
+    });
+    let hidden = model.hidden(
+        &Batch {
+            ids: &ids,
+            positions: Some(&positions),
+            mask: prefill_mask.as_ref(),
+        },
+        Some(&mut cache),
+    );
+    let last = hidden.narrow(1, len - 1, 1).squeeze_dim(1);
+    let mut logits = model.logits(&last).repeat_interleave_self_int(k, 0, None);
+    let mut cache = if k > 1 { cache.repeat_rows(k) } else { cache };
+
+    // Keys valid for every row: the prefix's own tokens, then all generated ones.
+    let key_mask = padded.then(|| {
+        Tensor::cat(
+            &[
+                valid.repeat_interleave_self_int(k, 0, None),
+                Tensor::ones([b * k, s.max_new_tokens as i64], (Kind::Bool, device)),
+            ],
+            1,
+        )
+    });
+    let mut next_position = valid
+        .sum_dim_intlist(1, false, Kind::Int64)
+        .repeat_interleave_self_int(k, 0, None)
+        .view([b * k, 1]);
+
+    let eos_t = (!eos.is_empty() && s.stop_at_eos)
+        .then(|| Tensor::from_slice(&eos.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(device));
+    let mut finished = Tensor::zeros([b * k], (Kind::Bool, device));
+    let mut tokens = Vec::with_capacity(s.max_new_tokens);
+    let mut logps = Vec::with_capacity(s.max_new_tokens);
+    for step in 0..s.max_new_tokens {
+        let token = pick(&logits, s);
+        let logp = logits
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &token.unsqueeze(1), false)
+            .squeeze_dim(1);
+        tokens.push(token.shallow_clone());
+        logps.push(logp);
+        if let Some(eos_t) = &eos_t {
+            finished = finished.logical_or(&token.unsqueeze(1).eq_tensor(&eos_t.unsqueeze(0)).any_dim(1, false));
+            if bool::try_from(finished.all()).unwrap_or(false) {
+                break;
+            }
+        }
+        if step + 1 == s.max_new_tokens {
+            break;
+        }
+        let filled = len + step as i64 + 1;
+        let mask = key_mask
+            .as_ref()
+            .map(|m| m.narrow(1, 0, filled).view([b * k, 1, 1, filled]));
+        let hidden = model.hidden(
+            &Batch {
+                ids: &token.view([b * k, 1]),
+                positions: Some(&next_position),
+                mask: mask.as_ref(),
+            },
+            Some(&mut cache),
+        );
+        logits = model.logits(&hidden.squeeze_dim(1));
+        next_position = next_position + 1;
+    }
+
+    let tokens = Tensor::stack(&tokens, 1).to_device(Device::Cpu);
+    let logps = Tensor::stack(&logps, 1).to_device(Device::Cpu);
+    let n = tokens.size()[1] as usize;
+    let flat_tokens: Vec<i64> = Vec::try_from(tokens.reshape([-1])).unwrap_or_default();
+    let flat_logps: Vec<f32> = Vec::try_from(logps.reshape([-1])).unwrap_or_default();
+    let mut out = Generated {
+        tokens: Vec::with_capacity(rows),
+        logprobs: Vec::with_capacity(rows),
+    };
+    for r in 0..rows {
+        let mut t: Vec<u32> = flat_tokens[r * n..(r + 1) * n].iter().map(|&x| x as u32).collect();
+        let mut l = flat_logps[r * n..(r + 1) * n].to_vec();
+        if s.stop_at_eos {
+            if let Some(pos) = t.iter().position(|x| eos.contains(x)) {
+                t.truncate(pos + 1);
+                l.truncate(pos + 1);
+            }
+        }
+        out.tokens.push(t);
+        out.logprobs.push(l);
+    }
+    out
+}
+
+/// Summed log-probability of each continuation given its prefix, and its token count.
+/// Runs with gradients when the caller has them enabled (training), so the result can be
+/// backpropagated. Returns `(logp (M), tokens (M))` on the model's device.
+pub fn continuation_logprobs(
+    model: &Llama,
+    prefixes: &[&[u32]],
+    continuations: &[&[u32]],
+) -> (Tensor, Tensor) {
+    let device = model.device();
+    let m = prefixes.len();
+    let total = prefixes
+        .iter()
+        .zip(continuations)
+        .map(|(p, c)| p.len() + c.len())
+        .max()
+        .unwrap_or(1);
+    let n_max = continuations.iter().map(|c| c.len()).max().unwrap_or(1).max(1);
+    let mut ids = vec![0i64; m * total];
+    let mut index = vec![0i64; m * n_max];
+    let mut targets = vec![0i64; m * n_max];
+    let mut valid = vec![0f32; m * n_max];
+    for (r, (p, c)) in prefixes.iter().zip(continuations).enumerate() {
+        for (j, &t) in p.iter().chain(c.iter()).enumerate() {
+            ids[r * total + j] = t as i64;
+        }
+        for (j, &t) in c.iter().enumerate() {
+            // The token at position p+j is predicted by the hidden state at p+j-1.
+            index[r * n_max + j] = (p.len() + j).saturating_sub(1) as i64;
+            targets[r * n_max + j] = t as i64;
+            valid[r * n_max + j] = 1.0;
+        }
+    }
+    let ids = Tensor::from_slice(&ids).view([m as i64, total as i64]).to_device(device);
+    // Right padding needs no mask: causal attention never looks at later (padding) positions.
+    let hidden = model.hidden(
+        &Batch {
+            ids: &ids,
+            positions: None,
+            mask: None,
+        },
+        None,
+    );
+    let h = hidden.size()[2];
+    let index = Tensor::from_slice(&index).view([m as i64, n_max as i64]).to_device(device);
+    let picked = hidden.gather(1, &index.unsqueeze(-1).expand([m as i64, n_max as i64, h], false), false);
+    let logp = model
+        .logits(&picked)
+        .to_kind(Kind::Float)
+        .log_softmax(-1, Kind::Float);
+    let targets = Tensor::from_slice(&targets).view([m as i64, n_max as i64]).to_device(device);
+    let valid = Tensor::from_slice(&valid).view([m as i64, n_max as i64]).to_device(device);
+    let token_logp = logp.gather(2, &targets.unsqueeze(-1), false).squeeze_dim(-1) * &valid;
+    (token_logp.sum_dim_intlist(1, false, Kind::Float), valid.sum_dim_intlist(1, false, Kind::Float))
+}
