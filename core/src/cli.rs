@@ -53,10 +53,7 @@ enum Command {
 enum ImportCommand {
     /// Convert a Llama-family GGUF file (e.g. SmolLM2 from llama.cpp) into OUT_DIR:
     /// config.json, model.safetensors (f32), tokenizer.json.
-    Gguf {
-        file: PathBuf,
-        out_dir: PathBuf,
-    },
+    Gguf { file: PathBuf, out_dir: PathBuf },
 }
 
 #[derive(Args, Debug)]

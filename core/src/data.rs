@@ -37,7 +37,8 @@ pub fn list_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     for entry in entries {
         let path = entry?.path();
         if path.is_dir() {
@@ -71,9 +72,8 @@ pub fn read_documents(files: &[PathBuf], format: &str, field: &str) -> Result<Ve
                 if line.trim().is_empty() {
                     continue;
                 }
-                let value: serde_json::Value = serde_json::from_str(line).with_context(|| {
-                    format!("{}:{}: not a JSON object", file.display(), i + 1)
-                })?;
+                let value: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not a JSON object", file.display(), i + 1))?;
                 let doc = value.get(field).and_then(|v| v.as_str()).with_context(|| {
                     format!(
                         "{}:{}: no string field '{field}' (set data.jsonl_field)",
@@ -180,7 +180,8 @@ impl Corpus {
             let mut block = 0u64;
             while start < doc.end {
                 let end = (start + SPLIT_BLOCK).min(doc.end);
-                let draw = SplitMix::new(seed ^ 0x5eed_5711 ^ ((d as u64) << 20) ^ block).next_u64()
+                let draw = SplitMix::new(seed ^ 0x5eed_5711 ^ ((d as u64) << 20) ^ block)
+                    .next_u64()
                     & u32::MAX as u64;
                 let seg = Segment { start, end };
                 if draw < threshold {
@@ -250,7 +251,9 @@ impl Windows {
             }
         }
         if starts.is_empty() {
-            bail!("the data holds no window of {len} tokens; use more data or a smaller data.seq_len");
+            bail!(
+                "the data holds no window of {len} tokens; use more data or a smaller data.seq_len"
+            );
         }
         let mut w = Windows {
             order: Vec::new(),
@@ -321,7 +324,12 @@ pub struct Cut {
 }
 
 impl Cutter {
-    pub fn new(segments: &[Segment], prefix_min: usize, prefix_max: usize, suffix: usize) -> Result<Cutter> {
+    pub fn new(
+        segments: &[Segment],
+        prefix_min: usize,
+        prefix_max: usize,
+        suffix: usize,
+    ) -> Result<Cutter> {
         let prefix_min = prefix_min.max(1);
         let usable: Vec<Segment> = segments
             .iter()
@@ -370,7 +378,13 @@ mod tests {
 
     #[test]
     fn windows_cover_every_start_once_per_epoch_and_resume() {
-        let segs = [Segment { start: 0, end: 100 }, Segment { start: 120, end: 150 }];
+        let segs = [
+            Segment { start: 0, end: 100 },
+            Segment {
+                start: 120,
+                end: 150,
+            },
+        ];
         let mut w = Windows::new(&segs, 11, 7, true).unwrap();
         let n = w.count();
         let first: Vec<usize> = (0..n).map(|_| w.next_start()).collect();
@@ -378,7 +392,9 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), n);
-        assert!(first.iter().all(|&s| s + 11 <= 100 || (120..=139).contains(&s)));
+        assert!(first
+            .iter()
+            .all(|&s| s + 11 <= 100 || (120..=139).contains(&s)));
         // Seeking reproduces the stream.
         let saved = w.position;
         let next: Vec<usize> = (0..5).map(|_| w.next_start()).collect();
@@ -390,7 +406,17 @@ mod tests {
     #[test]
     fn cuts_stay_inside_documents() {
         let tokens: Vec<u32> = (0..1000).collect();
-        let segs = [Segment { start: 0, end: 300 }, Segment { start: 300, end: 320 }, Segment { start: 400, end: 1000 }];
+        let segs = [
+            Segment { start: 0, end: 300 },
+            Segment {
+                start: 300,
+                end: 320,
+            },
+            Segment {
+                start: 400,
+                end: 1000,
+            },
+        ];
         let cutter = Cutter::new(&segs, 8, 64, 16).unwrap();
         let mut rng = SplitMix::new(1);
         for _ in 0..500 {
@@ -399,7 +425,10 @@ mod tests {
             assert!((8..=64).contains(&c.prefix.len()));
             let first = c.prefix[0] as usize;
             let last = *c.suffix.last().unwrap() as usize;
-            let doc = segs.iter().find(|s| s.start <= first && first < s.end).unwrap();
+            let doc = segs
+                .iter()
+                .find(|s| s.start <= first && first < s.end)
+                .unwrap();
             assert!(last < doc.end, "cut crosses a document boundary");
             assert_eq!(*c.prefix.last().unwrap() + 1, c.suffix[0]);
         }
@@ -407,7 +436,12 @@ mod tests {
 
     #[test]
     fn split_is_deterministic_and_roughly_proportional() {
-        let docs: Vec<Segment> = (0..50).map(|i| Segment { start: i * 10_000, end: (i + 1) * 10_000 }).collect();
+        let docs: Vec<Segment> = (0..50)
+            .map(|i| Segment {
+                start: i * 10_000,
+                end: (i + 1) * 10_000,
+            })
+            .collect();
         let a = Corpus::split(vec![0; 500_000], &docs, 0.1, 3);
         let b = Corpus::split(vec![0; 500_000], &docs, 0.1, 3);
         assert_eq!(a.validation, b.validation);
@@ -420,7 +454,11 @@ mod tests {
     fn reads_text_and_jsonl() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.txt"), "hello world").unwrap();
-        std::fs::write(dir.path().join("b.jsonl"), "{\"text\": \"one\"}\n\n{\"text\": \"two\"}\n").unwrap();
+        std::fs::write(
+            dir.path().join("b.jsonl"),
+            "{\"text\": \"one\"}\n\n{\"text\": \"two\"}\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("c.bin"), "ignored").unwrap();
         let files = list_files(&[dir.path().display().to_string()]).unwrap();
         assert_eq!(files.len(), 2);

@@ -50,7 +50,12 @@ fn train_files(e: &Experiment) -> Result<Vec<PathBuf>> {
 
 /// The tokenizer: the run's own copy when resuming, the pretrained model's, the configured
 /// file, or a byte-level BPE trained on the training data (cached across runs).
-fn prepare_tokenizer(e: &Experiment, run: &RunDir, resume: bool, files: &[PathBuf]) -> Result<Tokenizer> {
+fn prepare_tokenizer(
+    e: &Experiment,
+    run: &RunDir,
+    resume: bool,
+    files: &[PathBuf],
+) -> Result<Tokenizer> {
     let in_run = run.file(TOKENIZER_JSON);
     if resume && in_run.exists() {
         return Tokenizer::load(&in_run);
@@ -60,8 +65,13 @@ fn prepare_tokenizer(e: &Experiment, run: &RunDir, resume: bool, files: &[PathBu
     } else if !e.model.tokenizer.is_empty() {
         PathBuf::from(expand_path(&e.model.tokenizer))
     } else {
-        let key = data::fingerprint(files, &format!("bpe-{}-{}", e.model.vocab_size, e.data.jsonl_field));
-        let cached = paths::cache_root().join("tokenizers").join(format!("bpe-{}-{key:016x}.json", e.model.vocab_size));
+        let key = data::fingerprint(
+            files,
+            &format!("bpe-{}-{}", e.model.vocab_size, e.data.jsonl_field),
+        );
+        let cached = paths::cache_root()
+            .join("tokenizers")
+            .join(format!("bpe-{}-{key:016x}.json", e.model.vocab_size));
         if !cached.exists() {
             tracing::info!(
                 "training a byte-level BPE of {} tokens on {} file(s)",
@@ -82,8 +92,13 @@ fn prepare_tokenizer(e: &Experiment, run: &RunDir, resume: bool, files: &[PathBu
 fn prepare_corpus(e: &Experiment, files: &[PathBuf], tokenizer: &Tokenizer) -> Result<Corpus> {
     let tok_bytes = std::fs::read(tokenizer.path()).unwrap_or_default();
     let tok_key = data::fingerprint(&[], &String::from_utf8_lossy(&tok_bytes));
-    let key = data::fingerprint(files, &format!("{tok_key:x}-{}-{}", e.data.format, e.data.jsonl_field));
-    let cache = paths::cache_root().join("tokens").join(format!("{key:016x}.bin"));
+    let key = data::fingerprint(
+        files,
+        &format!("{tok_key:x}-{}-{}", e.data.format, e.data.jsonl_field),
+    );
+    let cache = paths::cache_root()
+        .join("tokens")
+        .join(format!("{key:016x}.bin"));
     let (tokens, docs) = match read_token_cache(&cache) {
         Some(found) => found,
         None => {
@@ -196,7 +211,10 @@ pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepar
         tch::set_num_threads(e.experiment.threads as i32);
     }
     let device = model::select_device(&e.experiment.device)?;
-    tracing::info!("device: {device:?}, {} CPU thread(s)", tch::get_num_threads());
+    tracing::info!(
+        "device: {device:?}, {} CPU thread(s)",
+        tch::get_num_threads()
+    );
     let files = train_files(e)?;
     let tokenizer = prepare_tokenizer(e, run, resume, &files)?;
     let corpus = prepare_corpus(e, &files, &tokenizer)?;
@@ -214,7 +232,10 @@ pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepar
                 Some((dir, state))
             }
             None => {
-                tracing::warn!("no checkpoint in {}; starting from the beginning", checkpoints.display());
+                tracing::warn!(
+                    "no checkpoint in {}; starting from the beginning",
+                    checkpoints.display()
+                );
                 None
             }
         }
@@ -225,7 +246,10 @@ pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepar
     let policy = match (&resume_from, e.model.path.is_empty()) {
         (Some((dir, _)), _) => Policy::load(dir, device)?,
         (None, false) => Policy::load(Path::new(&expand_path(&e.model.path)), device)?,
-        (None, true) => Policy::from_scratch(scratch_config(e, tokenizer.vocab_size(), tokenizer.eos), device),
+        (None, true) => Policy::from_scratch(
+            scratch_config(e, tokenizer.vocab_size(), tokenizer.eos),
+            device,
+        ),
     };
     if policy.model.config.vocab_size < tokenizer.vocab_size() {
         bail!(
@@ -286,7 +310,14 @@ fn autocast<T>(device: Device, dtype: &str, f: impl FnOnce() -> T) -> T {
 }
 
 /// Mean validation loss over fixed windows.
-pub fn validation_loss(policy: &Policy, tokens: &[u32], windows: &[usize], len: usize, batch: usize, dtype: &str) -> Option<f64> {
+pub fn validation_loss(
+    policy: &Policy,
+    tokens: &[u32],
+    windows: &[usize],
+    len: usize,
+    batch: usize,
+    dtype: &str,
+) -> Option<f64> {
     if windows.is_empty() {
         return None;
     }
@@ -344,7 +375,10 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
         state = saved.clone();
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
     }
-    let mut sink = JsonLines::open(&run.file(METRICS_FILE), resume.as_ref().map(|(_, s)| s.step))?;
+    let mut sink = JsonLines::open(
+        &run.file(METRICS_FILE),
+        resume.as_ref().map(|(_, s)| s.step),
+    )?;
     let checkpoints = run.path().join(CHECKPOINTS_DIR);
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     let progress = Progress::new(t.steps, state.step, t.log_every);
@@ -363,7 +397,8 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
         for _ in 0..t.grad_accum {
             let starts: Vec<usize> = (0..t.batch_size).map(|_| windows.next_start()).collect();
             let ids = window_batch(&corpus.tokens, &starts, len, device);
-            let loss = autocast(device, &e.model.dtype, || policy.model.ntp_loss(&ids)) / t.grad_accum as f64;
+            let loss = autocast(device, &e.model.dtype, || policy.model.ntp_loss(&ids))
+                / t.grad_accum as f64;
             loss.backward();
             loss_sum += loss.double_value(&[]);
         }
@@ -384,18 +419,39 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
             .set("perf/tokens_per_second", tokens_per_step as f64 / seconds);
         let last = state.step == t.steps;
         if t.eval_every > 0 && (state.step % t.eval_every == 0 || last) {
-            if let Some(v) = validation_loss(&policy, &corpus.tokens, &validation, len, t.batch_size, &e.model.dtype) {
+            if let Some(v) = validation_loss(
+                &policy,
+                &corpus.tokens,
+                &validation,
+                len,
+                t.batch_size,
+                &e.model.dtype,
+            ) {
                 row.set("eval/loss", v).set("eval/perplexity", v.exp());
-                progress.note(&format!("step {}: validation loss {v:.4} (perplexity {:.1})", state.step, v.exp()));
+                progress.note(&format!(
+                    "step {}: validation loss {v:.4} (perplexity {:.1})",
+                    state.step,
+                    v.exp()
+                ));
             }
         }
         sink.log(&row)?;
         progress.step(
             state.step,
-            &format!("loss {loss_sum:.4}, {:.0} tok/s", tokens_per_step as f64 / seconds),
+            &format!(
+                "loss {loss_sum:.4}, {:.0} tok/s",
+                tokens_per_step as f64 / seconds
+            ),
         );
         if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
-            let dir = checkpoint::save(&checkpoints, &policy, Some(&optimizer), tokenizer.path(), &state, t.keep_checkpoints)?;
+            let dir = checkpoint::save(
+                &checkpoints,
+                &policy,
+                Some(&optimizer),
+                tokenizer.path(),
+                &state,
+                t.keep_checkpoints,
+            )?;
             progress.note(&format!("checkpoint {}", dir.display()));
         }
     }

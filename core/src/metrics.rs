@@ -140,7 +140,10 @@ mod tests {
         let mut sink = JsonLines::open(&path, Some(3)).unwrap();
         sink.log(Row::new(4).set("loss", f64::NAN)).unwrap();
         let rows = read(&path).unwrap();
-        assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            rows.iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(rows[2].get("loss"), Some(0.3));
         assert_eq!(rows[3].get("loss"), None);
     }

@@ -75,6 +75,9 @@ pub trait Objective: Send {
     fn loss(&self, inputs: &LossInputs) -> LossTerms;
 }
 
+/// Builds an objective from its options (the registry lets mixtures build their parts).
+pub type BuildFn = fn(serde_json::Value, &Registry) -> Result<Box<dyn Objective>, String>;
+
 /// A registered objective.
 pub struct Registration {
     pub name: &'static str,
@@ -82,7 +85,7 @@ pub struct Registration {
     pub defined_at: &'static str,
     pub fields: fn() -> Vec<&'static str>,
     pub check: fn(&serde_json::Value) -> Result<(), ConfigProblem>,
-    pub build: fn(serde_json::Value, &Registry) -> Result<Box<dyn Objective>, String>,
+    pub build: BuildFn,
 }
 
 inventory::collect!(Registration);
@@ -306,7 +309,7 @@ impl Objective for Dpo {
         if let Some(ntp) = &inputs.ntp {
             if self.config.ntp_weight > 0.0 {
                 metrics.push(("loss/ntp".into(), scalar(ntp)));
-                loss = loss + ntp * self.config.ntp_weight;
+                loss += ntp * self.config.ntp_weight;
             }
         }
         metrics.push(("loss/total".into(), scalar(&loss)));
@@ -319,7 +322,7 @@ register_objective!(
     DpoConfig,
     "online DPO: best candidate over worst, against a reference model (frozen, synced or EMA)",
     |c: DpoConfig, _: &Registry| {
-        if !(c.beta > 0.0) {
+        if c.beta.is_nan() || c.beta <= 0.0 {
             return Err(format!("beta must be positive, got {}", c.beta));
         }
         let reference = c.reference_update()?;
@@ -348,7 +351,7 @@ fn nll_loss(inputs: &LossInputs, name: &str, ntp_weight: f64) -> LossTerms {
     if let Some(ntp) = &inputs.ntp {
         if ntp_weight > 0.0 {
             metrics.push(("loss/ntp".into(), scalar(ntp)));
-            loss = loss + ntp * ntp_weight;
+            loss += ntp * ntp_weight;
         }
     }
     metrics.push(("loss/total".into(), scalar(&loss)));

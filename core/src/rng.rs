@@ -57,7 +57,10 @@ mod tests {
     fn known_stream_and_independence() {
         // SplitMix64's published first output for seed 0.
         assert_eq!(SplitMix::new(0).next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_ne!(SplitMix::derive(1, 2, 3).next_u64(), SplitMix::derive(1, 2, 4).next_u64());
+        assert_ne!(
+            SplitMix::derive(1, 2, 3).next_u64(),
+            SplitMix::derive(1, 2, 4).next_u64()
+        );
         let mut v: Vec<u32> = (0..100).collect();
         SplitMix::new(5).shuffle(&mut v);
         let mut s = v.clone();

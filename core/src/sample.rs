@@ -5,6 +5,7 @@
 //! calls, one batched forward per token.
 
 use crate::model::{Batch, KvCache, Llama};
+use crate::rng::SplitMix;
 use tch::{Device, Kind, Tensor};
 
 /// How to pick each next token.
@@ -68,7 +69,10 @@ fn left_pad(prefixes: &[Vec<u32>], device: Device) -> (Tensor, Tensor, Tensor, b
 }
 
 /// Restrict logits `(N, V)` to top-k and nucleus top-p, then sample (or argmax when greedy).
-pub fn pick(logits: &Tensor, s: &Sampling) -> Tensor {
+///
+/// Uniform draws come from `rng`, not from libtorch's global generator, so that sampling is
+/// reproducible whatever else in the process draws random numbers, and on any device.
+pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut SplitMix) -> Tensor {
     if s.temperature <= 0.0 {
         return logits.argmax(-1, false);
     }
@@ -88,7 +92,18 @@ pub fn pick(logits: &Tensor, s: &Sampling) -> Tensor {
         let drop = drop_sorted.scatter(1, &order, &drop_sorted);
         logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    logits.softmax(-1, Kind::Float).multinomial(1, true).squeeze_dim(1)
+    // Inverse-CDF sampling: the first token whose cumulative probability exceeds u.
+    let cdf = logits.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+    let rows = cdf.size()[0];
+    let draws: Vec<f32> = (0..rows).map(|_| rng.next_f64() as f32).collect();
+    let total = cdf.narrow(1, vocab - 1, 1);
+    let u = Tensor::from_slice(&draws)
+        .view([rows, 1])
+        .to_device(cdf.device())
+        * total;
+    cdf.lt_tensor(&u)
+        .sum_dim_intlist(1, false, Kind::Int64)
+        .clamp_max(vocab - 1)
 }
 
 /// Sample `per_prefix` continuations of each prefix. Reproducible for a given `seed`.
@@ -118,7 +133,7 @@ fn generate_inner(
             logprobs: vec![Vec::new(); rows],
         };
     }
-    tch::manual_seed(seed as i64);
+    let mut rng = SplitMix::derive(seed, 0x5A3F1E, 0);
     let device = model.device();
     let kind = model.kind();
     let (ids, valid, positions, padded) = left_pad(prefixes, device);
@@ -133,7 +148,9 @@ fn generate_inner(
         let keys = valid.view([b, 1, 1, len]);
         // A padding query may see itself, so that no attention row is empty (which gives NaN).
         let diagonal = Tensor::eye(len, (Kind::Bool, device));
-        (causal.logical_and(&keys)).logical_or(&diagonal).view([b, 1, len, len])
+        (causal.logical_and(&keys))
+            .logical_or(&diagonal)
+            .view([b, 1, len, len])
     });
     let hidden = model.hidden(
         &Batch {
@@ -157,18 +174,19 @@ fn generate_inner(
             1,
         )
     });
-    let mut next_position = valid
+    let prefix_lengths = valid
         .sum_dim_intlist(1, false, Kind::Int64)
         .repeat_interleave_self_int(k, 0, None)
         .view([b * k, 1]);
 
-    let eos_t = (!eos.is_empty() && s.stop_at_eos)
-        .then(|| Tensor::from_slice(&eos.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(device));
+    let eos_t = (!eos.is_empty() && s.stop_at_eos).then(|| {
+        Tensor::from_slice(&eos.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(device)
+    });
     let mut finished = Tensor::zeros([b * k], (Kind::Bool, device));
     let mut tokens = Vec::with_capacity(s.max_new_tokens);
     let mut logps = Vec::with_capacity(s.max_new_tokens);
     for step in 0..s.max_new_tokens {
-        let token = pick(&logits, s);
+        let token = pick(&logits, s, &mut rng);
         let logp = logits
             .to_kind(Kind::Float)
             .log_softmax(-1, Kind::Float)
@@ -177,7 +195,12 @@ fn generate_inner(
         tokens.push(token.shallow_clone());
         logps.push(logp);
         if let Some(eos_t) = &eos_t {
-            finished = finished.logical_or(&token.unsqueeze(1).eq_tensor(&eos_t.unsqueeze(0)).any_dim(1, false));
+            finished = finished.logical_or(
+                &token
+                    .unsqueeze(1)
+                    .eq_tensor(&eos_t.unsqueeze(0))
+                    .any_dim(1, false),
+            );
             if bool::try_from(finished.all()).unwrap_or(false) {
                 break;
             }
@@ -189,16 +212,17 @@ fn generate_inner(
         let mask = key_mask
             .as_ref()
             .map(|m| m.narrow(1, 0, filled).view([b * k, 1, 1, filled]));
+        // The token sampled at this step sits right after the prefix and the earlier ones.
+        let positions = &prefix_lengths + step as i64;
         let hidden = model.hidden(
             &Batch {
                 ids: &token.view([b * k, 1]),
-                positions: Some(&next_position),
+                positions: Some(&positions),
                 mask: mask.as_ref(),
             },
             Some(&mut cache),
         );
         logits = model.logits(&hidden.squeeze_dim(1));
-        next_position = next_position + 1;
     }
 
     let tokens = Tensor::stack(&tokens, 1).to_device(Device::Cpu);
@@ -211,7 +235,10 @@ fn generate_inner(
         logprobs: Vec::with_capacity(rows),
     };
     for r in 0..rows {
-        let mut t: Vec<u32> = flat_tokens[r * n..(r + 1) * n].iter().map(|&x| x as u32).collect();
+        let mut t: Vec<u32> = flat_tokens[r * n..(r + 1) * n]
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
         let mut l = flat_logps[r * n..(r + 1) * n].to_vec();
         if s.stop_at_eos {
             if let Some(pos) = t.iter().position(|x| eos.contains(x)) {
@@ -241,7 +268,12 @@ pub fn continuation_logprobs(
         .map(|(p, c)| p.len() + c.len())
         .max()
         .unwrap_or(1);
-    let n_max = continuations.iter().map(|c| c.len()).max().unwrap_or(1).max(1);
+    let n_max = continuations
+        .iter()
+        .map(|c| c.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut ids = vec![0i64; m * total];
     let mut index = vec![0i64; m * n_max];
     let mut targets = vec![0i64; m * n_max];
@@ -257,7 +289,9 @@ pub fn continuation_logprobs(
             valid[r * n_max + j] = 1.0;
         }
     }
-    let ids = Tensor::from_slice(&ids).view([m as i64, total as i64]).to_device(device);
+    let ids = Tensor::from_slice(&ids)
+        .view([m as i64, total as i64])
+        .to_device(device);
     // Right padding needs no mask: causal attention never looks at later (padding) positions.
     let hidden = model.hidden(
         &Batch {
@@ -268,14 +302,32 @@ pub fn continuation_logprobs(
         None,
     );
     let h = hidden.size()[2];
-    let index = Tensor::from_slice(&index).view([m as i64, n_max as i64]).to_device(device);
-    let picked = hidden.gather(1, &index.unsqueeze(-1).expand([m as i64, n_max as i64, h], false), false);
+    let index = Tensor::from_slice(&index)
+        .view([m as i64, n_max as i64])
+        .to_device(device);
+    let picked = hidden.gather(
+        1,
+        &index
+            .unsqueeze(-1)
+            .expand([m as i64, n_max as i64, h], false),
+        false,
+    );
     let logp = model
         .logits(&picked)
         .to_kind(Kind::Float)
         .log_softmax(-1, Kind::Float);
-    let targets = Tensor::from_slice(&targets).view([m as i64, n_max as i64]).to_device(device);
-    let valid = Tensor::from_slice(&valid).view([m as i64, n_max as i64]).to_device(device);
-    let token_logp = logp.gather(2, &targets.unsqueeze(-1), false).squeeze_dim(-1) * &valid;
-    (token_logp.sum_dim_intlist(1, false, Kind::Float), valid.sum_dim_intlist(1, false, Kind::Float))
+    let targets = Tensor::from_slice(&targets)
+        .view([m as i64, n_max as i64])
+        .to_device(device);
+    let valid = Tensor::from_slice(&valid)
+        .view([m as i64, n_max as i64])
+        .to_device(device);
+    let token_logp = logp
+        .gather(2, &targets.unsqueeze(-1), false)
+        .squeeze_dim(-1)
+        * &valid;
+    (
+        token_logp.sum_dim_intlist(1, false, Kind::Float),
+        valid.sum_dim_intlist(1, false, Kind::Float),
+    )
 }

@@ -63,7 +63,10 @@ impl Tokenizer {
             .inner
             .encode_batch(texts.to_vec(), false)
             .map_err(|e| anyhow!("cannot tokenize: {e}"))?;
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 
     pub fn decode_batch(&self, ids: &[Vec<u32>]) -> Vec<String> {

@@ -60,3 +60,17 @@ pub fn example_plugin() -> PathBuf {
         })
         .clone()
 }
+
+/// The assets folder (scripts/fetch-assets.sh fills it).
+pub fn assets() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SIPT_ASSETS") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("SIPT_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("sipt")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/sipt")
+        });
+    cache.join("assets")
+}

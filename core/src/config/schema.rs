@@ -259,22 +259,13 @@ impl Default for EvalSection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrackingSection {
     /// Metrics always go to `metrics.jsonl` in the run directory; this adds W&B.
     pub wandb: WandbSection,
     /// Write TensorBoard event files too.
     pub tensorboard: bool,
-}
-
-impl Default for TrackingSection {
-    fn default() -> Self {
-        TrackingSection {
-            wandb: WandbSection::default(),
-            tensorboard: false,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,7 +291,7 @@ impl Default for WandbSection {
 
 /// A sweep over configuration keys: grid (cartesian product), zip (lists walked together) and
 /// seeded random samples, combined.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct SweepSection {
     /// key path → values; every combination is a trial.
@@ -312,19 +303,6 @@ pub struct SweepSection {
     pub samples: usize,
     pub seed: u64,
     pub fail_fast: bool,
-}
-
-impl Default for SweepSection {
-    fn default() -> Self {
-        SweepSection {
-            grid: BTreeMap::new(),
-            zip: BTreeMap::new(),
-            random: BTreeMap::new(),
-            samples: 0,
-            seed: 0,
-            fail_fast: false,
-        }
-    }
 }
 
 /// A plugin choice: `type = "name"` plus that plugin's own options, which the plugin checks.

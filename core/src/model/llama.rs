@@ -87,15 +87,15 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = v.as_object_mut() {
-            map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            map.insert(
+                "architectures".into(),
+                serde_json::json!(["LlamaForCausalLM"]),
+            );
             map.insert("model_type".into(), "llama".into());
             map.insert("hidden_act".into(), "silu".into());
             map.insert("torch_dtype".into(), "float32".into());
             map.insert("head_dim".into(), self.head_dim().into());
-            map.insert(
-                "num_key_value_heads".into(),
-                self.kv_heads().into(),
-            );
+            map.insert("num_key_value_heads".into(), self.kv_heads().into());
             map.insert("attention_bias".into(), false.into());
             map.insert("mlp_bias".into(), false.into());
         }
@@ -109,7 +109,10 @@ fn linear(p: nn::Path, input: usize, output: usize, std: f64) -> nn::Linear {
         input as i64,
         output as i64,
         nn::LinearConfig {
-            ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
             bs_init: None,
             bias: false,
         },
@@ -190,7 +193,12 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &LlamaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
-        let shape = [batch, cfg.kv_heads() as i64, capacity, cfg.head_dim() as i64];
+        let shape = [
+            batch,
+            cfg.kv_heads() as i64,
+            capacity,
+            cfg.head_dim() as i64,
+        ];
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 (
@@ -324,9 +332,13 @@ impl Attention {
                 None,
                 gqa,
             ),
-            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa),
+            Some(m) => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa)
+            }
         };
-        let y = y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]);
+        let y = y
+            .transpose(1, 2)
+            .reshape([b, t, self.heads * self.head_dim]);
         self.o.forward(&y)
     }
 }
@@ -340,9 +352,19 @@ struct Mlp {
 impl Mlp {
     fn new(p: nn::Path, cfg: &LlamaConfig, std: f64, out_std: f64) -> Self {
         Mlp {
-            gate: linear(&p / "gate_proj", cfg.hidden_size, cfg.intermediate_size, std),
+            gate: linear(
+                &p / "gate_proj",
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                std,
+            ),
             up: linear(&p / "up_proj", cfg.hidden_size, cfg.intermediate_size, std),
-            down: linear(&p / "down_proj", cfg.intermediate_size, cfg.hidden_size, out_std),
+            down: linear(
+                &p / "down_proj",
+                cfg.intermediate_size,
+                cfg.hidden_size,
+                out_std,
+            ),
         }
     }
 
@@ -389,14 +411,21 @@ impl Llama {
         let embed = (&model / "embed_tokens").var(
             "weight",
             &[config.vocab_size as i64, config.hidden_size as i64],
-            nn::Init::Randn { mean: 0.0, stdev: std },
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
         );
         let layers = &model / "layers";
         let blocks = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = &layers / i;
                 Block {
-                    input_norm: RmsNorm::new(&p / "input_layernorm", config.hidden_size, config.rms_norm_eps),
+                    input_norm: RmsNorm::new(
+                        &p / "input_layernorm",
+                        config.hidden_size,
+                        config.rms_norm_eps,
+                    ),
                     attn: Attention::new(&p / "self_attn", &config, std, out_std),
                     post_norm: RmsNorm::new(
                         &p / "post_attention_layernorm",
@@ -412,7 +441,10 @@ impl Llama {
             (&root / "lm_head").var(
                 "weight",
                 &[config.vocab_size as i64, config.hidden_size as i64],
-                nn::Init::Randn { mean: 0.0, stdev: std },
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
             )
         });
         let rope = Rope::new(&config, vs.device());
@@ -444,9 +476,10 @@ impl Llama {
         let positions = match batch.positions {
             Some(p) => p,
             None => {
-                default_positions = Tensor::arange_start(start, start + t, (Kind::Int64, self.device()))
-                    .unsqueeze(0)
-                    .expand([b, t], false);
+                default_positions =
+                    Tensor::arange_start(start, start + t, (Kind::Int64, self.device()))
+                        .unsqueeze(0)
+                        .expand([b, t], false);
                 &default_positions
             }
         };
@@ -458,10 +491,13 @@ impl Llama {
         let mut x = Tensor::embedding(&self.embed, batch.ids, -1, false, false);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], start));
-            let h = block
-                .attn
-                .forward(&block.input_norm.forward(&x), &rope, batch.mask, layer_cache);
-            x = x + h;
+            let h = block.attn.forward(
+                &block.input_norm.forward(&x),
+                &rope,
+                batch.mask,
+                layer_cache,
+            );
+            x += h;
             x = &x + block.mlp.forward(&block.post_norm.forward(&x));
         }
         if let Some(c) = cache {

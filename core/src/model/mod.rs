@@ -138,13 +138,21 @@ pub fn sync_file(path: &Path) -> Result<()> {
 
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let path = dir.join(CONFIG_JSON);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {} (is {} a model folder?)", path.display(), dir.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (is {} a model folder?)",
+            path.display(),
+            dir.display()
+        )
+    })?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     if let Some(t) = value.get("model_type").and_then(|v| v.as_str()) {
         if !matches!(t, "llama" | "mistral" | "qwen2" | "smollm") {
-            bail!("{}: model_type '{t}' is not a Llama-family model", path.display());
+            bail!(
+                "{}: model_type '{t}' is not a Llama-family model",
+                path.display()
+            );
         }
     }
     serde_json::from_value(value).with_context(|| format!("{}: not a Llama config", path.display()))
@@ -157,12 +165,19 @@ fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
     } else {
         let index = dir.join("model.safetensors.index.json");
         let text = std::fs::read_to_string(&index).with_context(|| {
-            format!("{} holds neither {WEIGHTS} nor a sharded index", dir.display())
+            format!(
+                "{} holds neither {WEIGHTS} nor a sharded index",
+                dir.display()
+            )
         })?;
         let value: serde_json::Value = serde_json::from_str(&text)?;
         let mut shards: Vec<String> = value["weight_map"]
             .as_object()
-            .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         shards.sort();
         shards.dedup();

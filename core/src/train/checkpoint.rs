@@ -54,7 +54,10 @@ pub fn save(
         opt.save(&tmp.join(OPTIMIZER))?;
         crate::model::sync_file(&tmp.join(OPTIMIZER))?;
     }
-    write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    write_atomic(
+        &tmp.join(STATE),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)
             .with_context(|| format!("cannot replace {}", final_dir.display()))?;
@@ -118,7 +121,8 @@ pub fn latest(checkpoints: &Path) -> Result<Option<PathBuf>> {
 
 pub fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join(STATE);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a training state", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a training state", path.display()))
 }

@@ -195,7 +195,9 @@ mod tests {
     fn clipping_bounds_the_norm() {
         let x = Tensor::from_slice(&[0.0f32, 0.0]).set_requires_grad(true);
         let mut opt = AdamW::new(vec![("x".into(), x.shallow_clone())], 0.9, 0.999, 0.0);
-        (&x * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
+        (&x * Tensor::from_slice(&[3.0f32, 4.0]))
+            .sum(Kind::Float)
+            .backward();
         assert!((opt.clip_grad_norm(1.0) - 5.0).abs() < 1e-6);
         let g = x.grad();
         assert!((g.double_value(&[0]) - 0.6).abs() < 1e-5);

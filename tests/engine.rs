@@ -1,0 +1,213 @@
+//! The engine end to end through the binary: a real pretrained model imported from GGUF, and
+//! next-token training on the real corpus with an exact resume after SIGKILL.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The SmolLM2 GGUF from the assets (scripts/fetch-assets.sh); its absence is a failure.
+fn smollm2_gguf() -> PathBuf {
+    let path = assets().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-assets.sh",
+        path.display()
+    );
+    path
+}
+
+/// The model folder imported once per test binary.
+fn smollm2_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sipt-test-smollm2-{}", std::process::id()));
+        let out = run(sipt()
+            .args(["import", "gguf"])
+            .arg(smollm2_gguf())
+            .arg(&dir));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        dir
+    })
+    .clone()
+}
+
+#[test]
+fn smollm2_says_paris() {
+    let out = run(sipt()
+        .args(["generate", "--model"])
+        .arg(smollm2_dir())
+        .args([
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+            "--logprobs",
+        ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let first: serde_json::Value =
+        serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["token"], " Paris");
+    let logprob = first["logprob"].as_f64().unwrap();
+    assert!((logprob - -0.258).abs() < 0.01, "{logprob}");
+
+    let out = run(sipt()
+        .args(["generate", "--model"])
+        .arg(smollm2_dir())
+        .args([
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+        ]));
+    assert_eq!(
+        out.stdout.trim_end_matches('\n'),
+        " Paris.\n\nThe answer is:"
+    );
+}
+
+fn tiny_experiment(dir: &Path, steps: u64) -> PathBuf {
+    write(
+        dir,
+        "tiny.toml",
+        &format!(
+            r#"[experiment]
+name = "tiny"
+seed = 3
+device = "cpu"
+threads = 1
+
+[model]
+vocab_size = 512
+hidden_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+intermediate_size = 128
+max_position = 128
+
+[data]
+train = ["@assets/corpora/shakespeare"]
+seq_len = 32
+
+[train]
+steps = {steps}
+batch_size = 4
+lr = 3e-3
+warmup_steps = 4
+eval_every = 10
+eval_batches = 2
+checkpoint_every = 4
+log_every = 100
+"#
+        ),
+    )
+}
+
+fn losses(run_dir: &Path) -> Vec<(u64, f64, Option<f64>)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss/ntp"].as_f64().unwrap(),
+                v["eval/loss"].as_f64(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ntp_training_resumes_exactly_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 60;
+    let file = tiny_experiment(dir.path(), steps);
+
+    let whole = dir.path().join("whole");
+    let out = run(sipt().arg("run").arg(&file).arg("--out").arg(&whole));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let reference = losses(&whole);
+    assert_eq!(reference.len(), steps as usize);
+    let first_eval = reference.iter().find_map(|r| r.2).unwrap();
+    let last_eval = reference.last().unwrap().2.unwrap();
+    assert!(
+        last_eval < first_eval,
+        "validation loss did not fall: {first_eval} -> {last_eval}"
+    );
+
+    // Kill the same run with SIGKILL once a checkpoint is on disk, then resume it.
+    let killed = dir.path().join("killed");
+    let mut child = sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&killed)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let latest = killed.join("checkpoints/latest");
+    while !latest.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = losses(&killed).len();
+    assert!(
+        before < steps as usize,
+        "the run finished before it could be killed"
+    );
+
+    let out = run(sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&killed)
+        .arg("--resume"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let resumed = losses(&killed);
+    assert_eq!(resumed.len(), reference.len());
+    for (a, b) in reference.iter().zip(&resumed) {
+        assert_eq!(a, b, "the resumed run diverged at step {}", a.0);
+    }
+}
+
+#[test]
+fn resume_refuses_a_changed_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_experiment(dir.path(), 4);
+    let out_dir = dir.path().join("r");
+    assert_eq!(
+        run(sipt().arg("run").arg(&file).arg("--out").arg(&out_dir)).code,
+        0
+    );
+    let out = run(sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--resume")
+        .args(["--set", "train.lr=0.5"]));
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("configuration differs"),
+        "{}",
+        out.stderr
+    );
+    let again = run(sipt().arg("run").arg(&file).arg("--out").arg(&out_dir));
+    assert_eq!(again.code, 1);
+    assert!(
+        again.stderr.contains("already holds a run"),
+        "{}",
+        again.stderr
+    );
+}
