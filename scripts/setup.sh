@@ -3,6 +3,7 @@
 # (libtorch for the tch crate). Idempotent and quick when already done.
 #
 # Use:  scripts/setup.sh            (creates .venv in the project)
+#       scripts/setup.sh --test     (also what the tests need: transformers, xllamacpp, wandb)
 #       SIPT_VENV=/path scripts/setup.sh   (elsewhere; then export LIBTORCH=$SIPT_VENV/libtorch)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,4 +21,13 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.s
 fi
 torch_dir="$("$venv/bin/python" -c "import torch, os; print(os.path.dirname(torch.__file__))" 2>/dev/null)"
 ln -sfn "$torch_dir" "$venv/libtorch"
+if [ "${1:-}" = "--test" ]; then
+  requirements="$root/scripts/requirements-test.txt"
+  stamp="$venv/.sipt-test-requirements"
+  if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
+    echo "setup: installing test requirements into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$stamp"
+  fi
+fi
 echo "setup: libtorch $torch_version at $venv/libtorch"

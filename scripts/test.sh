@@ -4,7 +4,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-scripts/setup.sh
-if [ -n "${SIPT_VENV:-}" ]; then export LIBTORCH="$SIPT_VENV/libtorch"; fi
+scripts/setup.sh --test
+export SIPT_VENV="${SIPT_VENV:-$root/.venv}"
+export LIBTORCH="$SIPT_VENV/libtorch"
 scripts/fetch-assets.sh
 cargo test --workspace "$@"

@@ -43,10 +43,21 @@ enum Command {
     Import(ImportCommand),
     /// Continue a prompt with a model folder (or a checkpoint of a run).
     Generate(GenerateArgs),
+    /// Engine micro-benchmarks, printed as JSON (see bench/ for the side-by-side comparisons).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Run one judge of an experiment file on given text and print its verdicts as JSON lines.
     ///
     /// A pointwise judge scores each --candidate; a pairwise judge compares the first two.
     Judge(JudgeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Next-token training steps of a from-scratch model on random tokens.
+    Train(crate::bench::TrainBench),
+    /// Rollouts: K samples of N tokens from each of P prefixes.
+    Rollouts(crate::bench::RolloutBench),
 }
 
 #[derive(Subcommand, Debug)]
@@ -254,6 +265,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Generate(args) => generate(args).map_err(Failure::from),
+        Command::Bench(b) => {
+            let result = match b {
+                BenchCommand::Train(t) => crate::bench::train(&t)?,
+                BenchCommand::Rollouts(r) => crate::bench::rollouts(&r)?,
+            };
+            println!("{result}");
+            Ok(())
+        }
         Command::Run(args) => {
             let (resolved, registry) = load(&args.file, &cli.plugins)?;
             let dir = match &args.out {

@@ -1,6 +1,7 @@
 //! The sipt engine: experiment configuration, the plugin registry, the policy model, sampling,
 //! data, and training.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

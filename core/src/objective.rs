@@ -309,7 +309,7 @@ impl Objective for Dpo {
         if let Some(ntp) = &inputs.ntp {
             if self.config.ntp_weight > 0.0 {
                 metrics.push(("loss/ntp".into(), scalar(ntp)));
-                loss += ntp * self.config.ntp_weight;
+                loss = &loss + ntp * self.config.ntp_weight;
             }
         }
         metrics.push(("loss/total".into(), scalar(&loss)));
@@ -351,7 +351,7 @@ fn nll_loss(inputs: &LossInputs, name: &str, ntp_weight: f64) -> LossTerms {
     if let Some(ntp) = &inputs.ntp {
         if ntp_weight > 0.0 {
             metrics.push(("loss/ntp".into(), scalar(ntp)));
-            loss += ntp * ntp_weight;
+            loss = &loss + ntp * ntp_weight;
         }
     }
     metrics.push(("loss/total".into(), scalar(&loss)));

@@ -497,7 +497,8 @@ impl Llama {
                 batch.mask,
                 layer_cache,
             );
-            x += h;
+            // Residual adds must not be in place: autograd keeps `x` for the backward pass.
+            x = &x + h;
             x = &x + block.mlp.forward(&block.post_norm.forward(&x));
         }
         if let Some(c) = cache {

@@ -1,0 +1,170 @@
+//! Micro-benchmarks of the engine, printed as JSON for the comparison scripts in `bench/`
+//! (which run the reference implementations side by side). Not tests: they never gate CI.
+
+use crate::model::{LlamaConfig, Policy};
+use crate::sample::{generate, Sampling};
+use crate::train::optim::AdamW;
+use anyhow::Result;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// Shape of the from-scratch model trained in the benchmark.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainBench {
+    #[arg(long, default_value_t = 8192)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 4)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 688)]
+    pub ffn: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Timed steps (after `warmup` untimed ones).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// `f32`, or `bf16` (autocast; CUDA only).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Next-token training steps on random tokens: forward, backward, clip, AdamW.
+pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
+    let device = crate::model::select_device(&b.device)?;
+    tch::manual_seed(0);
+    let config = LlamaConfig {
+        vocab_size: b.vocab,
+        hidden_size: b.hidden,
+        intermediate_size: b.ffn,
+        num_hidden_layers: b.layers,
+        num_attention_heads: b.heads,
+        num_key_value_heads: Some(b.kv_heads),
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: b.seq + 1,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    let params = config.parameters();
+    let policy = Policy::from_scratch(config, device);
+    let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.95, 0.1);
+    let mut times = Vec::new();
+    for i in 0..b.warmup + b.steps {
+        let ids = Tensor::randint(b.vocab as i64, [b.batch as i64, b.seq as i64 + 1], (Kind::Int64, device));
+        sync(device);
+        let t0 = Instant::now();
+        let loss = if device.is_cuda() && b.dtype == "bf16" {
+            tch::autocast(true, || policy.model.ntp_loss(&ids))
+        } else {
+            policy.model.ntp_loss(&ids)
+        };
+        loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step(1e-4);
+        opt.zero_grad();
+        sync(device);
+        if i >= b.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let step = median(times);
+    let tokens = (b.batch * b.seq) as f64;
+    // Model FLOPs per token: 6 x parameters, plus attention (6 x layers x seq x hidden, causal half counted).
+    let flops_per_token = 6.0 * params as f64 + 6.0 * (b.layers * b.seq * b.hidden) as f64;
+    Ok(serde_json::json!({
+        "implementation": "sipt",
+        "parameters": params,
+        "step_seconds": step,
+        "tokens_per_second": tokens / step,
+        "model_flops_per_second": flops_per_token * tokens / step,
+        "device": format!("{device:?}"),
+        "threads": tch::get_num_threads(),
+    }))
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutBench {
+    /// A model folder (e.g. SmolLM2 imported with `sipt import gguf`).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub prefix_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    pub prefixes: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rollouts: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// K rollouts of N tokens from P prefixes of L tokens (random ids), temperature 1.
+pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
+    let device = crate::model::select_device(&b.device)?;
+    let mut policy = Policy::load(&b.model, device)?;
+    if b.dtype == "bf16" {
+        policy.vs.set_kind(Kind::BFloat16);
+    }
+    let vocab = policy.model.config.vocab_size as u64;
+    let mut rng = crate::rng::SplitMix::new(1);
+    let prefixes: Vec<Vec<u32>> = (0..b.prefixes)
+        .map(|_| (0..b.prefix_tokens).map(|_| 100 + rng.below(vocab - 200) as u32).collect())
+        .collect();
+    let sampling = Sampling {
+        max_new_tokens: b.new_tokens,
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        stop_at_eos: false,
+    };
+    let mut times = Vec::new();
+    for i in 0..b.repeats + 1 {
+        sync(device);
+        let t0 = Instant::now();
+        let out = generate(&policy.model, &prefixes, b.rollouts, &sampling, &[], i as u64);
+        sync(device);
+        assert_eq!(out.tokens.len(), b.prefixes * b.rollouts);
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let seconds = median(times);
+    let generated = (b.prefixes * b.rollouts * b.new_tokens) as f64;
+    Ok(serde_json::json!({
+        "implementation": "sipt",
+        "seconds": seconds,
+        "generated_tokens_per_second": generated / seconds,
+        "parameters": policy.model.config.parameters(),
+        "device": format!("{device:?}"),
+        "threads": tch::get_num_threads(),
+    }))
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
