@@ -68,7 +68,11 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
     let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.95, 0.1);
     let mut times = Vec::new();
     for i in 0..b.warmup + b.steps {
-        let ids = Tensor::randint(b.vocab as i64, [b.batch as i64, b.seq as i64 + 1], (Kind::Int64, device));
+        let ids = Tensor::randint(
+            b.vocab as i64,
+            [b.batch as i64, b.seq as i64 + 1],
+            (Kind::Int64, device),
+        );
         sync(device);
         let t0 = Instant::now();
         let loss = if device.is_cuda() && b.dtype == "bf16" {
@@ -131,7 +135,11 @@ pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
     let vocab = policy.model.config.vocab_size as u64;
     let mut rng = crate::rng::SplitMix::new(1);
     let prefixes: Vec<Vec<u32>> = (0..b.prefixes)
-        .map(|_| (0..b.prefix_tokens).map(|_| 100 + rng.below(vocab - 200) as u32).collect())
+        .map(|_| {
+            (0..b.prefix_tokens)
+                .map(|_| 100 + rng.below(vocab - 200) as u32)
+                .collect()
+        })
         .collect();
     let sampling = Sampling {
         max_new_tokens: b.new_tokens,
@@ -144,7 +152,14 @@ pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
     for i in 0..b.repeats + 1 {
         sync(device);
         let t0 = Instant::now();
-        let out = generate(&policy.model, &prefixes, b.rollouts, &sampling, &[], i as u64);
+        let out = generate(
+            &policy.model,
+            &prefixes,
+            b.rollouts,
+            &sampling,
+            &[],
+            i as u64,
+        );
         sync(device);
         assert_eq!(out.tokens.len(), b.prefixes * b.rollouts);
         if i > 0 {

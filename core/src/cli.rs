@@ -211,11 +211,28 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
+    // A panic (e.g. libtorch refusing an operation) is reported as one error line, not as a
+    // backtrace; RUST_BACKTRACE=1 still shows where it came from.
+    let show_backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    if !show_backtrace {
+        std::panic::set_hook(Box::new(|_| {}));
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(f)) => {
             eprintln!("{}", f.message);
             ExitCode::from(f.code)
+        }
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            // libtorch errors carry C++ frames after the first line; the first line says it.
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("error: internal error: {first}");
+            ExitCode::from(70)
         }
     }
 }

@@ -282,10 +282,8 @@ pub fn run(resolved: &Resolved, registry: &Registry, run: &RunDir, resume: bool)
     let needs = objective.needs();
     let prepared = prepare(resolved, run, resume)?;
     if needs.candidates {
-        bail!(
-            "objective '{}' learns from judged candidates; the SIP step is not available in this build yet",
-            e.train.objective.name
-        );
+        let context = paths::plugin_context(resolved);
+        return crate::sip::train(e, registry, run, prepared, objective, &context);
     }
     train_ntp(e, run, prepared)
 }
@@ -301,7 +299,7 @@ fn window_batch(tokens: &[u32], starts: &[usize], len: usize, device: Device) ->
         .to_device(device)
 }
 
-fn autocast<T>(device: Device, dtype: &str, f: impl FnOnce() -> T) -> T {
+pub fn autocast<T>(device: Device, dtype: &str, f: impl FnOnce() -> T) -> T {
     if device.is_cuda() && dtype == "bf16" {
         tch::autocast(true, f)
     } else {
@@ -448,6 +446,7 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
                 &checkpoints,
                 &policy,
                 Some(&optimizer),
+                None,
                 tokenizer.path(),
                 &state,
                 t.keep_checkpoints,

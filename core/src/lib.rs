@@ -15,6 +15,7 @@ pub mod registry;
 pub mod rng;
 pub mod rundir;
 pub mod sample;
+pub mod sip;
 pub mod suggest;
 pub mod tokenizer;
 pub mod train;

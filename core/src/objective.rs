@@ -192,6 +192,11 @@ pub struct DpoConfig {
     /// Weight of a next-token loss on the documents, mixed in.
     #[serde(default)]
     pub ntp_weight: f64,
+    /// Fixed roles instead of judged ones (the paper's "DPO without judge" ablation): this
+    /// source is always chosen ...
+    pub chosen_source: Option<Source>,
+    /// ... over this one.
+    pub rejected_source: Option<Source>,
 }
 
 /// Best and worst judged candidates, or nothing when fewer than two were judged or all tie.
@@ -272,6 +277,14 @@ impl Objective for Dpo {
     }
 
     fn select(&self, pool: &[Judged]) -> Vec<Target> {
+        if let (Some(c), Some(r)) = (self.config.chosen_source, self.config.rejected_source) {
+            let chosen = pool.iter().position(|j| j.source == c);
+            let rejected = pool.iter().position(|j| j.source == r);
+            return match (chosen, rejected) {
+                (Some(chosen), Some(rejected)) => vec![Target::Pair { chosen, rejected }],
+                _ => Vec::new(),
+            };
+        }
         best_and_worst(pool, self.config.min_margin)
             .map(|(chosen, rejected)| vec![Target::Pair { chosen, rejected }])
             .unwrap_or_default()
@@ -324,6 +337,9 @@ register_objective!(
     |c: DpoConfig, _: &Registry| {
         if c.beta.is_nan() || c.beta <= 0.0 {
             return Err(format!("beta must be positive, got {}", c.beta));
+        }
+        if c.chosen_source.is_some() != c.rejected_source.is_some() {
+            return Err("give both chosen_source and rejected_source, or neither".into());
         }
         let reference = c.reference_update()?;
         Ok(Box::new(Dpo {

@@ -6,6 +6,8 @@
 pub mod curricula;
 pub mod judges;
 pub mod rewards;
+pub mod rewriters;
+pub mod wordlists;
 
 /// Called by the `sipt` binary so the linker keeps this crate, and with it the registrations.
 pub fn link() {}

@@ -88,3 +88,106 @@ mod tests {
         assert_eq!(out[0][2], Ok(0.25));
     }
 }
+
+/// A gate, then a sum: candidates failing a criterion's threshold (e.g. safety < 1) get
+/// `gated_reward`; the others the weighted sum of the remaining criteria.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatedConfig {
+    /// The criterion that must pass.
+    pub gate: String,
+    #[serde(default = "one")]
+    pub threshold: f64,
+    #[serde(default)]
+    pub gated_reward: f64,
+    #[serde(default)]
+    pub weights: BTreeMap<String, f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+pub struct Gated {
+    config: GatedConfig,
+    sum: WeightedSum,
+}
+
+impl FromConfig for Gated {
+    type Config = GatedConfig;
+    fn from_config(config: GatedConfig, context: &PluginContext) -> Result<Self, String> {
+        let sum = WeightedSum::from_config(
+            WeightedSumConfig {
+                weights: config.weights.clone(),
+                optional: Vec::new(),
+            },
+            context,
+        )?;
+        Ok(Gated { config, sum })
+    }
+}
+
+impl RewardFn for Gated {
+    fn rewards(&self, pools: &[Vec<CandidateScores>]) -> Vec<Vec<Result<f64, Failure>>> {
+        pools
+            .iter()
+            .map(|pool| {
+                pool.iter()
+                    .map(|c| match c.scores.get(&self.config.gate) {
+                        None => Err(Failure::new(format!(
+                            "no judge scores the gate criterion '{}'",
+                            self.config.gate
+                        ))),
+                        Some(None) => {
+                            Err(Failure::new(format!("no '{}' judgment", self.config.gate)))
+                        }
+                        Some(Some(g)) if *g < self.config.threshold => Ok(self.config.gated_reward),
+                        Some(Some(_)) => {
+                            let mut rest = c.clone();
+                            rest.scores.remove(&self.config.gate);
+                            self.sum.one(&rest)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+sipt_api::register_plugin!(
+    Reward,
+    "gated",
+    Gated,
+    "a criterion must pass (e.g. safety) before the others count; failing candidates get a fixed reward"
+);
+
+#[cfg(test)]
+mod gated_tests {
+    use super::*;
+    use sipt_api::Source;
+
+    #[test]
+    fn gate_then_sum() {
+        let g = Gated::from_config(
+            GatedConfig {
+                gate: "safety".into(),
+                threshold: 1.0,
+                gated_reward: -1.0,
+                weights: BTreeMap::new(),
+            },
+            &PluginContext::default(),
+        )
+        .unwrap();
+        let c = |s: f64, q: f64| CandidateScores {
+            source: Source::Rollout,
+            scores: [
+                ("safety".to_string(), Some(s)),
+                ("quality".to_string(), Some(q)),
+            ]
+            .into(),
+        };
+        let out = g.rewards(&[vec![c(1.0, 0.7), c(0.0, 0.9)]]);
+        assert_eq!(out[0][0], Ok(0.7));
+        assert_eq!(out[0][1], Ok(-1.0));
+    }
+}

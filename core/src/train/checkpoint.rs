@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const STATE: &str = "state.json";
 pub const LATEST: &str = "latest";
+/// The DPO reference model, when the run has one (a model folder of its own).
+pub const REFERENCE_DIR: &str = "reference";
 
 /// Everything besides tensors that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +39,7 @@ pub fn save(
     checkpoints: &Path,
     policy: &Policy,
     optimizer: Option<&AdamW>,
+    reference: Option<&Policy>,
     tokenizer: &Path,
     state: &TrainState,
     keep: usize,
@@ -50,6 +53,9 @@ pub fn save(
     policy.save(&tmp)?;
     std::fs::copy(tokenizer, tmp.join(TOKENIZER_JSON))
         .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
+    if let Some(r) = reference {
+        r.save(&tmp.join(REFERENCE_DIR))?;
+    }
     if let Some(opt) = optimizer {
         opt.save(&tmp.join(OPTIMIZER))?;
         crate::model::sync_file(&tmp.join(OPTIMIZER))?;
