@@ -1,0 +1,145 @@
+//! The self-improving step end to end through the binary: identical results with and without
+//! overlapping the rewrite/judge work, and an exact resume after SIGKILL.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn experiment(dir: &Path, steps: u64) -> PathBuf {
+    write(
+        dir,
+        "sip.toml",
+        &format!(
+            r#"[experiment]
+name = "sip-test"
+seed = 5
+device = "cpu"
+threads = 1
+
+[model]
+vocab_size = 512
+hidden_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+intermediate_size = 128
+max_position = 128
+
+[data]
+train = ["@assets/corpora/shakespeare"]
+seq_len = 32
+suffix_tokens = 8
+prefix_min_tokens = 16
+prefix_max_tokens = 32
+
+[sip]
+rewrite = true
+rollouts = 3
+tournament = "swiss"
+sample_every = 2
+
+[judges.safety]
+type = "safety-words"
+
+[judges.quality]
+type = "quality-proxy-pairwise"
+sharpness = 10.0
+
+[rewriter]
+type = "redact"
+
+[train]
+steps = {steps}
+batch_size = 4
+lr = 3e-3
+warmup_steps = 2
+checkpoint_every = 3
+log_every = 100
+
+[train.objective]
+type = "online-dpo"
+beta = 0.2
+reference = "sync"
+sync_every = 4
+ntp_weight = 0.5
+"#
+        ),
+    )
+}
+
+/// Every metric row without the timing keys, which differ from run to run.
+fn rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(l).unwrap();
+            v.retain(|k, _| !k.starts_with("time/") && !k.starts_with("perf/"));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn overlap_changes_nothing_and_resume_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 12;
+    let file = experiment(dir.path(), steps);
+
+    let overlapped = dir.path().join("overlapped");
+    let out = run(sipt().arg("run").arg(&file).arg("--out").arg(&overlapped));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let reference = rows(&overlapped);
+    assert_eq!(reference.len(), steps as usize);
+    let last = reference.last().unwrap();
+    for key in ["loss/dpo", "reward/rollout/mean", "chosen/original", "judge/quality/calls", "judge/safety/calls"] {
+        assert!(last.contains_key(key), "no {key} in {last:?}");
+    }
+    assert!(std::fs::read_to_string(overlapped.join("samples.jsonl")).unwrap().contains("\"role\":\"chosen\""));
+
+    let sequential = dir.path().join("sequential");
+    let out = run(sipt().arg("run").arg(&file).arg("--out").arg(&sequential).args(["--set", "sip.overlap=false"]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(rows(&sequential), reference, "overlap changed the results");
+
+    let killed = dir.path().join("killed");
+    let mut child = sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&killed)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !killed.join("checkpoints/latest").exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(rows(&killed).len() < steps as usize, "the run finished before it could be killed");
+    let out = run(sipt().arg("run").arg(&file).arg("--out").arg(&killed).arg("--resume"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(rows(&killed), reference, "the resumed run diverged");
+}
+
+#[test]
+fn every_shipped_experiment_validates() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root().join("experiments")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let out = run(sipt().arg("validate").arg(&path));
+        assert_eq!(out.code, 0, "{}: {}", path.display(), out.stderr);
+        checked += 1;
+    }
+    assert!(checked >= 2);
+}
