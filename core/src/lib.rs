@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod eval;
 pub mod metrics;
 pub mod model;
 pub mod objective;

@@ -74,7 +74,7 @@ impl QualityScore {
         {
             return Err("weights must be non-negative and not all zero".into());
         }
-        if !(config.full_overlap > 0.0 && config.full_overlap <= 1.0) {
+        if config.full_overlap.is_nan() || config.full_overlap <= 0.0 || config.full_overlap > 1.0 {
             return Err(format!(
                 "full_overlap must be in (0, 1], got {}",
                 config.full_overlap
@@ -170,7 +170,7 @@ pub struct QualityProxyPairwise {
 impl FromConfig for QualityProxyPairwise {
     type Config = PairwiseConfig;
     fn from_config(config: PairwiseConfig, _: &PluginContext) -> Result<Self, String> {
-        if !(config.sharpness >= 0.0) {
+        if config.sharpness.is_nan() || config.sharpness < 0.0 {
             return Err(format!("sharpness must be >= 0, got {}", config.sharpness));
         }
         Ok(QualityProxyPairwise {

