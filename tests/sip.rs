@@ -74,7 +74,8 @@ fn rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
         .unwrap()
         .lines()
         .map(|l| {
-            let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(l).unwrap();
+            let mut v: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(l).unwrap();
             v.retain(|k, _| !k.starts_with("time/") && !k.starts_with("perf/"));
             v
         })
@@ -93,13 +94,26 @@ fn overlap_changes_nothing_and_resume_is_exact() {
     let reference = rows(&overlapped);
     assert_eq!(reference.len(), steps as usize);
     let last = reference.last().unwrap();
-    for key in ["loss/dpo", "reward/rollout/mean", "chosen/original", "judge/quality/calls", "judge/safety/calls"] {
+    for key in [
+        "loss/dpo",
+        "reward/rollout/mean",
+        "chosen/original",
+        "judge/quality/calls",
+        "judge/safety/calls",
+    ] {
         assert!(last.contains_key(key), "no {key} in {last:?}");
     }
-    assert!(std::fs::read_to_string(overlapped.join("samples.jsonl")).unwrap().contains("\"role\":\"chosen\""));
+    assert!(std::fs::read_to_string(overlapped.join("samples.jsonl"))
+        .unwrap()
+        .contains("\"role\":\"chosen\""));
 
     let sequential = dir.path().join("sequential");
-    let out = run(sipt().arg("run").arg(&file).arg("--out").arg(&sequential).args(["--set", "sip.overlap=false"]));
+    let out = run(sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&sequential)
+        .args(["--set", "sip.overlap=false"]));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(rows(&sequential), reference, "overlap changed the results");
 
@@ -115,7 +129,10 @@ fn overlap_changes_nothing_and_resume_is_exact() {
         .unwrap();
     let started = Instant::now();
     while !killed.join("checkpoints/latest").exists() {
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
         if child.try_wait().unwrap().is_some() {
             break;
         }
@@ -123,8 +140,16 @@ fn overlap_changes_nothing_and_resume_is_exact() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(rows(&killed).len() < steps as usize, "the run finished before it could be killed");
-    let out = run(sipt().arg("run").arg(&file).arg("--out").arg(&killed).arg("--resume"));
+    assert!(
+        rows(&killed).len() < steps as usize,
+        "the run finished before it could be killed"
+    );
+    let out = run(sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&killed)
+        .arg("--resume"));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(rows(&killed), reference, "the resumed run diverged");
 }
