@@ -30,6 +30,13 @@ pub struct Cli {
 enum Command {
     /// Validate an experiment file, create its run directory and run it.
     Run(RunArgs),
+    /// Run the trials of an experiment's [sweep] (grid, zip, random), one directory each.
+    Sweep(SweepArgs),
+    /// Rebuild the results table of a sweep (results.md, results.csv), or summarize a run.
+    Report {
+        /// A sweep directory or a run directory.
+        dir: PathBuf,
+    },
     /// Check an experiment file; print every problem; exit 1 if there is any.
     Validate(FileArgs),
     /// Inspect experiment configuration.
@@ -43,6 +50,9 @@ enum Command {
     Import(ImportCommand),
     /// Continue a prompt with a model folder (or a checkpoint of a run).
     Generate(GenerateArgs),
+    /// Evaluate a model: greedy continuations of held-out and unsafe prefixes, judged by the
+    /// experiment's judges; win rate against a baseline; perplexity.
+    Eval(EvalArgs),
     /// Engine micro-benchmarks, printed as JSON (see bench/ for the side-by-side comparisons).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -50,6 +60,24 @@ enum Command {
     ///
     /// A pointwise judge scores each --candidate; a pairwise judge compares the first two.
     Judge(JudgeArgs),
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// A run directory (its latest checkpoint) or a model folder (e.g. a checkpoint).
+    model: PathBuf,
+    /// The baseline for the win rate: a run directory or a model folder.
+    #[arg(long)]
+    against: Option<PathBuf>,
+    /// Experiment file with the [eval], [judges] and [data] to use (default: the run's own
+    /// config.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<SetOverride>,
+    /// Print the metrics as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,6 +160,30 @@ struct RunArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long, requires = "out")]
     resume: bool,
+}
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    #[command(flatten)]
+    file: FileArgs,
+    /// Write the sweep here instead of <output_dir>/<name>/sweep-<timestamp>.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Trials run at once.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// CUDA devices to hand out, one per running trial (e.g. 0,1).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<usize>,
+    /// Where trials run. Only `local` is available in this build.
+    #[arg(long, default_value = "local", value_parser = ["local"])]
+    executor: String,
+    /// Continue the sweep in --out: skip finished trials, rerun failed or interrupted ones.
+    #[arg(long, requires = "out")]
+    resume: bool,
+    /// Stop launching trials after the first failure.
+    #[arg(long)]
+    fail_fast: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -266,6 +318,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Judge(args) => judge(args, &cli.plugins),
+        Command::Eval(args) => eval(args, &cli.plugins),
         Command::Import(ImportCommand::Gguf { file, out_dir }) => {
             let summary = sipt_gguf::convert_llama(&file, &out_dir)
                 .map_err(|e| Failure::invalid(format!("error: {e}")))?;
@@ -290,8 +343,47 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{result}");
             Ok(())
         }
+        Command::Sweep(args) => {
+            let (resolved, _) = load(&args.file, &cli.plugins)?;
+            let fail_fast = args.fail_fast
+                || resolved
+                    .experiment
+                    .sweep
+                    .as_ref()
+                    .is_some_and(|s| s.fail_fast);
+            let executor = crate::sweep::Executor {
+                jobs: args.jobs,
+                devices: args.devices.clone(),
+                fail_fast,
+                resume: args.resume,
+            };
+            run_sweep(&resolved, args.out, &executor, &cli.plugins)
+        }
+        Command::Report { dir } => {
+            let md = crate::sweep::report(&dir)?;
+            print!("{md}");
+            println!(
+                "\nwritten: {} and {}",
+                dir.join("results.md").display(),
+                dir.join("results.csv").display()
+            );
+            Ok(())
+        }
         Command::Run(args) => {
             let (resolved, registry) = load(&args.file, &cli.plugins)?;
+            if resolved.experiment.sweep.is_some() {
+                let executor = crate::sweep::Executor {
+                    jobs: 1,
+                    devices: Vec::new(),
+                    fail_fast: resolved
+                        .experiment
+                        .sweep
+                        .as_ref()
+                        .is_some_and(|s| s.fail_fast),
+                    resume: args.resume,
+                };
+                return run_sweep(&resolved, args.out, &executor, &cli.plugins);
+            }
             let dir = match &args.out {
                 Some(dir) => dir.clone(),
                 None => rundir::new_run_path(&resolved.experiment)?,
@@ -324,6 +416,22 @@ fn load(args: &FileArgs, cli_plugins: &[PathBuf]) -> Result<(config::Resolved, R
         }
     }
     problems.extend(config::validate_plugins(&resolved, &registry));
+    if let (true, Some(sweep)) = (problems.is_empty(), &resolved.experiment.sweep) {
+        // Every trial must be a valid experiment too.
+        match crate::sweep::trials(sweep) {
+            Err(e) => problems.push(resolved.problem(&["sweep".into()], format!("{e:#}"))),
+            Ok(trials) => {
+                for t in trials {
+                    if let Err(p) = crate::sweep::trial_config(&resolved.file, &t) {
+                        for mut problem in p.0 {
+                            problem.message = format!("in trial {}: {}", t.name, problem.message);
+                            problems.push(problem);
+                        }
+                    }
+                }
+            }
+        }
+    }
     if problems.is_empty() {
         Ok((resolved, registry))
     } else {
@@ -504,6 +612,136 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
     } else {
         println!("{}", tokenizer.decode(&out.tokens[0]));
+    }
+    Ok(())
+}
+
+/// A run directory's newest checkpoint, or the folder itself when it is a model folder.
+fn model_folder(path: &Path) -> Result<PathBuf, Failure> {
+    if path.join(crate::model::CONFIG_JSON).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let checkpoints = path.join(crate::rundir::CHECKPOINTS_DIR);
+    match crate::train::checkpoint::latest(&checkpoints) {
+        Ok(Some(dir)) => Ok(dir),
+        Ok(None) => Err(Failure::invalid(format!(
+            "error: {} is neither a model folder (config.json) nor a run with checkpoints",
+            path.display()
+        ))),
+        Err(e) => Err(Failure::invalid(format!("error: {e:#}"))),
+    }
+}
+
+/// The experiment file of a run, found from a run directory or one of its checkpoints.
+fn run_config(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .take(3)
+        .map(|d| d.join(crate::rundir::CONFIG_FILE))
+        .find(|c| c.exists())
+}
+
+fn eval(args: EvalArgs, cli_plugins: &[PathBuf]) -> Result<(), Failure> {
+    use crate::model::{select_device, Policy, TOKENIZER_JSON};
+    let config = match args.config.clone().or_else(|| run_config(&args.model)) {
+        Some(c) => c,
+        None => {
+            return Err(Failure::invalid(format!(
+                "error: no experiment file for {}: pass --config FILE",
+                args.model.display()
+            )))
+        }
+    };
+    let (resolved, registry) = load(
+        &FileArgs {
+            file: config,
+            sets: args.sets.clone(),
+        },
+        cli_plugins,
+    )?;
+    let e = &resolved.experiment;
+    let model_dir = model_folder(&args.model)?;
+    let run = || -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+        let device = select_device(&e.experiment.device)?;
+        let policy = Policy::load(&model_dir, device)?;
+        let baseline = match &args.against {
+            Some(b) => Some(Policy::load(
+                &model_folder(b).map_err(|f| anyhow::anyhow!(f.message))?,
+                device,
+            )?),
+            None => None,
+        };
+        let tokenizer = crate::tokenizer::Tokenizer::load(&model_dir.join(TOKENIZER_JSON))?;
+        let files = crate::engine::train_files(e)?;
+        let corpus = crate::engine::prepare_corpus(e, &files, &tokenizer)?;
+        let plugins =
+            crate::sip::Plugins::build(e, &registry, &crate::paths::plugin_context(&resolved))?;
+        let mut sets = vec![crate::eval::validation_prompts(
+            &corpus,
+            &tokenizer,
+            e.eval.prefixes,
+            (e.data.prefix_min_tokens, e.data.prefix_max_tokens),
+            e.data.suffix_tokens,
+        )?];
+        sets.extend(crate::eval::unsafe_prompts(
+            &e.eval.unsafe_prefixes,
+            &tokenizer,
+            e.eval.prefixes,
+        )?);
+        let win_judge = (!e.eval.judge.is_empty()).then_some(e.eval.judge.as_str());
+        if args.against.is_some() && win_judge.is_none() {
+            tracing::warn!("--against given but [eval] judge is not set: no win rate");
+        }
+        let evaluator = crate::eval::Evaluator::new(
+            &plugins,
+            win_judge,
+            sets,
+            e.eval.max_new_tokens,
+            &corpus,
+            e.data.seq_len,
+            e.train.eval_batches * e.train.batch_size,
+        );
+        Ok(evaluator.run(&policy, baseline.as_ref(), &tokenizer))
+    };
+    let metrics = run()?;
+    if args.json {
+        println!("{}", serde_json::to_string(&metrics).unwrap_or_default());
+    } else {
+        println!("model: {}", model_dir.display());
+        if let Some(b) = &args.against {
+            println!("baseline: {}", b.display());
+        }
+        for (k, v) in &metrics {
+            println!("{:40} {v:.4}", k.trim_start_matches("eval/"));
+        }
+    }
+    Ok(())
+}
+
+fn run_sweep(
+    resolved: &config::Resolved,
+    out: Option<PathBuf>,
+    executor: &crate::sweep::Executor,
+    plugins: &[PathBuf],
+) -> Result<(), Failure> {
+    let dir = match out {
+        Some(d) => d,
+        None => {
+            let e = &resolved.experiment.experiment;
+            let stamp = chrono::Utc::now().format("sweep-%Y%m%d-%H%M%S").to_string();
+            Path::new(&e.output_dir).join(&e.name).join(stamp)
+        }
+    };
+    let failed = crate::sweep::run(resolved, &dir, executor, plugins).map_err(|e| match e
+        .downcast::<Problems>()
+    {
+        Ok(p) => Failure::from(p),
+        Err(e) => Failure::from(e),
+    })?;
+    println!("results: {}", dir.join("results.md").display());
+    if failed > 0 {
+        return Err(Failure::invalid(format!(
+            "error: {failed} trial(s) did not finish; see their log.txt; --resume reruns them"
+        )));
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ pub struct Prepared {
     pub resume: Option<(PathBuf, TrainState)>,
 }
 
-fn train_files(e: &Experiment) -> Result<Vec<PathBuf>> {
+pub fn train_files(e: &Experiment) -> Result<Vec<PathBuf>> {
     if e.data.train.is_empty() {
         bail!("data.train is empty: list the training files, folders or globs (e.g. \"@assets/corpora/shakespeare\")");
     }
@@ -89,7 +89,7 @@ fn prepare_tokenizer(
 }
 
 /// Tokenize (or read the cached tokens of) the training data and split it.
-fn prepare_corpus(e: &Experiment, files: &[PathBuf], tokenizer: &Tokenizer) -> Result<Corpus> {
+pub fn prepare_corpus(e: &Experiment, files: &[PathBuf], tokenizer: &Tokenizer) -> Result<Corpus> {
     let tok_bytes = std::fs::read(tokenizer.path()).unwrap_or_default();
     let tok_key = data::fingerprint(&[], &String::from_utf8_lossy(&tok_bytes));
     let key = data::fingerprint(

@@ -18,5 +18,6 @@ pub mod rundir;
 pub mod sample;
 pub mod sip;
 pub mod suggest;
+pub mod sweep;
 pub mod tokenizer;
 pub mod train;
