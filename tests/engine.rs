@@ -211,3 +211,54 @@ fn resume_refuses_a_changed_configuration() {
         again.stderr
     );
 }
+
+#[test]
+fn wandb_offline_run_records_history_and_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_experiment(dir.path(), 4);
+    let run_dir = dir.path().join("w");
+    let out = run(sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&run_dir)
+        .args([
+            "--set",
+            "tracking.wandb.mode=offline",
+            "--set",
+            "tracking.wandb.project=sipt-test",
+        ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let offline: Vec<PathBuf> = std::fs::read_dir(run_dir.join("wandb"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("offline-run-")
+        })
+        .collect();
+    assert_eq!(offline.len(), 1);
+    let file = std::fs::read_dir(&offline[0])
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "wandb"))
+        .expect("a .wandb run file");
+    let records = sipt_wandb::format::read_run_file(&file).unwrap();
+    use sipt_wandb::format::RecordKind;
+    let steps: Vec<i64> = records
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RecordKind::History { step, .. } => *step,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    assert!(records
+        .iter()
+        .any(|r| matches!(r.kind, RecordKind::Exit { exit_code: 0, .. })));
+    assert!(records
+        .iter()
+        .any(|r| matches!(r.kind, RecordKind::Config { .. } | RecordKind::Run(_))));
+}

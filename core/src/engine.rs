@@ -3,7 +3,7 @@
 
 use crate::config::{Experiment, Resolved};
 use crate::data::{self, Corpus, Segment, Windows};
-use crate::metrics::{JsonLines, Row, Sink};
+use crate::metrics::Row;
 use crate::model::{self, LlamaConfig, Policy, TOKENIZER_JSON};
 use crate::paths;
 use crate::progress::Progress;
@@ -373,10 +373,7 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
         state = saved.clone();
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
     }
-    let mut sink = JsonLines::open(
-        &run.file(METRICS_FILE),
-        resume.as_ref().map(|(_, s)| s.step),
-    )?;
+    let mut sink = crate::tracking::Tracker::open(e, run, resume.as_ref().map(|(_, s)| s.step))?;
     let checkpoints = run.path().join(CHECKPOINTS_DIR);
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     let progress = Progress::new(t.steps, state.step, t.log_every);

@@ -20,4 +20,5 @@ pub mod sip;
 pub mod suggest;
 pub mod sweep;
 pub mod tokenizer;
+pub mod tracking;
 pub mod train;

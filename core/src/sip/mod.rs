@@ -15,7 +15,7 @@ pub mod tournament;
 use crate::config::Experiment;
 use crate::data::{Cut, Cutter, Windows};
 use crate::engine::{autocast, Prepared};
-use crate::metrics::{JsonLines, Row, Sink};
+use crate::metrics::Row;
 use crate::model::Policy;
 use crate::objective::{Judged, LossInputs, Objective, ReferenceUpdate, Target};
 use crate::progress::Progress as Bar;
@@ -443,10 +443,7 @@ pub fn train(
         averages = serde_json::from_value(saved.extra.clone()).unwrap_or_default();
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
     }
-    let mut sink = JsonLines::open(
-        &run.file(METRICS_FILE),
-        resume.as_ref().map(|(_, s)| s.step),
-    )?;
+    let mut sink = crate::tracking::Tracker::open(e, run, resume.as_ref().map(|(_, s)| s.step))?;
     let mut samples = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
