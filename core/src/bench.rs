@@ -183,3 +183,126 @@ fn sync(device: Device) {
         tch::Cuda::synchronize(i as i64);
     }
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SipStepBench {
+    /// A model folder (e.g. SmolLM2 imported with `sipt import gguf`).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 2)]
+    pub completions: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// One online-DPO step as the SIP loop runs it: sample completions (shared prefill), a trivial
+/// reward (distinct tokens), best over worst, policy and reference log-probs, DPO loss,
+/// backward, clip, AdamW.
+pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
+    use crate::objective::{Judged, LossInputs, Target};
+    use crate::sample::continuation_logprobs;
+    let device = crate::model::select_device(&b.device)?;
+    let policy = Policy::load(&b.model, device)?;
+    let mut reference = Policy::load(&b.model, device)?;
+    reference.vs.freeze();
+    let registry = crate::registry::Registry::builtin().map_err(|e| anyhow::anyhow!(e))?;
+    let objective = registry
+        .build_objective("online-dpo", serde_json::json!({"beta": 0.1}))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.999, 0.0);
+    let vocab = policy.model.config.vocab_size as u64;
+    let mut rng = crate::rng::SplitMix::new(3);
+    let prompts: Vec<Vec<u32>> = (0..b.prompts)
+        .map(|_| {
+            (0..b.prompt_tokens)
+                .map(|_| 100 + rng.below(vocab - 200) as u32)
+                .collect()
+        })
+        .collect();
+    let sampling = Sampling {
+        max_new_tokens: b.new_tokens,
+        temperature: 1.0,
+        ..Sampling::default()
+    };
+    let mut times = Vec::new();
+    for i in 0..b.warmup + b.steps {
+        sync(device);
+        let t0 = Instant::now();
+        let out = generate(
+            &policy.model,
+            &prompts,
+            b.completions,
+            &sampling,
+            &[],
+            i as u64,
+        );
+        let mut pre: Vec<&[u32]> = Vec::new();
+        let mut chosen: Vec<&[u32]> = Vec::new();
+        let mut rejected: Vec<&[u32]> = Vec::new();
+        for (p, prompt) in prompts.iter().enumerate() {
+            let pool: Vec<Judged> = (0..b.completions)
+                .map(|c| {
+                    let t = &out.tokens[p * b.completions + c];
+                    let distinct: std::collections::HashSet<_> = t.iter().collect();
+                    Judged {
+                        source: sipt_api::Source::Rollout,
+                        reward: Some(distinct.len() as f64 + c as f64 * 1e-3),
+                    }
+                })
+                .collect();
+            for target in objective.select(&pool) {
+                if let Target::Pair {
+                    chosen: c,
+                    rejected: r,
+                } = target
+                {
+                    pre.push(prompt);
+                    chosen.push(&out.tokens[p * b.completions + c]);
+                    rejected.push(&out.tokens[p * b.completions + r]);
+                }
+            }
+        }
+        let n = pre.len() as i64;
+        let both_pre: Vec<&[u32]> = pre.iter().chain(pre.iter()).copied().collect();
+        let both: Vec<&[u32]> = chosen.iter().chain(rejected.iter()).copied().collect();
+        let (logp, _) = continuation_logprobs(&policy.model, &both_pre, &both);
+        let (ref_logp, _) =
+            tch::no_grad(|| continuation_logprobs(&reference.model, &both_pre, &both));
+        let terms = objective.loss(&LossInputs {
+            policy_chosen: Some(logp.narrow(0, 0, n)),
+            policy_rejected: Some(logp.narrow(0, n, n)),
+            reference_chosen: Some(ref_logp.narrow(0, 0, n)),
+            reference_rejected: Some(ref_logp.narrow(0, n, n)),
+            nll_logp: None,
+            nll_tokens: None,
+            ntp: None,
+        });
+        terms.loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step(1e-6);
+        opt.zero_grad();
+        sync(device);
+        if i >= b.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(serde_json::json!({
+        "implementation": "sipt",
+        "step_seconds": median(times),
+        "prompts": b.prompts,
+        "completions": b.completions,
+        "new_tokens": b.new_tokens,
+        "device": format!("{device:?}"),
+        "threads": tch::get_num_threads(),
+    }))
+}

@@ -86,6 +86,8 @@ enum BenchCommand {
     Train(crate::bench::TrainBench),
     /// Rollouts: K samples of N tokens from each of P prefixes.
     Rollouts(crate::bench::RolloutBench),
+    /// One online-DPO SIP step: sample, trivial reward, policy and reference log-probs, update.
+    SipStep(crate::bench::SipStepBench),
 }
 
 #[derive(Subcommand, Debug)]
@@ -339,6 +341,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let result = match b {
                 BenchCommand::Train(t) => crate::bench::train(&t)?,
                 BenchCommand::Rollouts(r) => crate::bench::rollouts(&r)?,
+                BenchCommand::SipStep(s) => crate::bench::sip_step(&s)?,
             };
             println!("{result}");
             Ok(())
