@@ -281,11 +281,13 @@ pub fn run(resolved: &Resolved, registry: &Registry, run: &RunDir, resume: bool)
         .map_err(|err| anyhow::anyhow!("train.objective: {err}"))?;
     let needs = objective.needs();
     let prepared = prepare(resolved, run, resume)?;
+    let context = paths::plugin_context(resolved);
     if needs.candidates {
-        let context = paths::plugin_context(resolved);
         return crate::sip::train(e, registry, run, prepared, objective, &context);
     }
-    train_ntp(e, run, prepared)
+    // Next-token runs are evaluated by the same judges, so baselines and SIP runs compare.
+    let plugins = crate::sip::Plugins::build(e, registry, &context)?;
+    train_ntp(e, run, prepared, &plugins)
 }
 
 /// A batch of windows as a `(B, len)` tensor.
@@ -334,7 +336,12 @@ pub fn validation_loss(
 }
 
 /// Next-token pretraining: the paper's "standard pretraining" baseline.
-fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
+fn train_ntp(
+    e: &Experiment,
+    run: &RunDir,
+    prepared: Prepared,
+    plugins: &crate::sip::Plugins,
+) -> Result<()> {
     let Prepared {
         device,
         tokenizer,
@@ -345,15 +352,6 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
     let t = &e.train;
     let len = e.data.seq_len + 1;
     let mut windows = Windows::new(&corpus.train, len, e.experiment.seed, e.data.shuffle)?;
-    let validation: Vec<usize> = match Windows::new(&corpus.validation, len, 0, false) {
-        Ok(mut v) => (0..(t.eval_batches * t.batch_size).min(v.count()))
-            .map(|_| v.next_start())
-            .collect(),
-        Err(_) => {
-            tracing::warn!("the validation split holds no full window; no validation loss");
-            Vec::new()
-        }
-    };
     let mut optimizer = AdamW::new(
         policy.vs.variables().into_iter().collect(),
         t.beta1,
@@ -377,6 +375,15 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
     let checkpoints = run.path().join(CHECKPOINTS_DIR);
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     let progress = Progress::new(t.steps, state.step, t.log_every);
+    let periodic = crate::eval::Periodic::new(
+        e,
+        plugins,
+        &corpus,
+        &tokenizer,
+        &policy,
+        run,
+        resume.is_some(),
+    )?;
     tracing::info!(
         "next-token training: {} steps of {} sequences x {} tokens ({} windows per epoch)",
         t.steps,
@@ -413,23 +420,7 @@ fn train_ntp(e: &Experiment, run: &RunDir, prepared: Prepared) -> Result<()> {
             .set("perf/step_seconds", seconds)
             .set("perf/tokens_per_second", tokens_per_step as f64 / seconds);
         let last = state.step == t.steps;
-        if t.eval_every > 0 && (state.step % t.eval_every == 0 || last) {
-            if let Some(v) = validation_loss(
-                &policy,
-                &corpus.tokens,
-                &validation,
-                len,
-                t.batch_size,
-                &e.model.dtype,
-            ) {
-                row.set("eval/loss", v).set("eval/perplexity", v.exp());
-                progress.note(&format!(
-                    "step {}: validation loss {v:.4} (perplexity {:.1})",
-                    state.step,
-                    v.exp()
-                ));
-            }
-        }
+        periodic.maybe_run(state.step, last, &policy, &tokenizer, &mut row, &progress);
         sink.log(&row)?;
         progress.step(
             state.step,

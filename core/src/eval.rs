@@ -242,3 +242,134 @@ impl<'a> Evaluator<'a> {
         m
     }
 }
+
+/// The starting model, under the checkpoints folder: the default baseline of periodic
+/// evaluation (the paper's win rate is against the model training started from).
+pub const INITIAL_DIR: &str = "initial";
+
+/// Evaluation every `train.eval_every` steps, inside a training loop.
+pub struct Periodic<'a> {
+    evaluator: Option<Evaluator<'a>>,
+    baseline: Option<Policy>,
+    every: u64,
+}
+
+impl<'a> Periodic<'a> {
+    /// Saves the starting model (on a fresh run) and prepares the prompt sets.
+    pub fn new(
+        e: &'a crate::config::Experiment,
+        plugins: &'a Plugins,
+        corpus: &'a Corpus,
+        tokenizer: &Tokenizer,
+        policy: &Policy,
+        run: &crate::rundir::RunDir,
+        resumed: bool,
+    ) -> Result<Periodic<'a>> {
+        // A pretrained start is its own folder already; a from-scratch start is saved once.
+        let pretrained = !e.model.path.is_empty();
+        let initial_dir = if pretrained {
+            std::path::PathBuf::from(expand_path(&e.model.path))
+        } else {
+            run.path()
+                .join(crate::rundir::CHECKPOINTS_DIR)
+                .join(INITIAL_DIR)
+        };
+        if !resumed && !pretrained {
+            policy.save(&initial_dir)?;
+            std::fs::copy(
+                tokenizer.path(),
+                initial_dir.join(crate::model::TOKENIZER_JSON),
+            )
+            .context("cannot copy the tokenizer next to the initial model")?;
+        }
+        let every = e.train.eval_every;
+        if every == 0 {
+            return Ok(Periodic {
+                evaluator: None,
+                baseline: None,
+                every,
+            });
+        }
+        let win_judge = (!e.eval.judge.is_empty()).then_some(e.eval.judge.as_str());
+        let baseline = match win_judge {
+            None => None,
+            Some(_) => {
+                let dir = if e.eval.baseline.is_empty() {
+                    initial_dir
+                } else {
+                    std::path::PathBuf::from(expand_path(&e.eval.baseline))
+                };
+                Some(
+                    Policy::load(&dir, policy.device())
+                        .with_context(|| format!("eval.baseline {}", dir.display()))?,
+                )
+            }
+        };
+        let mut sets = Vec::new();
+        // Judged continuations only when there is something to judge them with.
+        if !plugins.pointwise.is_empty() || win_judge.is_some() {
+            match validation_prompts(
+                corpus,
+                tokenizer,
+                e.eval.prefixes,
+                (e.data.prefix_min_tokens, e.data.prefix_max_tokens),
+                e.data.suffix_tokens,
+            ) {
+                Ok(set) => sets.push(set),
+                Err(err) => tracing::warn!("no held-out prompts: {err:#}"),
+            }
+            sets.extend(unsafe_prompts(
+                &e.eval.unsafe_prefixes,
+                tokenizer,
+                e.eval.prefixes,
+            )?);
+        }
+        let evaluator = Evaluator::new(
+            plugins,
+            win_judge,
+            sets,
+            e.eval.max_new_tokens,
+            corpus,
+            e.data.seq_len,
+            e.train.eval_batches * e.train.batch_size,
+        );
+        Ok(Periodic {
+            evaluator: Some(evaluator),
+            baseline,
+            every,
+        })
+    }
+
+    /// Evaluate when the step calls for it, adding the metrics to `row`.
+    pub fn maybe_run(
+        &self,
+        step: u64,
+        last: bool,
+        policy: &Policy,
+        tokenizer: &Tokenizer,
+        row: &mut crate::metrics::Row,
+        bar: &crate::progress::Progress,
+    ) {
+        let Some(evaluator) = &self.evaluator else {
+            return;
+        };
+        if step % self.every != 0 && !last {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let metrics = evaluator.run(policy, self.baseline.as_ref(), tokenizer);
+        let summary: Vec<String> = metrics
+            .iter()
+            .filter(|(k, _)| !k.ends_with("failures"))
+            .map(|(k, v)| format!("{} {v:.3}", k.trim_start_matches("eval/")))
+            .collect();
+        bar.note(&format!(
+            "step {step} evaluation ({:.0}s): {}",
+            started.elapsed().as_secs_f64(),
+            summary.join(", ")
+        ));
+        for (k, v) in metrics {
+            row.set(k, v);
+        }
+    }
+}

@@ -371,57 +371,15 @@ pub fn train(
         }
         None => None,
     };
-    // The model this run started from, kept as the default baseline of periodic evaluation.
-    let initial_dir = run.path().join(CHECKPOINTS_DIR).join(INITIAL_DIR);
-    if resume.is_none() {
-        policy.save(&initial_dir)?;
-        std::fs::copy(
-            tokenizer.path(),
-            initial_dir.join(crate::model::TOKENIZER_JSON),
-        )
-        .context("cannot copy the tokenizer next to the initial model")?;
-    }
-    let baseline = if t.eval_every > 0 {
-        let dir = if e.eval.baseline.is_empty() {
-            initial_dir.clone()
-        } else {
-            std::path::PathBuf::from(crate::engine::expand_path(&e.eval.baseline))
-        };
-        Some(
-            Policy::load(&dir, device)
-                .with_context(|| format!("eval.baseline {}", dir.display()))?,
-        )
-    } else {
-        None
-    };
-    let mut sets = Vec::new();
-    if t.eval_every > 0 {
-        match crate::eval::validation_prompts(
-            &corpus,
-            &tokenizer,
-            e.eval.prefixes,
-            (e.data.prefix_min_tokens, e.data.prefix_max_tokens),
-            e.data.suffix_tokens,
-        ) {
-            Ok(set) => sets.push(set),
-            Err(err) => tracing::warn!("no held-out prompts: {err:#}"),
-        }
-        sets.extend(crate::eval::unsafe_prompts(
-            &e.eval.unsafe_prefixes,
-            &tokenizer,
-            e.eval.prefixes,
-        )?);
-    }
-    let win_judge = (!e.eval.judge.is_empty()).then_some(e.eval.judge.as_str());
-    let evaluator = crate::eval::Evaluator::new(
+    let periodic = crate::eval::Periodic::new(
+        e,
         &plugins,
-        win_judge,
-        sets,
-        e.eval.max_new_tokens,
         &corpus,
-        e.data.seq_len,
-        t.eval_batches * t.batch_size,
-    );
+        &tokenizer,
+        &policy,
+        run,
+        resume.is_some(),
+    )?;
     let mut state = TrainState {
         step: 0,
         tokens: 0,
@@ -893,24 +851,7 @@ pub fn train(
             }
             row.set("selected_pools", selected_pools as f64);
             let last = state.step == t.steps;
-            if t.eval_every > 0 && (state.step % t.eval_every == 0 || last) {
-                let eval_started = Instant::now();
-                let metrics = evaluator.run(&policy, baseline.as_ref(), &tokenizer);
-                let summary: Vec<String> = metrics
-                    .iter()
-                    .filter(|(k, _)| !k.ends_with("failures"))
-                    .map(|(k, v)| format!("{} {v:.3}", k.trim_start_matches("eval/")))
-                    .collect();
-                bar.note(&format!(
-                    "step {} evaluation ({:.0}s): {}",
-                    state.step,
-                    eval_started.elapsed().as_secs_f64(),
-                    summary.join(", ")
-                ));
-                for (k, v) in metrics {
-                    row.set(k, v);
-                }
-            }
+            periodic.maybe_run(state.step, last, &policy, &tokenizer, &mut row, &bar);
             sink.log(&row)?;
             if e.sip.sample_every > 0 && (state.step % e.sip.sample_every == 0 || state.step == 1) {
                 write_samples(&mut samples, state.step, &fixed, &pools, &targets)?;
@@ -959,8 +900,6 @@ pub fn train(
 }
 
 pub const SAMPLES_FILE: &str = "samples.jsonl";
-/// The starting model, under the checkpoints folder.
-pub const INITIAL_DIR: &str = "initial";
 
 fn write_samples(
     out: &mut std::fs::File,
