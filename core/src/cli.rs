@@ -425,11 +425,13 @@ fn load(args: &FileArgs, cli_plugins: &[PathBuf]) -> Result<(config::Resolved, R
             Err(e) => problems.push(resolved.problem(&["sweep".into()], format!("{e:#}"))),
             Ok(trials) => {
                 for t in trials {
-                    if let Err(p) = crate::sweep::trial_config(&resolved.file, &t) {
-                        for mut problem in p.0 {
-                            problem.message = format!("in trial {}: {}", t.name, problem.message);
-                            problems.push(problem);
-                        }
+                    let found = match crate::sweep::trial_config(&resolved.file, &t) {
+                        Err(p) => p.0,
+                        Ok(trial) => config::validate_plugins(&trial, &registry),
+                    };
+                    for mut problem in found {
+                        problem.message = format!("in trial {}: {}", t.name, problem.message);
+                        problems.push(problem);
                     }
                 }
             }

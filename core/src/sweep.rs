@@ -8,7 +8,7 @@
 //! `results.csv`. `--resume` skips finished trials, reruns failed or interrupted ones, and
 //! refuses a sweep whose definition changed.
 
-use crate::config::{to_toml, Experiment, Resolved, SweepSection};
+use crate::config::{to_toml, Resolved, SweepSection};
 use crate::metrics;
 use crate::rng::SplitMix;
 use crate::rundir::write_atomic;
@@ -43,6 +43,12 @@ fn short(value: &toml::Value) -> String {
 }
 
 fn trial_name(overrides: &[(String, toml::Value)]) -> String {
+    // A sweep that names its trials (experiment.name) is taken at its word.
+    if let Some((_, toml::Value::String(name))) =
+        overrides.iter().find(|(k, _)| k == "experiment.name")
+    {
+        return short(&toml::Value::String(name.clone()));
+    }
     overrides
         .iter()
         .map(|(k, v)| format!("{}-{}", k.rsplit('.').next().unwrap_or(k), short(v)))
@@ -135,7 +141,7 @@ pub fn trials(sweep: &SweepSection) -> Result<Vec<Trial>> {
 
 /// A trial's complete experiment: the sweep's file with the trial's overrides applied and the
 /// sweep table removed. Checked like any experiment file.
-pub fn trial_config(file: &Path, trial: &Trial) -> Result<Experiment, crate::config::Problems> {
+pub fn trial_config(file: &Path, trial: &Trial) -> Result<Resolved, crate::config::Problems> {
     let sets: Vec<crate::config::SetOverride> = trial
         .overrides
         .iter()
@@ -145,10 +151,9 @@ pub fn trial_config(file: &Path, trial: &Trial) -> Result<Experiment, crate::con
             raw: format!("{k}={v}"),
         })
         .collect();
-    let resolved = crate::config::resolve(file, &sets)?;
-    let mut experiment = resolved.experiment;
-    experiment.sweep = None;
-    Ok(experiment)
+    let mut resolved = crate::config::resolve(file, &sets)?;
+    resolved.experiment.sweep = None;
+    Ok(resolved)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,7 +217,7 @@ pub fn run(
     let mut problems = Vec::new();
     for t in &trials {
         match trial_config(&resolved.file, t) {
-            Ok(c) => configs.push(to_toml(&c)),
+            Ok(c) => configs.push(to_toml(&c.experiment)),
             Err(p) => {
                 for mut problem in p.0 {
                     problem.message = format!("in trial {}: {}", t.name, problem.message);

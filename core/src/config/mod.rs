@@ -16,8 +16,7 @@ pub use schema::*;
 pub use validate::{check_choice, validate_plugins};
 
 use figment::providers::{Env, Format, Toml};
-use figment::value::{Dict, Value as FigValue};
-use figment::{Figment, Metadata, Profile, Provider};
+use figment::{Figment, Provider};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,11 +36,7 @@ impl std::str::FromStr for SetOverride {
         let (key, value) = raw
             .split_once('=')
             .ok_or_else(|| format!("'{raw}' is not KEY=VALUE (e.g. train.lr=3e-4)"))?;
-        let key: Vec<String> = key
-            .trim()
-            .split('.')
-            .map(|s| s.trim().to_string())
-            .collect();
+        let key = parse_key(key.trim());
         if key.iter().any(String::is_empty) {
             return Err(format!("'{raw}' has an empty key segment"));
         }
@@ -54,6 +49,28 @@ impl std::str::FromStr for SetOverride {
     }
 }
 
+/// A dotted key path as TOML reads it, so quoted segments may hold dots
+/// (`sweep.grid."sip.rollouts"`); a key TOML cannot read is split on dots.
+fn parse_key(key: &str) -> Vec<String> {
+    if let Ok(mut table) = toml::from_str::<toml::Table>(&format!("{key} = 0")) {
+        let mut path = Vec::new();
+        loop {
+            if table.len() != 1 {
+                break;
+            }
+            let Some((k, v)) = table.into_iter().next() else {
+                break;
+            };
+            path.push(k);
+            match v {
+                toml::Value::Table(inner) => table = inner,
+                _ => return path,
+            }
+        }
+    }
+    key.split('.').map(|s| s.trim().to_string()).collect()
+}
+
 /// A value as typed on a command line: TOML when it parses as TOML, a string otherwise.
 pub fn parse_value(text: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {text}"))
@@ -62,41 +79,25 @@ pub fn parse_value(text: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(text.to_string()))
 }
 
-struct SetProvider(Vec<SetOverride>);
-
-const SET_NAME: &str = "--set";
-
-impl Provider for SetProvider {
-    fn metadata(&self) -> Metadata {
-        Metadata::named(SET_NAME)
-    }
-
-    fn data(&self) -> Result<figment::value::Map<Profile, Dict>, figment::Error> {
-        let mut root = Dict::new();
-        for o in &self.0 {
-            let value = FigValue::serialize(&o.value)?;
-            insert_path(&mut root, &o.key, value);
-        }
-        Ok(Profile::Default.collect(root))
-    }
-}
-
-fn insert_path(dict: &mut Dict, key: &[String], value: FigValue) {
-    match key {
-        [] => {}
-        [last] => {
-            dict.insert(last.clone(), value);
-        }
-        [first, rest @ ..] => {
-            let entry = dict
-                .entry(first.clone())
-                .or_insert_with(|| FigValue::from(Dict::new()));
-            if entry.as_dict().is_none() {
-                *entry = FigValue::from(Dict::new());
+/// Apply `--set` overrides to the merged values. An override *replaces* what it names: a
+/// table given inline (e.g. a different plugin with its own options) does not inherit the keys
+/// of the table it replaces.
+fn apply_sets(raw: &mut Value, sets: &[SetOverride]) {
+    for o in sets {
+        let value = serde_json::to_value(&o.value).unwrap_or(Value::Null);
+        let mut current = &mut *raw;
+        for (i, seg) in o.key.iter().enumerate() {
+            if !current.is_object() {
+                *current = Value::Object(Default::default());
             }
-            if let FigValue::Dict(_, inner) = entry {
-                insert_path(inner, rest, value);
+            let Value::Object(map) = current else { break };
+            if i + 1 == o.key.len() {
+                map.insert(seg.clone(), value.clone());
+                break;
             }
+            current = map
+                .entry(seg.clone())
+                .or_insert_with(|| Value::Object(Default::default()));
         }
     }
 }
@@ -123,11 +124,15 @@ pub struct Resolved {
     figment: Figment,
     texts: HashMap<PathBuf, String>,
     env_name: String,
+    sets: Vec<SetOverride>,
 }
 
 impl Resolved {
     /// Which layer set `path`, and the line when it came from a file.
     pub fn origin(&self, path: &[String]) -> (Origin, Option<usize>) {
+        if self.sets.iter().any(|s| path.starts_with(&s.key)) {
+            return (Origin::Set, None);
+        }
         let Some(meta) = self.figment.find_metadata(&path.join(".")) else {
             return (Origin::Default, None);
         };
@@ -138,9 +143,7 @@ impl Resolved {
                 .and_then(|text| locate::line_of(text, path));
             return (Origin::File(file.clone()), line);
         }
-        if meta.name == SET_NAME {
-            (Origin::Set, None)
-        } else if meta.name == self.env_name {
+        if meta.name == self.env_name {
             (
                 Origin::Env(format!(
                     "{ENV_PREFIX}{}",
@@ -319,7 +322,7 @@ pub fn resolve_lenient(
     for f in &files {
         figment = figment.merge(Toml::file_exact(f));
     }
-    let figment = figment.merge(env).merge(SetProvider(sets.to_vec()));
+    let figment = figment.merge(env);
 
     let mut raw: Value = match figment.extract() {
         Ok(v) => v,
@@ -334,6 +337,7 @@ pub fn resolve_lenient(
     if let Value::Object(map) = &mut raw {
         map.remove("extends");
     }
+    apply_sets(&mut raw, sets);
 
     let mut resolved = Resolved {
         file: file.to_path_buf(),
@@ -343,6 +347,7 @@ pub fn resolve_lenient(
         figment,
         texts,
         env_name,
+        sets: sets.to_vec(),
     };
     let (experiment, found) =
         validate::check_all(raw, |v| sipt_api::check_config::<Experiment>(v).map(|_| ()));

@@ -60,6 +60,10 @@ fn set_values_are_typed() {
     );
     assert!("novalue".parse::<SetOverride>().is_err());
     assert!("a..b=1".parse::<SetOverride>().is_err());
+    assert_eq!(
+        set("sweep.grid.\"sip.rollouts\"=[1]").key,
+        vec!["sweep", "grid", "sip.rollouts"]
+    );
 }
 
 #[test]
@@ -139,4 +143,28 @@ fn resolved_config_round_trips() {
     let r2 = resolve(&again, &[]).unwrap();
     assert_eq!(r.experiment, r2.experiment);
     assert_eq!(r2.experiment.judges["safety"].options["threshold"], 0.5);
+}
+
+#[test]
+fn set_replaces_a_whole_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "exp.toml",
+        "[train.objective]\ntype = \"online-dpo\"\nbeta = 0.2\n",
+    );
+    let r = resolve(
+        &file,
+        &[set(
+            "train.objective={ type = \"sft\", source = \"rewrite\" }",
+        )],
+    )
+    .unwrap();
+    assert_eq!(r.experiment.train.objective.name, "sft");
+    assert!(!r.experiment.train.objective.options.contains_key("beta"));
+    assert_eq!(
+        r.origin(&["train".into(), "objective".into(), "source".into()])
+            .0,
+        Origin::Set
+    );
 }
