@@ -29,6 +29,10 @@ pub struct Trial {
 fn short(value: &toml::Value) -> String {
     let text = match value {
         toml::Value::String(s) => s.clone(),
+        // A plugin table is known by its type.
+        toml::Value::Table(t) if t.get("type").is_some_and(|v| v.is_str()) => {
+            t["type"].as_str().unwrap_or_default().to_string()
+        }
         other => other.to_string(),
     };
     text.chars()
