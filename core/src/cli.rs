@@ -360,7 +360,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 fail_fast,
                 resume: args.resume,
             };
-            run_sweep(&resolved, args.out, &executor, &cli.plugins)
+            run_sweep(
+                &resolved,
+                &args.file.sets,
+                args.out,
+                &executor,
+                &cli.plugins,
+            )
         }
         Command::Report { dir } => {
             let md = crate::sweep::report(&dir)?;
@@ -385,7 +391,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         .is_some_and(|s| s.fail_fast),
                     resume: args.resume,
                 };
-                return run_sweep(&resolved, args.out, &executor, &cli.plugins);
+                return run_sweep(
+                    &resolved,
+                    &args.file.sets,
+                    args.out,
+                    &executor,
+                    &cli.plugins,
+                );
             }
             let dir = match &args.out {
                 Some(dir) => dir.clone(),
@@ -425,7 +437,7 @@ fn load(args: &FileArgs, cli_plugins: &[PathBuf]) -> Result<(config::Resolved, R
             Err(e) => problems.push(resolved.problem(&["sweep".into()], format!("{e:#}"))),
             Ok(trials) => {
                 for t in trials {
-                    let found = match crate::sweep::trial_config(&resolved.file, &t) {
+                    let found = match crate::sweep::trial_config(&resolved.file, &args.sets, &t) {
                         Err(p) => p.0,
                         Ok(trial) => config::validate_plugins(&trial, &registry),
                     };
@@ -724,6 +736,7 @@ fn eval(args: EvalArgs, cli_plugins: &[PathBuf]) -> Result<(), Failure> {
 
 fn run_sweep(
     resolved: &config::Resolved,
+    sets: &[SetOverride],
     out: Option<PathBuf>,
     executor: &crate::sweep::Executor,
     plugins: &[PathBuf],
@@ -736,11 +749,11 @@ fn run_sweep(
             Path::new(&e.output_dir).join(&e.name).join(stamp)
         }
     };
-    let failed = crate::sweep::run(resolved, &dir, executor, plugins).map_err(|e| match e
-        .downcast::<Problems>()
-    {
-        Ok(p) => Failure::from(p),
-        Err(e) => Failure::from(e),
+    let failed = crate::sweep::run(resolved, sets, &dir, executor, plugins).map_err(|e| {
+        match e.downcast::<Problems>() {
+            Ok(p) => Failure::from(p),
+            Err(e) => Failure::from(e),
+        }
     })?;
     println!("results: {}", dir.join("results.md").display());
     if failed > 0 {

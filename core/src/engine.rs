@@ -417,7 +417,7 @@ fn train_ntp(
             .set("lr", lr)
             .set("grad_norm", grad_norm)
             .set("tokens", state.tokens as f64)
-            .set("perf/step_seconds", seconds)
+            .set("time/step", seconds)
             .set("perf/tokens_per_second", tokens_per_step as f64 / seconds);
         let last = state.step == t.steps;
         periodic.maybe_run(state.step, last, &policy, &tokenizer, &mut row, &progress);

@@ -62,21 +62,7 @@ impl JsonLines {
     /// recomputed by the resumed run), rewriting the file atomically.
     pub fn open(path: &Path, resume_from: Option<u64>) -> Result<JsonLines> {
         if let Some(step) = resume_from {
-            if path.exists() {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                let kept: String = text
-                    .lines()
-                    .filter(|line| {
-                        serde_json::from_str::<serde_json::Value>(line)
-                            .ok()
-                            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                            .is_some_and(|s| s <= step)
-                    })
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                crate::rundir::write_atomic(path, kept.as_bytes())?;
-            }
+            drop_rows_after(path, step)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -99,6 +85,27 @@ impl Sink for JsonLines {
             .and_then(|_| self.file.flush())
             .with_context(|| format!("cannot write {}", self.path.display()))
     }
+}
+
+/// Rewrite a JSON-lines file (atomically) without the rows whose `step` is past `step`: a
+/// resumed run recomputes them.
+pub fn drop_rows_after(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::rundir::write_atomic(path, kept.as_bytes())
 }
 
 /// Read all rows of a metrics file (for reports and tests).

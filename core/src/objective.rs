@@ -75,7 +75,7 @@ pub trait Objective: Send {
     fn loss(&self, inputs: &LossInputs) -> LossTerms;
 }
 
-/// Builds an objective from its options (the registry lets mixtures build their parts).
+/// Builds an objective from its options (with the registry, for objectives made of others).
 pub type BuildFn = fn(serde_json::Value, &Registry) -> Result<Box<dyn Objective>, String>;
 
 /// A registered objective.

@@ -145,16 +145,23 @@ pub fn trials(sweep: &SweepSection) -> Result<Vec<Trial>> {
 
 /// A trial's complete experiment: the sweep's file with the trial's overrides applied and the
 /// sweep table removed. Checked like any experiment file.
-pub fn trial_config(file: &Path, trial: &Trial) -> Result<Resolved, crate::config::Problems> {
-    let sets: Vec<crate::config::SetOverride> = trial
-        .overrides
-        .iter()
-        .map(|(k, v)| crate::config::SetOverride {
-            key: k.split('.').map(String::from).collect(),
-            value: v.clone(),
-            raw: format!("{k}={v}"),
-        })
-        .collect();
+pub fn trial_config(
+    file: &Path,
+    base: &[crate::config::SetOverride],
+    trial: &Trial,
+) -> Result<Resolved, crate::config::Problems> {
+    // The command line's --set first, then the trial's own values.
+    let mut sets: Vec<crate::config::SetOverride> = base.to_vec();
+    sets.extend(
+        trial
+            .overrides
+            .iter()
+            .map(|(k, v)| crate::config::SetOverride {
+                key: k.split('.').map(String::from).collect(),
+                value: v.clone(),
+                raw: format!("{k}={v}"),
+            }),
+    );
     let mut resolved = crate::config::resolve(file, &sets)?;
     resolved.experiment.sweep = None;
     Ok(resolved)
@@ -207,6 +214,7 @@ pub struct Executor {
 /// Run a sweep into `dir`. Returns the number of failed trials.
 pub fn run(
     resolved: &Resolved,
+    base: &[crate::config::SetOverride],
     dir: &Path,
     executor: &Executor,
     plugins: &[PathBuf],
@@ -220,7 +228,7 @@ pub fn run(
     let mut configs = Vec::new();
     let mut problems = Vec::new();
     for t in &trials {
-        match trial_config(&resolved.file, t) {
+        match trial_config(&resolved.file, base, t) {
             Ok(c) => configs.push(to_toml(&c.experiment)),
             Err(p) => {
                 for mut problem in p.0 {

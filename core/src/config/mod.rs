@@ -15,8 +15,8 @@ pub use problems::{Origin, Problem, Problems};
 pub use schema::*;
 pub use validate::{check_choice, validate_plugins};
 
-use figment::providers::{Env, Format, Toml};
-use figment::{Figment, Provider};
+use figment::providers::{Format, Toml};
+use figment::Figment;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -104,12 +104,32 @@ fn apply_sets(raw: &mut Value, sets: &[SetOverride]) {
 
 const ENV_PREFIX: &str = "SIPT_";
 
-fn env_provider() -> Env {
-    // Only nested keys (with `__`) are configuration, so that variables such as SIPT_ASSETS
-    // that configure the tool itself never clash with the schema.
-    Env::prefixed(ENV_PREFIX)
-        .filter(|k| k.as_str().contains("__"))
-        .split("__")
+/// `SIPT_A__B=value` variables as overrides of `a.b`, values read like `--set` values. Only
+/// nested keys (with `__`) are configuration, so that variables such as SIPT_ASSETS that
+/// configure the tool itself never clash with the schema.
+fn env_overrides() -> Vec<(SetOverride, String)> {
+    let mut out: Vec<(SetOverride, String)> = std::env::vars()
+        .filter_map(|(name, value)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            if !rest.contains("__") {
+                return None;
+            }
+            let key: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if key.iter().any(String::is_empty) {
+                return None;
+            }
+            Some((
+                SetOverride {
+                    key,
+                    value: parse_value(value.trim()),
+                    raw: format!("{name}={value}"),
+                },
+                name,
+            ))
+        })
+        .collect();
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out
 }
 
 /// An experiment file with its layers resolved and checked against the schema.
@@ -123,7 +143,8 @@ pub struct Resolved {
     pub files: Vec<PathBuf>,
     figment: Figment,
     texts: HashMap<PathBuf, String>,
-    env_name: String,
+    /// Environment overrides with their variable names, then `--set` overrides.
+    env: Vec<(SetOverride, String)>,
     sets: Vec<SetOverride>,
 }
 
@@ -132,6 +153,14 @@ impl Resolved {
     pub fn origin(&self, path: &[String]) -> (Origin, Option<usize>) {
         if self.sets.iter().any(|s| path.starts_with(&s.key)) {
             return (Origin::Set, None);
+        }
+        if let Some((_, name)) = self
+            .env
+            .iter()
+            .rev()
+            .find(|(s, _)| path.starts_with(&s.key))
+        {
+            return (Origin::Env(name.clone()), None);
         }
         let Some(meta) = self.figment.find_metadata(&path.join(".")) else {
             return (Origin::Default, None);
@@ -143,17 +172,7 @@ impl Resolved {
                 .and_then(|text| locate::line_of(text, path));
             return (Origin::File(file.clone()), line);
         }
-        if meta.name == self.env_name {
-            (
-                Origin::Env(format!(
-                    "{ENV_PREFIX}{}",
-                    path.join("__").to_ascii_uppercase()
-                )),
-                None,
-            )
-        } else {
-            (Origin::Default, None)
-        }
+        (Origin::Default, None)
     }
 
     /// A problem at `path`, located and showing the value found there.
@@ -316,13 +335,11 @@ pub fn resolve_lenient(
         return Err(Problems(problems));
     }
 
-    let env = env_provider();
-    let env_name = env.metadata().name.to_string();
+    let env = env_overrides();
     let mut figment = Figment::new();
     for f in &files {
         figment = figment.merge(Toml::file_exact(f));
     }
-    let figment = figment.merge(env);
 
     let mut raw: Value = match figment.extract() {
         Ok(v) => v,
@@ -337,6 +354,8 @@ pub fn resolve_lenient(
     if let Value::Object(map) = &mut raw {
         map.remove("extends");
     }
+    let env_sets: Vec<SetOverride> = env.iter().map(|(s, _)| s.clone()).collect();
+    apply_sets(&mut raw, &env_sets);
     apply_sets(&mut raw, sets);
 
     let mut resolved = Resolved {
@@ -346,7 +365,7 @@ pub fn resolve_lenient(
         files,
         figment,
         texts,
-        env_name,
+        env,
         sets: sets.to_vec(),
     };
     let (experiment, found) =

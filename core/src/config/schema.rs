@@ -115,7 +115,8 @@ impl Default for ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// Files, folders or globs of training documents (text or JSON lines).
+    /// Files, folders or globs of training documents (text or JSON lines). By default the
+    /// real corpora that scripts/fetch-assets.sh downloads (Shakespeare, the Brown corpus).
     pub train: Vec<String>,
     /// Held-out documents; empty = carve `validation_fraction` out of `train`.
     pub validation: Vec<String>,
@@ -137,7 +138,10 @@ pub struct DataSection {
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
-            train: Vec::new(),
+            train: vec![
+                "@assets/corpora/shakespeare".into(),
+                "@assets/corpora/brown".into(),
+            ],
             validation: Vec::new(),
             validation_fraction: 0.02,
             format: "auto".into(),
@@ -206,7 +210,7 @@ pub struct TrainSection {
     pub eval_every: u64,
     pub eval_batches: usize,
     pub log_every: u64,
-    /// The training objective: `ntp`, `online-dpo`, `rf-nll`, `sft`, `mixture`.
+    /// The training objective: `ntp`, `online-dpo`, `rf-nll` or `sft` (see `sipt plugins list`).
     pub objective: PluginTable,
 }
 
@@ -264,8 +268,6 @@ impl Default for EvalSection {
 pub struct TrackingSection {
     /// Metrics always go to `metrics.jsonl` in the run directory; this adds W&B.
     pub wandb: WandbSection,
-    /// Write TensorBoard event files too.
-    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -253,6 +253,46 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
             out.push(problem(key, what.into()));
         }
     }
+    if e.data.train.is_empty() {
+        out.push(problem(
+            "data.train",
+            "no training data: list files, folders or globs (e.g. [\"@assets/corpora/shakespeare\"])".into(),
+        ));
+    }
+    if e.sip.rewrite && e.rewriter.is_none() {
+        out.push(problem(
+            "sip.rewrite",
+            "rewrites are asked for but there is no [rewriter] table".into(),
+        ));
+    }
+    if m.path.is_empty() && m.max_position > 0 {
+        // Rotary tables cover max_position positions; every sequence must fit.
+        let candidates = e.train.objective.name != "ntp";
+        let judged_eval = !e.judges.is_empty() && e.train.eval_every > 0;
+        for (key, len, used) in [
+            ("data.seq_len", e.data.seq_len, true),
+            (
+                "data.prefix_max_tokens",
+                e.data.prefix_max_tokens + e.data.suffix_tokens,
+                candidates,
+            ),
+            (
+                "eval.max_new_tokens",
+                e.data.prefix_max_tokens + e.eval.max_new_tokens,
+                judged_eval,
+            ),
+        ] {
+            if used && len > m.max_position {
+                out.push(problem(
+                    key,
+                    format!(
+                        "sequences of {len} tokens do not fit model.max_position = {}",
+                        m.max_position
+                    ),
+                ));
+            }
+        }
+    }
     if e.data.prefix_min_tokens > e.data.prefix_max_tokens {
         out.push(problem(
             "data.prefix_min_tokens",
@@ -328,6 +368,24 @@ pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem
     ));
 
     let mut problems = Vec::new();
+    // The win-rate judge must compare (pairwise); a pointwise one would give no win rate.
+    if let Some(table) = e.judges.get(&e.eval.judge) {
+        if registry
+            .find(PluginKind::PairwiseJudge, &table.name)
+            .is_none()
+            && registry
+                .find(PluginKind::PointwiseJudge, &table.name)
+                .is_some()
+        {
+            problems.push(resolved.problem(
+                &["eval".into(), "judge".into()],
+                format!(
+                    "judge '{}' is pointwise; win rates need a pairwise judge",
+                    e.eval.judge
+                ),
+            ));
+        }
+    }
     for (path, kinds, table) in tables {
         let entry = kinds.iter().find_map(|k| registry.find(*k, &table.name));
         let Some(entry) = entry else {

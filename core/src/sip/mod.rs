@@ -29,8 +29,8 @@ use crate::train::optim::{cosine_lr, AdamW};
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use sipt_api::{
-    CandidateScores, Counters, Curriculum, Instance, PairwiseItem, PairwiseJudge, PluginKind,
-    PointwiseItem, PointwiseJudge, Progress, RewardFn, RewriteItem, Rewriter, Source, StepPlan,
+    CandidateScores, Curriculum, Instance, PairwiseItem, PairwiseJudge, PluginKind, PointwiseItem,
+    PointwiseJudge, Progress, RewardFn, RewriteItem, Rewriter, Source, StepPlan,
 };
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -195,6 +195,9 @@ struct FixedInputs<'a> {
     batch: usize,
     suffix_tokens: usize,
     seed: u64,
+    /// Whether pools hold rewrites and originals at all (the experiment's base plan).
+    rewrite: bool,
+    original: bool,
 }
 
 fn fixed_half(inp: &FixedInputs, step: u64) -> Fixed {
@@ -213,7 +216,8 @@ fn fixed_half(inp: &FixedInputs, step: u64) -> Fixed {
 
     let started = Instant::now();
     let mut rewrite_failures = 0;
-    let rewrites: Vec<Option<(String, Vec<u32>)>> = match &inp.plugins.rewriter {
+    let rewriter = inp.plugins.rewriter.as_ref().filter(|_| inp.rewrite);
+    let rewrites: Vec<Option<(String, Vec<u32>)>> = match rewriter {
         None => vec![None; cuts.len()],
         Some(r) => {
             let items: Vec<RewriteItem> = prefixes
@@ -251,11 +255,13 @@ fn fixed_half(inp: &FixedInputs, step: u64) -> Fixed {
     let started = Instant::now();
     let mut items = Vec::new();
     for (i, (p, s)) in prefixes.iter().zip(&suffixes).enumerate() {
-        items.push(PointwiseItem {
-            prefix: p.clone(),
-            candidate: s.clone(),
-            reference: Some(s.clone()),
-        });
+        if inp.original {
+            items.push(PointwiseItem {
+                prefix: p.clone(),
+                candidate: s.clone(),
+                reference: Some(s.clone()),
+            });
+        }
         if let Some((text, _)) = &rewrites[i] {
             items.push(PointwiseItem {
                 prefix: p.clone(),
@@ -269,7 +275,11 @@ fn fixed_half(inp: &FixedInputs, step: u64) -> Fixed {
     let scores = rewrites
         .iter()
         .map(|r| {
-            let original = judged.next().unwrap_or_default();
+            let original = if inp.original {
+                judged.next().unwrap_or_default()
+            } else {
+                ScoreMap::new()
+            };
             let rewrite = r.as_ref().map(|_| judged.next().unwrap_or_default());
             (original, rewrite)
         })
@@ -314,13 +324,6 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     let mean = xs.iter().sum::<f64>() / n;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
     (mean, var.sqrt())
-}
-
-fn counters_delta(before: &Counters, after: &Counters) -> Counters {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .collect()
 }
 
 /// Train with a candidate-based objective (online DPO, RF-NLL, SFT, ...).
@@ -402,6 +405,10 @@ pub fn train(
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
     }
     let mut sink = crate::tracking::Tracker::open(e, run, resume.as_ref().map(|(_, s)| s.step))?;
+    crate::metrics::drop_rows_after(
+        &run.file(SAMPLES_FILE),
+        resume.as_ref().map(|(_, s)| s.step).unwrap_or(0),
+    )?;
     let mut samples = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -428,6 +435,8 @@ pub fn train(
         batch: t.batch_size,
         suffix_tokens: e.data.suffix_tokens,
         seed: e.experiment.seed,
+        rewrite: base.rewrite,
+        original: base.original,
     };
     let mut eos: Vec<u32> = policy
         .model
@@ -471,12 +480,6 @@ pub fn train(
                 mean_reward: averages.mean_reward.clone(),
             };
             let plan = plugins.curriculum.plan(&progress, &base);
-            let counters_before: Vec<Counters> = plugins
-                .pointwise
-                .iter()
-                .map(|(_, j)| j.counters())
-                .chain(plugins.pairwise.iter().map(|(_, j)| j.counters()))
-                .collect();
 
             // 3. Rollouts.
             let sampled_at = Instant::now();
@@ -737,6 +740,7 @@ pub fn train(
                     loss = &loss + ntp * ntp_weight;
                 }
             }
+            let weighted_loss = loss.double_value(&[]);
             let mut grad_norm = 0.0;
             let updated = loss.requires_grad();
             if updated {
@@ -745,6 +749,7 @@ pub fn train(
                 optimizer.step(lr);
                 optimizer.zero_grad();
             }
+            let inputs_ntp = inputs.ntp.as_ref().map(|t| t.double_value(&[]));
             drop(inputs);
             if let (Some(r), Some(update)) = (reference.as_mut(), needs.reference) {
                 match update {
@@ -804,6 +809,11 @@ pub fn train(
             for (name, value) in &terms.metrics {
                 row.set(name.clone(), *value);
             }
+            // The objective's terms, then the loss actually optimized (curriculum weights applied).
+            row.set("loss/total", weighted_loss);
+            if let Some(ntp) = &inputs_ntp {
+                row.set("loss/ntp", *ntp);
+            }
             let mut all_calls = 0usize;
             for (name, (calls, failures)) in &judge_stats {
                 row.set(format!("judge/{name}/calls"), *calls as f64)
@@ -818,14 +828,27 @@ pub fn train(
                 "judge/pairwise_calls_per_prefix",
                 pairwise_calls as f64 / pools.len().max(1) as f64,
             );
-            let counters_after = plugins
+            // The plugins' own counters, cumulative since the run started (rates such as cache
+            // hits or order agreement are read from them; they are not per-step deltas because the
+            // prefetch thread works on the next step concurrently).
+            for (name, counters) in plugins
                 .pointwise
                 .iter()
-                .map(|(n, j)| (n, j.counters()))
-                .chain(plugins.pairwise.iter().map(|(n, j)| (n, j.counters())));
-            for ((name, after), before) in counters_after.zip(&counters_before) {
-                for (k, v) in counters_delta(before, &after) {
-                    row.set(format!("judge/{name}/{k}"), v);
+                .map(|(n, j)| (n.as_str(), j.counters()))
+                .chain(
+                    plugins
+                        .pairwise
+                        .iter()
+                        .map(|(n, j)| (n.as_str(), j.counters())),
+                )
+            {
+                for (k, v) in counters {
+                    row.set(format!("judge/{name}/total/{k}"), v);
+                }
+            }
+            if let Some(r) = &plugins.rewriter {
+                for (k, v) in r.counters() {
+                    row.set(format!("rewriter/total/{k}"), v);
                 }
             }
             for source in Source::ALL {
