@@ -306,3 +306,75 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         "threads": tch::get_num_threads(),
     }))
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TournamentBench {
+    /// Candidates per pool.
+    #[arg(long, default_value_t = 16)]
+    pub pool: usize,
+    #[arg(long, default_value_t = 200)]
+    pub pools: usize,
+    /// Judge noise: P(first wins) = sigmoid((q_first - q_second) / noise), qualities in [0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    pub noise: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Calls and rank agreement (Kendall's tau with all-pairs, and with the hidden truth) of every
+/// tournament design, with a simulated noisy judge whose verdicts are fixed per pair.
+pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
+    use crate::sip::tournament::{kendall_tau, run, Design, Match};
+    let mut rng = crate::rng::SplitMix::new(b.seed);
+    let quality: Vec<Vec<f64>> = (0..b.pools)
+        .map(|_| (0..b.pool).map(|_| rng.next_f64()).collect())
+        .collect();
+    // One fixed draw per unordered pair, so every design faces the same judge.
+    let verdict = |p: usize, a: usize, c: usize| -> f64 {
+        let (lo, hi) = (a.min(c), a.max(c));
+        let mut r = crate::rng::SplitMix::derive(b.seed, (p * 1_000_003 + lo) as u64, hi as u64);
+        let prob = 1.0 / (1.0 + (-(quality[p][lo] - quality[p][hi]) / b.noise).exp());
+        let lo_wins = if r.next_f64() < prob { 1.0 } else { 0.0 };
+        if a == lo {
+            lo_wins
+        } else {
+            1.0 - lo_wins
+        }
+    };
+    let sizes = vec![b.pool; b.pools];
+    let pivots = vec![Some(0); b.pools];
+    let mut results = Vec::new();
+    let mut all_pairs_scores = Vec::new();
+    for design in [Design::AllPairs, Design::Pivot, Design::Swiss, Design::Sort] {
+        let mut referee = |ms: &[Match]| {
+            ms.iter()
+                .map(|&(p, a, c)| Some(verdict(p, a, c)))
+                .collect::<Vec<_>>()
+        };
+        let out = run(
+            design,
+            &sizes,
+            &pivots,
+            &mut referee,
+            &mut crate::rng::SplitMix::new(b.seed ^ 7),
+        );
+        if design == Design::AllPairs {
+            all_pairs_scores = out.scores.clone();
+        }
+        let tau = |reference: &dyn Fn(usize) -> Vec<Option<f64>>| {
+            let taus: Vec<f64> = (0..b.pools)
+                .filter_map(|p| kendall_tau(&out.scores[p], &reference(p)))
+                .collect();
+            taus.iter().sum::<f64>() / taus.len().max(1) as f64
+        };
+        results.push(serde_json::json!({
+            "tournament": format!("{design:?}"),
+            "calls_per_pool": out.calls as f64 / b.pools as f64,
+            "tau_vs_all_pairs": tau(&|p| all_pairs_scores[p].clone()),
+            "tau_vs_truth": tau(&|p| quality[p].iter().map(|&q| Some(q)).collect()),
+            "pool": b.pool,
+            "noise": b.noise,
+        }));
+    }
+    Ok(results)
+}

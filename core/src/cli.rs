@@ -88,6 +88,8 @@ enum BenchCommand {
     Rollouts(crate::bench::RolloutBench),
     /// One online-DPO SIP step: sample, trivial reward, policy and reference log-probs, update.
     SipStep(crate::bench::SipStepBench),
+    /// Tournament designs: judge calls per pool and rank agreement with all-pairs.
+    Tournaments(crate::bench::TournamentBench),
 }
 
 #[derive(Subcommand, Debug)]
@@ -342,6 +344,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 BenchCommand::Train(t) => crate::bench::train(&t)?,
                 BenchCommand::Rollouts(r) => crate::bench::rollouts(&r)?,
                 BenchCommand::SipStep(s) => crate::bench::sip_step(&s)?,
+                BenchCommand::Tournaments(t) => {
+                    for line in crate::bench::tournaments(&t)? {
+                        println!("{line}");
+                    }
+                    return Ok(());
+                }
             };
             println!("{result}");
             Ok(())
