@@ -11,7 +11,7 @@ use crate::registry::Registry;
 use crate::rundir::{RunDir, CHECKPOINTS_DIR, METRICS_FILE};
 use crate::tokenizer::{self, Tokenizer};
 use crate::train::checkpoint::{self, TrainState};
-use crate::train::optim::{cosine_lr, AdamW};
+use crate::train::optim::cosine_lr;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -352,25 +352,7 @@ fn train_ntp(
     let t = &e.train;
     let len = e.data.seq_len + 1;
     let mut windows = Windows::new(&corpus.train, len, e.experiment.seed, e.data.shuffle)?;
-    let mut optimizer = AdamW::new(
-        policy.vs.variables().into_iter().collect(),
-        t.beta1,
-        t.beta2,
-        t.weight_decay,
-    );
-    let mut state = TrainState {
-        step: 0,
-        tokens: 0,
-        data: windows.position,
-        seed: e.experiment.seed,
-        extra: serde_json::Value::Null,
-    };
-    if let Some((dir, saved)) = &resume {
-        optimizer.load(&dir.join(checkpoint::OPTIMIZER))?;
-        windows.seek(saved.data);
-        state = saved.clone();
-        tracing::info!("resuming from {} (step {})", dir.display(), state.step);
-    }
+    let (mut optimizer, mut state) = crate::train::start(e, &policy, &mut windows, &resume)?;
     let mut sink = crate::tracking::Tracker::open(e, run, resume.as_ref().map(|(_, s)| s.step))?;
     let checkpoints = run.path().join(CHECKPOINTS_DIR);
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;

@@ -24,8 +24,8 @@ use crate::rng::SplitMix;
 use crate::rundir::{RunDir, CHECKPOINTS_DIR, METRICS_FILE};
 use crate::sample::{continuation_logprobs, generate, Sampling};
 use crate::tokenizer::Tokenizer;
-use crate::train::checkpoint::{self, TrainState};
-use crate::train::optim::{cosine_lr, AdamW};
+use crate::train::checkpoint;
+use crate::train::optim::cosine_lr;
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use sipt_api::{
@@ -359,12 +359,7 @@ pub fn train(
         e.experiment.seed,
         e.data.shuffle,
     )?;
-    let mut optimizer = AdamW::new(
-        policy.vs.variables().into_iter().collect(),
-        t.beta1,
-        t.beta2,
-        t.weight_decay,
-    );
+    let (mut optimizer, mut state) = crate::train::start(e, &policy, &mut windows, &resume)?;
     let mut reference = match needs.reference {
         Some(_) => {
             let mut r = Policy::from_scratch(policy.model.config.clone(), device);
@@ -383,26 +378,16 @@ pub fn train(
         run,
         resume.is_some(),
     )?;
-    let mut state = TrainState {
-        step: 0,
-        tokens: 0,
-        data: windows.position,
-        seed: e.experiment.seed,
-        extra: serde_json::Value::Null,
-    };
+
     let mut averages = Averages::default();
     if let Some((dir, saved)) = &resume {
-        optimizer.load(&dir.join(checkpoint::OPTIMIZER))?;
         if let Some(r) = reference.as_mut() {
             let ref_dir = dir.join(checkpoint::REFERENCE_DIR);
             if ref_dir.exists() {
                 r.load_weights(&ref_dir)?;
             }
         }
-        windows.seek(saved.data);
-        state = saved.clone();
         averages = serde_json::from_value(saved.extra.clone()).unwrap_or_default();
-        tracing::info!("resuming from {} (step {})", dir.display(), state.step);
     }
     let mut sink = crate::tracking::Tracker::open(e, run, resume.as_ref().map(|(_, s)| s.step))?;
     crate::metrics::drop_rows_after(
