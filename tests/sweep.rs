@@ -56,9 +56,12 @@ fn grid_sweep_runs_reports_and_resumes() {
     let out = run(sipt()
         .args(["sweep"])
         .arg(&file)
-        .args(["--jobs", "2", "--out"])
+        .args(["--jobs", "2", "--status-every", "0.5", "--out"])
         .arg(&out_dir));
     assert_eq!(out.code, 0, "{}", out.stderr);
+    // Live status lines name each running trial (not a terminal: plain lines).
+    assert!(out.stderr.contains("sweep: 0/2 finished"), "{}", out.stderr);
+    assert!(out.stderr.contains("  rollouts-1: "), "{}", out.stderr);
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("sweep.json")).unwrap())
             .unwrap();
@@ -72,6 +75,27 @@ fn grid_sweep_runs_reports_and_resumes() {
     );
     let csv = std::fs::read_to_string(out_dir.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3);
+    // PNG plots of the key curves, one line per trial, linked from the table.
+    for plot in [
+        "loss-total.png",
+        "reward-original-mean.png",
+        "reward-rollout-mean.png",
+        "chosen-rollout.png",
+    ] {
+        let png = std::fs::read(out_dir.join("plots").join(plot))
+            .unwrap_or_else(|e| panic!("{plot}: {e}"));
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{plot} is not a PNG");
+        assert!(table.contains(&format!("](plots/{plot})")), "{table}");
+    }
+    // Each trial's progress file says it finished all its steps.
+    let out = run(sipt().arg("status").arg(&out_dir));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("2 done, 0 failed"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("rollouts-2  done     2/2 steps, loss"),
+        "{}",
+        out.stdout
+    );
     for t in ["rollouts-1", "rollouts-2"] {
         assert!(out_dir.join(t).join("metrics.jsonl").exists());
         assert!(out_dir.join(t).join("experiment.toml").exists());

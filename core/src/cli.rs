@@ -32,8 +32,13 @@ enum Command {
     Run(RunArgs),
     /// Run the trials of an experiment's [sweep] (grid, zip, random), one directory each.
     Sweep(SweepArgs),
-    /// Rebuild the results table of a sweep (results.md, results.csv), or summarize a run.
+    /// Rebuild the results of a sweep or a run: results.md, results.csv and PNG plots in plots/.
     Report {
+        /// A sweep directory or a run directory.
+        dir: PathBuf,
+    },
+    /// Where a sweep's trials (or a run) stand: status, steps, loss, reward, ETA.
+    Status {
         /// A sweep directory or a run directory.
         dir: PathBuf,
     },
@@ -179,15 +184,23 @@ struct SweepArgs {
     /// CUDA devices to hand out, one per running trial (e.g. 0,1).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<usize>,
-    /// Where trials run. Only `local` is available in this build.
-    #[arg(long, default_value = "local", value_parser = ["local"])]
-    executor: String,
-    /// Continue the sweep in --out: skip finished trials, rerun failed or interrupted ones.
+    /// Where trials run: `local` child processes or a `slurm` job array (resources from
+    /// [sweep.slurm]). Default: the file's `sweep.executor`, else local.
+    #[arg(long, value_parser = ["local", "slurm"])]
+    executor: Option<String>,
+    /// Continue the sweep in --out: skip finished trials, rerun failed or interrupted ones
+    /// (from their last checkpoint). Under Slurm, attach to the sweep's job if it still runs.
     #[arg(long, requires = "out")]
     resume: bool,
-    /// Stop launching trials after the first failure.
+    /// Stop launching trials after the first failure (Slurm: cancel the job array).
     #[arg(long)]
     fail_fast: bool,
+    /// Slurm: submit the job array and return; `sipt status DIR` follows it.
+    #[arg(long)]
+    detach: bool,
+    /// Seconds between status lines of the running trials when not on a terminal.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    status_every: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -224,6 +237,11 @@ impl Failure {
             code: 1,
             message: message.into(),
         }
+    }
+
+    /// A command line that cannot work (exit 2, like clap's own usage errors).
+    pub fn usage(message: String) -> Self {
+        Failure { code: 2, message }
     }
 }
 
@@ -362,11 +380,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     .sweep
                     .as_ref()
                     .is_some_and(|s| s.fail_fast);
+            let kind = match args.executor.as_deref().unwrap_or_else(|| {
+                resolved
+                    .experiment
+                    .sweep
+                    .as_ref()
+                    .map(|s| s.executor.as_str())
+                    .unwrap_or("local")
+            }) {
+                "slurm" => crate::sweep::Kind::Slurm,
+                _ => crate::sweep::Kind::Local,
+            };
+            if args.detach && kind != crate::sweep::Kind::Slurm {
+                return Err(Failure::usage(
+                    "error: --detach needs the Slurm executor (--executor slurm)".into(),
+                ));
+            }
             let executor = crate::sweep::Executor {
+                kind,
                 jobs: args.jobs,
                 devices: args.devices.clone(),
                 fail_fast,
                 resume: args.resume,
+                detach: args.detach,
+                status_every: args.status_every,
             };
             run_sweep(
                 &resolved,
@@ -375,6 +412,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 &executor,
                 &cli.plugins,
             )
+        }
+        Command::Status { dir } => {
+            print!("{}", crate::sweep::monitor::describe(&dir)?);
+            Ok(())
         }
         Command::Report { dir } => {
             let md = crate::sweep::report(&dir)?;
@@ -390,6 +431,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (resolved, registry) = load(&args.file, &cli.plugins)?;
             if resolved.experiment.sweep.is_some() {
                 let executor = crate::sweep::Executor {
+                    kind: match resolved
+                        .experiment
+                        .sweep
+                        .as_ref()
+                        .map(|s| s.executor.as_str())
+                    {
+                        Some("slurm") => crate::sweep::Kind::Slurm,
+                        _ => crate::sweep::Kind::Local,
+                    },
+                    detach: false,
+                    status_every: 30.0,
                     jobs: 1,
                     devices: Vec::new(),
                     fail_fast: resolved

@@ -356,7 +356,8 @@ fn train_ntp(
     let mut sink = crate::tracking::Tracker::open(e, run, resume.as_ref().map(|(_, s)| s.step))?;
     let checkpoints = run.path().join(CHECKPOINTS_DIR);
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
-    let progress = Progress::new(t.steps, state.step, t.log_every);
+    let progress = Progress::new(t.steps, state.step, t.log_every).with_status_file(run.path());
+    let mut last_summary = String::new();
     let periodic = crate::eval::Periodic::new(
         e,
         plugins,
@@ -404,13 +405,11 @@ fn train_ntp(
         let last = state.step == t.steps;
         periodic.maybe_run(state.step, last, &policy, &tokenizer, &mut row, &progress);
         sink.log(&row)?;
-        progress.step(
-            state.step,
-            &format!(
-                "loss {loss_sum:.4}, {:.0} tok/s",
-                tokens_per_step as f64 / seconds
-            ),
+        last_summary = format!(
+            "loss {loss_sum:.4}, {:.0} tok/s",
+            tokens_per_step as f64 / seconds
         );
+        progress.step(state.step, &last_summary);
         if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
             let dir = checkpoint::save(
                 &checkpoints,
@@ -424,7 +423,7 @@ fn train_ntp(
             progress.note(&format!("checkpoint {}", dir.display()));
         }
     }
-    progress.finish();
+    progress.finish(state.step, &last_summary);
     sink.finish(true)?;
     println!(
         "finished {} steps; metrics in {}, final model in {}",

@@ -293,7 +293,7 @@ impl Default for WandbSection {
 
 /// A sweep over configuration keys: grid (cartesian product), zip (lists walked together) and
 /// seeded random samples, combined.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SweepSection {
     /// key path → values; every combination is a trial.
@@ -305,6 +305,52 @@ pub struct SweepSection {
     pub samples: usize,
     pub seed: u64,
     pub fail_fast: bool,
+    /// Where trials run: `local` (child processes) or `slurm` (one job array).
+    /// `sipt sweep --executor` overrides it.
+    pub executor: String,
+    /// Resources and limits of each trial under the Slurm executor.
+    pub slurm: SlurmSection,
+}
+
+impl Default for SweepSection {
+    fn default() -> Self {
+        SweepSection {
+            grid: BTreeMap::new(),
+            zip: BTreeMap::new(),
+            random: BTreeMap::new(),
+            samples: 0,
+            seed: 0,
+            fail_fast: false,
+            executor: "local".into(),
+            slurm: SlurmSection::default(),
+        }
+    }
+}
+
+/// `[sweep.slurm]`: how the job array asks for resources. Every trial gets the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmSection {
+    /// `--partition`; empty: the cluster's default partition.
+    pub partition: String,
+    /// Wall-clock limit per trial (`--time`) in Slurm's notation: `MM`, `MM:SS`, `HH:MM:SS`,
+    /// `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; empty: the partition's default.
+    pub time: String,
+    /// GPUs per trial (`--gres=gpu:N`).
+    pub gpus: u32,
+    /// CPU cores per trial (`--cpus-per-task`); 0: the cluster's default.
+    pub cpus: u32,
+    /// Memory per trial (`--mem`), e.g. `16G`; empty: the cluster's default.
+    pub mem: String,
+    /// At most this many trials at once (`--array=...%N`); 0: no limit.
+    pub max_parallel: u32,
+    /// `--account`, `--qos`; empty: none.
+    pub account: String,
+    pub qos: String,
+    /// Further `sbatch` options, e.g. `["--constraint=a100", "--exclusive"]`.
+    pub sbatch_args: Vec<String>,
+    /// Shell lines run before each trial (e.g. `module load cuda`).
+    pub setup: Vec<String>,
 }
 
 /// A plugin choice: `type = "name"` plus that plugin's own options, which the plugin checks.

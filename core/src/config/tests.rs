@@ -168,3 +168,32 @@ fn set_replaces_a_whole_table() {
         Origin::Set
     );
 }
+
+#[test]
+fn slurm_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "exp.toml",
+        "[sweep]\nexecutor = \"slurn\"\ngrid = { \"experiment.seed\" = [0, 1] }\n\n[sweep.slurm]\ntime = \"2 hours\"\nmem = \"16 GB\"\npartition = \"gpu a\"\nsbatch_args = [\"exclusive\"]\ngpu = 1\n",
+    );
+    let problems = resolve(&file, &[]).err().unwrap();
+    let text = problems.to_string();
+    assert_eq!(problems.0.len(), 6, "{text}");
+    for want in [
+        "exp.toml:2: sweep.executor = \"slurn\": expected one of: local, slurm; did you mean 'slurm'?",
+        "exp.toml:6: sweep.slurm.time = \"2 hours\": expected a Slurm time limit",
+        "exp.toml:7: sweep.slurm.mem = \"16 GB\"",
+        "exp.toml:8: sweep.slurm.partition = \"gpu a\"",
+        "sweep.slurm.sbatch_args.0 = \"exclusive\"",
+        "unknown key 'gpu'; did you mean 'gpus'?",
+    ] {
+        assert!(text.contains(want), "{want} not in\n{text}");
+    }
+    for ok in ["30", "30:00", "02:00:00", "1-0", "1-12:00", "2-00:00:00"] {
+        assert!(super::validate::slurm_time_ok(ok), "{ok}");
+    }
+    for bad in ["", "1:2:3:4", "a", "1-", "-1", "1-1:2:3:4"] {
+        assert!(!super::validate::slurm_time_ok(bad), "{bad}");
+    }
+}

@@ -331,6 +331,47 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
         &["off", "offline", "live"],
         &mut problems,
     );
+    if let Some(sweep) = &e.sweep {
+        check_choice(
+            resolved,
+            "sweep.executor",
+            &sweep.executor,
+            &["local", "slurm"],
+            &mut problems,
+        );
+        let s = &sweep.slurm;
+        if !s.time.is_empty() && !slurm_time_ok(&s.time) {
+            problems.push(problem(
+                "sweep.slurm.time",
+                "expected a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+                    .into(),
+            ));
+        }
+        if !s.mem.is_empty() && !slurm_mem_ok(&s.mem) {
+            problems.push(problem(
+                "sweep.slurm.mem",
+                "expected a memory size: a whole number with an optional K, M, G or T unit (e.g. 16G)".into(),
+            ));
+        }
+        for (i, arg) in s.sbatch_args.iter().enumerate() {
+            if !arg.starts_with('-') || arg.contains('\n') {
+                problems.push(problem(
+                    &format!("sweep.slurm.sbatch_args.{i}"),
+                    "expected one sbatch option starting with '-' on one line (e.g. --exclusive)"
+                        .into(),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("sweep.slurm.partition", &s.partition),
+            ("sweep.slurm.account", &s.account),
+            ("sweep.slurm.qos", &s.qos),
+        ] {
+            if value.contains(|c: char| c.is_whitespace() || c.is_control()) {
+                problems.push(problem(key, "expected a name without spaces".into()));
+            }
+        }
+    }
     if !e.eval.judge.is_empty() && !e.judges.contains_key(&e.eval.judge) {
         let names: Vec<&str> = e.judges.keys().map(String::as_str).collect();
         let hint = suggest::hint(&e.eval.judge, names.iter().copied());
@@ -341,6 +382,29 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
     }
     out.extend(problems);
     out
+}
+
+/// Slurm's `--time` formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+/// days-hours:minutes, days-hours:minutes:seconds.
+pub fn slurm_time_ok(text: &str) -> bool {
+    let number = |s: &str| !s.is_empty() && s.len() <= 6 && s.bytes().all(|b| b.is_ascii_digit());
+    let (days, rest) = match text.split_once('-') {
+        Some((d, r)) => (Some(d), r),
+        None => (None, text),
+    };
+    if days.is_some_and(|d| !number(d)) {
+        return false;
+    }
+    let parts: Vec<&str> = rest.split(':').collect();
+    parts.iter().all(|p| number(p)) && (1..=3).contains(&parts.len())
+}
+
+/// `--mem` sizes: digits with an optional K/M/G/T unit.
+pub fn slurm_mem_ok(text: &str) -> bool {
+    let digits = text.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
+    text.len() - digits.len() <= 1
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Check every plugin table against the registry: the `type` names a registered plugin of the

@@ -431,7 +431,8 @@ pub fn train(
         .map(|x| x as u32)
         .collect();
     eos.extend(tokenizer.eos);
-    let bar = Bar::new(t.steps, state.step, t.log_every);
+    let bar = Bar::new(t.steps, state.step, t.log_every).with_status_file(run.path());
+    let mut last_summary = String::new();
     tracing::info!(
         "SIP training: {} steps of {} prefixes, objective {}, {} pointwise and {} pairwise judge(s), tournament {}",
         t.steps,
@@ -868,14 +869,12 @@ pub fn train(
                 .get("reward/rollout/mean")
                 .map(|r| format!(", rollout reward {r:.3}"))
                 .unwrap_or_default();
-            bar.step(
-                state.step,
-                &format!(
-                    "loss {:.4}{rollout_reward}, {:.1}s/step",
-                    row.get("loss/total").unwrap_or(f64::NAN),
-                    step_started.elapsed().as_secs_f64()
-                ),
+            last_summary = format!(
+                "loss {:.4}{rollout_reward}, {:.1}s/step",
+                row.get("loss/total").unwrap_or(f64::NAN),
+                step_started.elapsed().as_secs_f64()
             );
+            bar.step(state.step, &last_summary);
             state.extra = serde_json::to_value(&averages).unwrap_or_default();
             if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
                 let dir = checkpoint::save(
@@ -895,7 +894,7 @@ pub fn train(
         }
         Ok(())
     })?;
-    bar.finish();
+    bar.finish(state.step, &last_summary);
     sink.finish(true)?;
     println!(
         "finished {} steps; metrics in {}, samples in {}, final model in {}",

@@ -1,23 +1,30 @@
 //! Sweeps: a `[sweep]` table turns one experiment file into trials — a grid over any keys
-//! (plugin choices included), lists zipped together, and seeded random draws — run by the local
-//! executor as separate `sipt run` processes, one directory per trial.
+//! (plugin choices included), lists zipped together, and seeded random draws — each run as a
+//! separate `sipt run` process in its own directory, by the local executor (child processes)
+//! or the Slurm executor (one job array).
 //!
 //! The sweep directory holds `sweep.json` (the definition's fingerprint and each trial's
 //! status, rewritten atomically), one folder per trial (with its own complete
 //! `experiment.toml`, so any trial can be rerun alone), and at the end `results.md` and
-//! `results.csv`. `--resume` skips finished trials, reruns failed or interrupted ones, and
+//! `results.csv` plus PNG plots of the key curves across trials. `--resume` skips finished
+//! trials, reruns failed or interrupted ones (continuing from their last checkpoint), and
 //! refuses a sweep whose definition changed.
 
+mod local;
+pub mod monitor;
+pub mod plots;
+mod report;
+pub mod slurm;
+
+pub use report::report;
+
 use crate::config::{to_toml, Resolved, SweepSection};
-use crate::metrics;
 use crate::rng::SplitMix;
 use crate::rundir::write_atomic;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// One trial: its name and the overrides that make it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +178,8 @@ pub fn trial_config(
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pending,
+    /// Submitted to a scheduler, waiting for resources.
+    Queued,
     Running,
     Done,
     Failed,
@@ -190,25 +199,66 @@ pub struct SweepState {
     /// Fingerprint of every trial's resolved configuration.
     pub definition: String,
     pub trials: Vec<TrialState>,
+    /// `local` or `slurm`.
+    #[serde(default = "local_name")]
+    pub executor: String,
+    /// Slurm job arrays submitted for this sweep, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slurm_jobs: Vec<slurm::Job>,
+}
+
+fn local_name() -> String {
+    "local".into()
+}
+
+impl SweepState {
+    /// Read a sweep directory's `sweep.json`.
+    pub fn read(dir: &Path) -> Result<SweepState> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))
+    }
 }
 
 pub const STATE_FILE: &str = "sweep.json";
 pub const TRIAL_CONFIG: &str = "experiment.toml";
 
-fn save_state(dir: &Path, state: &SweepState) -> Result<()> {
+pub(crate) fn save_state(dir: &Path, state: &SweepState) -> Result<()> {
     write_atomic(
         &dir.join(STATE_FILE),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )
 }
 
+/// Where trials run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Local,
+    Slurm,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Local => "local",
+            Kind::Slurm => "slurm",
+        }
+    }
+}
+
 /// How to run the trials.
 pub struct Executor {
+    pub kind: Kind,
     pub jobs: usize,
     /// CUDA devices handed out one per running trial (`experiment.device = "cuda:N"`).
     pub devices: Vec<usize>,
     pub fail_fast: bool,
     pub resume: bool,
+    /// Slurm: submit and return without tracking the job.
+    pub detach: bool,
+    /// Seconds between status lines when not on a terminal.
+    pub status_every: f64,
 }
 
 /// Run a sweep into `dir`. Returns the number of failed trials.
@@ -248,10 +298,10 @@ pub fn run(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let state_path = dir.join(STATE_FILE);
     let mut state = if executor.resume {
-        let text = std::fs::read_to_string(&state_path)
-            .with_context(|| format!("cannot resume: {} has no {STATE_FILE}", dir.display()))?;
-        let state: SweepState = serde_json::from_str(&text)
-            .with_context(|| format!("{} is damaged", state_path.display()))?;
+        if !state_path.exists() {
+            bail!("cannot resume: {} has no {STATE_FILE}", dir.display());
+        }
+        let state = SweepState::read(dir)?;
         if state.definition != fingerprint {
             bail!(
                 "cannot resume {}: the sweep's definition changed since it started (its trials' configurations differ)",
@@ -276,232 +326,51 @@ pub fn run(
                     seconds: 0.0,
                 })
                 .collect(),
+            executor: executor.kind.name().into(),
+            slurm_jobs: Vec::new(),
         }
     };
+    if executor.resume && state.executor != executor.kind.name() {
+        bail!(
+            "cannot resume {} with the {} executor: it was started with the {} executor",
+            dir.display(),
+            executor.kind.name(),
+            state.executor
+        );
+    }
     for (t, config) in state.trials.iter_mut().zip(&configs) {
         let tdir = dir.join(&t.trial.name);
         std::fs::create_dir_all(&tdir)?;
         write_atomic(&tdir.join(TRIAL_CONFIG), config.as_bytes())?;
-        if t.status == Status::Running || t.status == Status::Failed {
-            t.status = Status::Pending; // interrupted or failed before: run again
-        }
     }
     save_state(dir, &state)?;
-    let exe = std::env::current_exe().context("cannot find the sipt executable")?;
-    let jobs = executor.jobs.max(1);
-    let mut running: Vec<(usize, Child, Instant, Option<usize>)> = Vec::new();
-    let mut free_devices = executor.devices.clone();
-    let total = state.trials.len();
-    let mut stop_launching = false;
-    tracing::info!(
-        "sweep of {total} trial(s) in {}, {jobs} at a time",
-        dir.display()
-    );
-    loop {
-        // Launch while there is room.
-        while !stop_launching && running.len() < jobs {
-            let Some(i) = state
-                .trials
-                .iter()
-                .position(|t| t.status == Status::Pending)
-            else {
-                break;
-            };
-            let tdir = dir.join(&state.trials[i].trial.name);
-            let resume_trial = tdir.join(crate::rundir::CONFIG_FILE).exists();
-            let device = if executor.devices.is_empty() {
-                None
-            } else {
-                free_devices.pop()
-            };
-            let mut cmd = Command::new(&exe);
-            cmd.arg("run")
-                .arg(tdir.join(TRIAL_CONFIG))
-                .arg("--out")
-                .arg(&tdir);
-            for p in plugins {
-                cmd.arg("--plugin").arg(p);
-            }
-            if resume_trial {
-                cmd.arg("--resume");
-            }
-            if let Some(d) = device {
-                cmd.args(["--set", &format!("experiment.device=cuda:{d}")]);
-            }
-            let log = std::fs::File::create(tdir.join("log.txt"))?;
-            cmd.stdout(Stdio::from(log.try_clone()?))
-                .stderr(Stdio::from(log));
-            let child = cmd.spawn().context("cannot start a trial")?;
-            state.trials[i].status = Status::Running;
-            save_state(dir, &state)?;
-            tracing::info!(
-                "trial {} started{}",
-                state.trials[i].trial.name,
-                if resume_trial { " (resuming)" } else { "" }
-            );
-            running.push((i, child, Instant::now(), device));
-        }
-        if running.is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let mut k = 0;
-        while k < running.len() {
-            let finished = running[k].1.try_wait()?;
-            match finished {
-                None => k += 1,
-                Some(status) => {
-                    let (i, _, started, device) = running.swap_remove(k);
-                    if let Some(d) = device {
-                        free_devices.push(d);
-                    }
-                    let t = &mut state.trials[i];
-                    t.seconds = started.elapsed().as_secs_f64();
-                    if status.success() {
-                        t.status = Status::Done;
-                        tracing::info!("trial {} done in {:.0}s", t.trial.name, t.seconds);
-                    } else {
-                        t.status = Status::Failed;
-                        let log = dir.join(&t.trial.name).join("log.txt");
-                        let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                        let last = tail
-                            .lines()
-                            .rev()
-                            .find(|l| !l.trim().is_empty())
-                            .unwrap_or("");
-                        tracing::error!(
-                            "trial {} failed: {last} (log: {})",
-                            t.trial.name,
-                            log.display()
-                        );
-                        if executor.fail_fast {
-                            stop_launching = true;
-                        }
-                    }
-                    save_state(dir, &state)?;
-                    let done = state
-                        .trials
-                        .iter()
-                        .filter(|t| matches!(t.status, Status::Done | Status::Failed))
-                        .count();
-                    tracing::info!("sweep: {done}/{total} trials finished");
-                }
+    let mut monitor = monitor::Monitor::new(dir, state.trials.len(), executor.status_every);
+    match executor.kind {
+        Kind::Local => local::run(dir, &mut state, executor, plugins, &mut monitor)?,
+        Kind::Slurm => {
+            let name = &resolved.experiment.experiment.name;
+            let finished = slurm::run(
+                dir,
+                &mut state,
+                &sweep.slurm,
+                name,
+                executor,
+                plugins,
+                &mut monitor,
+            )?;
+            if !finished {
+                // Detached: the job runs on; `sipt status` follows it, `--resume` attaches.
+                return Ok(0);
             }
         }
     }
+    monitor.finish(&state);
     report(dir)?;
     Ok(state
         .trials
         .iter()
         .filter(|t| t.status != Status::Done)
         .count())
-}
-
-/// Final and best value of each metric worth comparing, per trial.
-fn summarize(rows: &[metrics::Row]) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let wanted = |k: &str| {
-        k.starts_with("eval/") && !k.ends_with("failures")
-            || k.starts_with("loss/")
-            || k.starts_with("chosen/")
-            || (k.starts_with("reward/") && k.ends_with("/mean"))
-            || k == "judge/calls_per_prefix"
-            || k == "time/step"
-    };
-    let mut keys: Vec<&String> = rows
-        .iter()
-        .flat_map(|r| r.values.keys())
-        .filter(|k| wanted(k))
-        .collect();
-    keys.sort();
-    keys.dedup();
-    for key in keys {
-        let values: Vec<f64> = rows.iter().filter_map(|r| r.get(key)).collect();
-        if let Some(last) = values.last() {
-            out.insert(format!("{key} (final)"), *last);
-        }
-        if key.starts_with("eval/") {
-            let lower_is_better = key.ends_with("loss") || key.ends_with("perplexity");
-            let best = values
-                .iter()
-                .copied()
-                .fold(None, |acc: Option<f64>, v| match acc {
-                    Some(a) if (lower_is_better && a <= v) || (!lower_is_better && a >= v) => {
-                        Some(a)
-                    }
-                    _ => Some(v),
-                });
-            if let Some(b) = best {
-                out.insert(format!("{key} (best)"), b);
-            }
-        }
-    }
-    out
-}
-
-/// Write `results.md` and `results.csv` for a sweep directory, or summarize one run.
-pub fn report(dir: &Path) -> Result<String> {
-    let state_path = dir.join(STATE_FILE);
-    let runs: Vec<(String, String, PathBuf)> = if state_path.exists() {
-        let state: SweepState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
-            .with_context(|| format!("{} is damaged", state_path.display()))?;
-        state
-            .trials
-            .iter()
-            .map(|t| {
-                let status = format!("{:?}", t.status).to_lowercase();
-                (t.trial.name.clone(), status, dir.join(&t.trial.name))
-            })
-            .collect()
-    } else if dir.join(crate::rundir::METRICS_FILE).exists() {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        vec![(name, "run".into(), dir.to_path_buf())]
-    } else {
-        bail!(
-            "{} is neither a sweep directory ({STATE_FILE}) nor a run ({})",
-            dir.display(),
-            crate::rundir::METRICS_FILE
-        );
-    };
-    let mut table: Vec<(String, String, BTreeMap<String, f64>)> = Vec::new();
-    for (name, status, path) in runs {
-        let rows = metrics::read(&path.join(crate::rundir::METRICS_FILE)).unwrap_or_default();
-        table.push((name, status, summarize(&rows)));
-    }
-    let mut columns: Vec<String> = table
-        .iter()
-        .flat_map(|(_, _, m)| m.keys().cloned())
-        .collect();
-    columns.sort();
-    columns.dedup();
-    let mut md = format!(
-        "# Results: {}\n\n| trial | status | {} |\n|---|---|{}\n",
-        dir.display(),
-        columns.join(" | "),
-        "---|".repeat(columns.len())
-    );
-    let mut csv = format!(
-        "trial,status,{}\n",
-        columns
-            .iter()
-            .map(|c| format!("\"{c}\""))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    for (name, status, m) in &table {
-        let cells: Vec<String> = columns
-            .iter()
-            .map(|c| m.get(c).map(|v| format!("{v:.4}")).unwrap_or_default())
-            .collect();
-        md.push_str(&format!("| {name} | {status} | {} |\n", cells.join(" | ")));
-        csv.push_str(&format!("{name},{status},{}\n", cells.join(",")));
-    }
-    write_atomic(&dir.join("results.md"), md.as_bytes())?;
-    write_atomic(&dir.join("results.csv"), csv.as_bytes())?;
-    Ok(md)
 }
 
 #[cfg(test)]

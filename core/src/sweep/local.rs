@@ -1,0 +1,132 @@
+//! The local executor: trials as `sipt run` child processes, `jobs` at a time, one CUDA device
+//! each when devices are given.
+
+use super::monitor::Monitor;
+use super::{save_state, Executor, Status, SweepState, TRIAL_CONFIG};
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The last non-empty line of a trial's log, to show with its failure.
+pub(super) fn last_log_line(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string()
+}
+
+pub(super) fn run(
+    dir: &Path,
+    state: &mut SweepState,
+    executor: &Executor,
+    plugins: &[PathBuf],
+    monitor: &mut Monitor,
+) -> Result<()> {
+    for t in state.trials.iter_mut() {
+        if matches!(t.status, Status::Running | Status::Queued | Status::Failed) {
+            t.status = Status::Pending; // interrupted or failed before: run again
+        }
+    }
+    save_state(dir, state)?;
+    let exe = std::env::current_exe().context("cannot find the sipt executable")?;
+    let jobs = executor.jobs.max(1);
+    let mut running: Vec<(usize, Child, Instant, Option<usize>)> = Vec::new();
+    let mut free_devices = executor.devices.clone();
+    let mut stop_launching = false;
+    monitor.event(&format!(
+        "sweep of {} trial(s) in {}, {jobs} at a time",
+        state.trials.len(),
+        dir.display()
+    ));
+    loop {
+        // Launch while there is room.
+        while !stop_launching && running.len() < jobs {
+            let Some(i) = state
+                .trials
+                .iter()
+                .position(|t| t.status == Status::Pending)
+            else {
+                break;
+            };
+            let tdir = dir.join(&state.trials[i].trial.name);
+            let resume_trial = tdir.join(crate::rundir::CONFIG_FILE).exists();
+            let device = if executor.devices.is_empty() {
+                None
+            } else {
+                free_devices.pop()
+            };
+            let mut cmd = Command::new(&exe);
+            cmd.arg("run")
+                .arg(tdir.join(TRIAL_CONFIG))
+                .arg("--out")
+                .arg(&tdir);
+            for p in plugins {
+                cmd.arg("--plugin").arg(p);
+            }
+            if resume_trial {
+                cmd.arg("--resume");
+            }
+            if let Some(d) = device {
+                cmd.args(["--set", &format!("experiment.device=cuda:{d}")]);
+            }
+            let log = std::fs::File::create(tdir.join("log.txt"))?;
+            cmd.stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log));
+            let child = cmd.spawn().context("cannot start a trial")?;
+            state.trials[i].status = Status::Running;
+            save_state(dir, state)?;
+            monitor.event(&format!(
+                "trial {} started{}{}",
+                state.trials[i].trial.name,
+                if resume_trial { " (resuming)" } else { "" },
+                device.map(|d| format!(" on cuda:{d}")).unwrap_or_default()
+            ));
+            running.push((i, child, Instant::now(), device));
+        }
+        monitor.update(state);
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mut k = 0;
+        while k < running.len() {
+            let finished = running[k].1.try_wait()?;
+            match finished {
+                None => k += 1,
+                Some(status) => {
+                    let (i, _, started, device) = running.swap_remove(k);
+                    if let Some(d) = device {
+                        free_devices.push(d);
+                    }
+                    let t = &mut state.trials[i];
+                    t.seconds = started.elapsed().as_secs_f64();
+                    if status.success() {
+                        t.status = Status::Done;
+                        monitor.event(&format!(
+                            "trial {} done in {}",
+                            t.trial.name,
+                            crate::progress::duration(t.seconds)
+                        ));
+                    } else {
+                        t.status = Status::Failed;
+                        let log = dir.join(&t.trial.name).join("log.txt");
+                        monitor.error(&format!(
+                            "trial {} failed: {} (log: {})",
+                            t.trial.name,
+                            last_log_line(&log),
+                            log.display()
+                        ));
+                        if executor.fail_fast {
+                            stop_launching = true;
+                        }
+                    }
+                    save_state(dir, state)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
