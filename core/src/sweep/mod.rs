@@ -53,7 +53,7 @@ fn short(value: &toml::Value) -> String {
         .collect()
 }
 
-fn trial_name(overrides: &[(String, toml::Value)]) -> String {
+pub(crate) fn trial_name(overrides: &[(String, toml::Value)]) -> String {
     // A sweep that names its trials (experiment.name) is taken at its word.
     if let Some((_, toml::Value::String(name))) =
         overrides.iter().find(|(k, _)| k == "experiment.name")

@@ -126,6 +126,26 @@ pub fn write(out: &Path, runs: &[(String, Vec<Row>)]) -> Result<Vec<(String, Str
     Ok(drawn)
 }
 
+/// Ten well-separated colours, then the library's palette.
+fn color(i: usize) -> RGBAColor {
+    const TEN: [(u8, u8, u8); 10] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ];
+    match TEN.get(i) {
+        Some(&(r, g, b)) => RGBColor(r, g, b).to_rgba(),
+        None => Palette99::pick(i).to_rgba(),
+    }
+}
+
 fn chart(path: &Path, key: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for (_, points) in series {
@@ -157,12 +177,13 @@ fn chart(path: &Path, key: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(
         .map_err(|e| anyhow!("{e:?}"))?;
     c.configure_mesh()
         .x_desc("step")
+        .x_label_formatter(&|x| format!("{}", x.round() as i64))
         .y_desc(key)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| anyhow!("{e:?}"))?;
     for (i, (name, points)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         if points.len() < 3 {
             // A single evaluation point would be invisible as a line.
             c.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))

@@ -56,8 +56,10 @@ fn summarize(rows: &[metrics::Row]) -> BTreeMap<String, f64> {
 /// Write `results.md` and `results.csv` for a sweep directory, or summarize one run.
 pub fn report(dir: &Path) -> Result<String> {
     let state_path = dir.join(STATE_FILE);
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     let runs: Vec<(String, String, PathBuf)> = if state_path.exists() {
         let state = SweepState::read(dir)?;
+        groups = seed_groups(&state);
         state
             .trials
             .iter()
@@ -114,6 +116,9 @@ pub fn report(dir: &Path) -> Result<String> {
         md.push_str(&format!("| {name} | {status} | {} |\n", cells.join(" | ")));
         csv.push_str(&format!("{name},{status},{}\n", cells.join(",")));
     }
+    if !groups.is_empty() {
+        md.push_str(&grouped_table(&groups, &table, &columns));
+    }
     match super::plots::write(&dir.join(PLOTS_DIR), &curves) {
         Ok(drawn) if !drawn.is_empty() => {
             md.push_str("\n## Plots\n\n");
@@ -127,4 +132,97 @@ pub fn report(dir: &Path) -> Result<String> {
     write_atomic(&dir.join("results.md"), md.as_bytes())?;
     write_atomic(&dir.join("results.csv"), csv.as_bytes())?;
     Ok(md)
+}
+
+/// Trials that differ only in `experiment.seed`, grouped (in order of first appearance) under
+/// the name the other overrides give them. Empty when the sweep does not vary the seed.
+fn seed_groups(state: &SweepState) -> Vec<(String, Vec<usize>)> {
+    const SEED: &str = "experiment.seed";
+    let seeds: std::collections::BTreeSet<String> = state
+        .trials
+        .iter()
+        .filter_map(|t| t.trial.overrides.iter().find(|(k, _)| k == SEED))
+        .map(|(_, v)| v.to_string())
+        .collect();
+    if seeds.len() < 2 {
+        return Vec::new();
+    }
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, t) in state.trials.iter().enumerate() {
+        let rest: Vec<(String, toml::Value)> = t
+            .trial
+            .overrides
+            .iter()
+            .filter(|(k, _)| k != SEED)
+            .cloned()
+            .collect();
+        let name = if rest.is_empty() {
+            "all".to_string()
+        } else {
+            super::trial_name(&rest)
+        };
+        match groups.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((name, vec![i])),
+        }
+    }
+    groups
+}
+
+/// Mean ± sample standard deviation over seeds of each metric, for finished trials.
+fn grouped_table(
+    groups: &[(String, Vec<usize>)],
+    table: &[(String, String, BTreeMap<String, f64>)],
+    columns: &[String],
+) -> String {
+    let mut md = format!(
+        "\n## Mean ± standard deviation over seeds (finished trials)\n\n| group | seeds | {} |\n|---|---|{}\n",
+        columns.join(" | "),
+        "---|".repeat(columns.len())
+    );
+    for (name, members) in groups {
+        let done: Vec<&BTreeMap<String, f64>> = members
+            .iter()
+            .filter(|&&i| table[i].1 == "done")
+            .map(|&i| &table[i].2)
+            .collect();
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let values: Vec<f64> = done.iter().filter_map(|m| m.get(c).copied()).collect();
+                mean_sd(&values)
+            })
+            .collect();
+        md.push_str(&format!(
+            "| {name} | {} | {} |\n",
+            done.len(),
+            cells.join(" | ")
+        ));
+    }
+    md
+}
+
+/// "0.1234 ± 0.0100"; one value alone has no spread.
+fn mean_sd(values: &[f64]) -> String {
+    match values.len() {
+        0 => String::new(),
+        1 => format!("{:.4}", values[0]),
+        n => {
+            let mean = values.iter().sum::<f64>() / n as f64;
+            let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            format!("{mean:.4} ± {:.4}", var.sqrt())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_over_seeds() {
+        assert_eq!(mean_sd(&[]), "");
+        assert_eq!(mean_sd(&[2.0]), "2.0000");
+        assert_eq!(mean_sd(&[1.0, 2.0, 3.0]), "2.0000 ± 1.0000");
+    }
 }
