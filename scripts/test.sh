@@ -16,7 +16,7 @@ fi
 # A real single-node Slurm for the Slurm executor's tests (Debian slurm-wlm + munge, installed
 # and started by scripts/slurm-local.sh). SIPT_SKIP_SLURM=1 runs the suite without it.
 if [ "${SIPT_SKIP_SLURM:-0}" != 1 ]; then
-    eval "export $(scripts/slurm-local.sh start)"
-    export SIPT_REQUIRE_SLURM=1
+    slurm_env="$(scripts/slurm-local.sh start)"
+    export "${slurm_env?}" SIPT_REQUIRE_SLURM=1
 fi
 cargo test --workspace "$@"

@@ -31,7 +31,6 @@ pub(super) fn run(
         }
     }
     save_state(dir, state)?;
-    let exe = std::env::current_exe().context("cannot find the sipt executable")?;
     let jobs = executor.jobs.max(1);
     let mut running: Vec<(usize, Child, Instant, Option<usize>)> = Vec::new();
     let mut free_devices = executor.devices.clone();
@@ -58,7 +57,7 @@ pub(super) fn run(
             } else {
                 free_devices.pop()
             };
-            let mut cmd = Command::new(&exe);
+            let mut cmd = Command::new(super::sipt_exe()?);
             cmd.arg("run")
                 .arg(tdir.join(TRIAL_CONFIG))
                 .arg("--out")

@@ -231,6 +231,28 @@ pub(crate) fn save_state(dir: &Path, state: &SweepState) -> Result<()> {
     )
 }
 
+/// The `sipt` binary trials are started with. When the binary was rebuilt or reinstalled while
+/// the sweep runs, Linux reports this process's file as "... (deleted)"; new trials then use the
+/// file now at that path, with a warning.
+pub(crate) fn sipt_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the sipt executable")?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let text = exe.to_string_lossy();
+    if let Some(path) = text.strip_suffix(" (deleted)") {
+        let path = PathBuf::from(path);
+        if path.exists() {
+            tracing::warn!(
+                "{} changed since this sweep started; new trials run the new binary",
+                path.display()
+            );
+            return Ok(path);
+        }
+    }
+    bail!("the sipt executable {} is gone", exe.display())
+}
+
 /// Where trials run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

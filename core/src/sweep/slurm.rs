@@ -269,7 +269,7 @@ fn submit(
     plugins: &[PathBuf],
 ) -> Result<Job> {
     let launch = Launch {
-        exe: std::env::current_exe().context("cannot find the sipt executable")?,
+        exe: super::sipt_exe()?,
         workdir: std::env::current_dir().context("cannot read the current directory")?,
         plugins: plugins
             .iter()
