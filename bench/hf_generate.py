@@ -27,10 +27,12 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (after a short warm-up run)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="weights' type")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     model.eval()
     vocab = model.config.vocab_size
     rng = random.Random(1)

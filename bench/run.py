@@ -180,6 +180,9 @@ def main():
                     help="intra-op threads for every process (sipt gets OMP_NUM_THREADS); default: all "
                          "cores, libtorch's default. On a machine shared with other jobs, 1 thread avoids "
                          "OpenMP barrier stalls that hit both sides")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also measure bf16 weights for rollouts (sipt and HF) and sipt's SIP step "
+                         "with bf16 sampling")
     ap.add_argument("--out", default=None, help="JSON-lines log of every run (default: /tmp/sipt-bench-<time>.jsonl)")
     a = ap.parse_args()
     only = set(a.only.split(","))
@@ -246,6 +249,9 @@ def main():
                 s, h = rollout_cmds(p, k)
                 add(f"roll/{p}x{k}/sipt", run_json(s, log, f"roll/{p}x{k}/sipt"))
                 add(f"roll/{p}x{k}/hf", run_json(h, log, f"roll/{p}x{k}/hf"))
+                if a.bf16:
+                    add(f"roll/{p}x{k}/sipt-bf16", run_json(s + ["--dtype", "bf16"], log, f"roll/{p}x{k}/sipt-bf16"))
+                    add(f"roll/{p}x{k}/hf-bf16", run_json(h + ["--dtype", "bf16"], log, f"roll/{p}x{k}/hf-bf16"))
                 # Prefill alone (one new token), to split sipt's time into prefill and decoding.
                 s1, _ = rollout_cmds(p, k, new_tokens=1)
                 add(f"roll/{p}x{k}/sipt-prefill", run_json(s1, log, f"roll/{p}x{k}/sipt-prefill"))
@@ -272,6 +278,8 @@ def main():
             quiet.wait(f"dpo round {rnd}")
             if sip_cmd:
                 add("dpo/sipt", run_json(sip_cmd, log, "dpo/sipt"))
+                if a.bf16:
+                    add("dpo/sipt-bf16", run_json(sip_cmd + ["--sample-dtype", "bf16"], log, "dpo/sipt-bf16"))
             add("dpo/trl", run_json(trl_cmd, log, "dpo/trl"))
 
     # ---------------------------------------------------------------- summary
@@ -317,6 +325,13 @@ def main():
             h = med(vals(f"{base}/hf", "generated_tokens_per_second"))
             print(f"| rollouts tok/s, {p} prefix(es) x {k}, 256-token prefix, 128 new | {fmt(s)} | {fmt(h)} | "
                   f"{fmt(ratios(f'{base}/sipt', f'{base}/hf', 'generated_tokens_per_second'), '.2f')}x | >= 4x |")
+            if a.bf16:
+                sb = med(vals(f"{base}/sipt-bf16", "generated_tokens_per_second"))
+                hb = med(vals(f"{base}/hf-bf16", "generated_tokens_per_second"))
+                print(f"| rollouts tok/s, {p} x {k}, sipt bf16 weights vs HF f32 | {fmt(sb)} | {fmt(h)} | "
+                      f"{fmt(ratios(f'{base}/sipt-bf16', f'{base}/hf', 'generated_tokens_per_second'), '.2f')}x | >= 4x |")
+                print(f"| rollouts tok/s, {p} x {k}, sipt bf16 vs HF bf16 | {fmt(sb)} | {fmt(hb)} | "
+                      f"{fmt(ratios(f'{base}/sipt-bf16', f'{base}/hf-bf16', 'generated_tokens_per_second'), '.2f')}x | - |")
     if "dpo" in only:
         s = med(vals("dpo/sipt", "step_seconds"))
         t = med(vals("dpo/trl", "step_seconds"))
@@ -324,6 +339,11 @@ def main():
         print(f"| SIP step s/step, 4 prompts x 2 x 64 tokens (lower is better) | "
               f"{fmt(s, '.2f') if R.get('dpo/sipt') else 'skipped'} | {fmt(t, '.2f')} | "
               f"{fmt(ratio, '.2f') + 'x faster' if ratio else 'n/a'} | >= 5x faster |")
+        if a.bf16 and R.get("dpo/sipt-bf16"):
+            sb = med(vals("dpo/sipt-bf16", "step_seconds"))
+            rb = ratios("dpo/sipt-bf16", "dpo/trl", "step_seconds", invert=True)
+            print(f"| SIP step s/step, sipt sampling with bf16 weights vs TRL | {fmt(sb, '.2f')} | {fmt(t, '.2f')} | "
+                  f"{fmt(rb, '.2f') + 'x faster' if rb else 'n/a'} | >= 5x faster |")
 
     if "rollouts" in only and bounds and peak:
         print("\nDecoding against the machine bound (16 rows, weights read once per step; bound = "

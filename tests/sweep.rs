@@ -133,3 +133,167 @@ fn grid_sweep_runs_reports_and_resumes() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out_dir.join("results.md").exists());
 }
+
+fn long_ntp(dir: &std::path::Path, steps: u32) -> std::path::PathBuf {
+    write(
+        dir,
+        "long.toml",
+        &format!(
+            r#"[experiment]
+name = "long"
+device = "cpu"
+threads = 1
+
+[model]
+vocab_size = 512
+hidden_size = 32
+layers = 1
+heads = 2
+kv_heads = 1
+intermediate_size = 64
+max_position = 64
+
+[data]
+train = ["@assets/corpora/shakespeare"]
+seq_len = 16
+
+[train]
+steps = {steps}
+batch_size = 2
+eval_every = 0
+checkpoint_every = 5
+log_every = 1
+
+[train.objective]
+type = "ntp"
+
+[sweep]
+grid = {{ "experiment.seed" = [3] }}
+"#
+        ),
+    )
+}
+
+fn progress_step(run: &std::path::Path) -> (u64, u32) {
+    std::fs::read_to_string(run.join("progress.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap_or(0),
+                v["pid"].as_u64().unwrap_or(0) as u32,
+            )
+        })
+        .unwrap_or((0, 0))
+}
+
+fn wait_for_step(run: &std::path::Path, step: u64) -> u32 {
+    let started = std::time::Instant::now();
+    loop {
+        let (s, pid) = progress_step(run);
+        if s >= step {
+            return pid;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "{} did not reach step {step}",
+            run.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn a_killed_sweep_takes_its_trials_along_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 1500;
+    let file = long_ntp(dir.path(), steps);
+    let out_dir = dir.path().join("sweep");
+    let mut sweep = sipt()
+        .arg("sweep")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_dir)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let trial = out_dir.join("seed-3");
+    let pid = wait_for_step(&trial, 12);
+    sweep.kill().unwrap(); // SIGKILL: nothing of the sweep runs after this
+    sweep.wait().unwrap();
+    let started = std::time::Instant::now();
+    while alive(pid) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the trial outlived its sweep"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let state = std::fs::read_to_string(out_dir.join("sweep.json")).unwrap();
+    assert!(state.contains("\"running\""), "{state}");
+
+    let out = run(sipt()
+        .arg("sweep")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--resume"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("(resuming)"), "{}", out.stderr);
+    let steps_logged: Vec<u64> = std::fs::read_to_string(trial.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps_logged, (1..=steps as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_run_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = long_ntp(dir.path(), 3000);
+    // The same experiment without its [sweep] table, as a plain run.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let plain = write(
+        dir.path(),
+        "plain.toml",
+        &text[..text.find("[sweep]").unwrap()],
+    );
+    let run_dir = dir.path().join("run");
+    let mut first = sipt()
+        .arg("run")
+        .arg(&plain)
+        .arg("--out")
+        .arg(&run_dir)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = wait_for_step(&run_dir, 2);
+    let second = run(sipt()
+        .arg("run")
+        .arg(&plain)
+        .arg("--out")
+        .arg(&run_dir)
+        .arg("--resume"));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert!(
+        second
+            .stderr
+            .contains(&format!("is in use by another sipt process (pid {pid})")),
+        "{}",
+        second.stderr
+    );
+}

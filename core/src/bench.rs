@@ -203,6 +203,10 @@ pub struct SipStepBench {
     pub warmup: usize,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Sample with the policy itself (`f32`) or with a bf16 copy refreshed every step (`bf16`,
+    /// as `sip.sample_dtype`); the copy is included in the step time.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub sample_dtype: String,
 }
 
 /// One online-DPO step as the SIP loop runs it: sample completions (shared prefill), a trivial
@@ -220,6 +224,10 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         .build_objective("online-dpo", serde_json::json!({"beta": 0.1}))
         .map_err(|e| anyhow::anyhow!(e))?;
     let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.999, 0.0);
+    let mut sampler = match b.sample_dtype.as_str() {
+        "bf16" => Some(policy.copy_as(Kind::BFloat16)?),
+        _ => None,
+    };
     let vocab = policy.model.config.vocab_size as u64;
     let mut rng = crate::rng::SplitMix::new(3);
     let prompts: Vec<Vec<u32>> = (0..b.prompts)
@@ -238,14 +246,14 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
     for i in 0..b.warmup + b.steps {
         sync(device);
         let t0 = Instant::now();
-        let out = generate(
-            &policy.model,
-            &prompts,
-            b.completions,
-            &sampling,
-            &[],
-            i as u64,
-        );
+        let model = match sampler.as_mut() {
+            Some(copy) => {
+                copy.copy_from(&policy)?;
+                &copy.model
+            }
+            None => &policy.model,
+        };
+        let out = generate(model, &prompts, b.completions, &sampling, &[], i as u64);
         let mut pre: Vec<&[u32]> = Vec::new();
         let mut chosen: Vec<&[u32]> = Vec::new();
         let mut rejected: Vec<&[u32]> = Vec::new();

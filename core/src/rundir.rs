@@ -44,9 +44,54 @@ pub fn new_run_path(experiment: &Experiment) -> Result<PathBuf> {
     Ok(candidate)
 }
 
-/// An open run directory.
+/// An open run directory. It holds an exclusive lock on the directory (`.lock`, with the
+/// holder's pid) for as long as it lives, so two processes never train into one directory —
+/// e.g. a trial left running by a killed sweep and the same trial started again on resume.
 pub struct RunDir {
     path: PathBuf,
+    _lock: DirLock,
+}
+
+pub const LOCK_FILE: &str = ".lock";
+
+/// An advisory `flock` on a directory's lock file, released when the process ends (whatever
+/// way it ends), so a crash never leaves a stale lock behind.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+fn lock_dir(dir: &Path) -> Result<DirLock> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            bail!(
+                "{} is in use by another sipt process{}; wait for it to end or stop it",
+                dir.display(),
+                if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                }
+            );
+        }
+    }
+    file.set_len(0)
+        .and_then(|_| file.write_all(std::process::id().to_string().as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(DirLock { _file: file })
 }
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -59,6 +104,12 @@ impl RunDir {
     pub fn create(path: &Path, resolved: &Resolved, resume: bool) -> Result<RunDir> {
         let config = resolved.to_toml();
         let config_path = path.join(CONFIG_FILE);
+        if resume && !path.is_dir() {
+            bail!("cannot resume: {} does not exist", path.display());
+        }
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let lock = lock_dir(path)?;
         if resume {
             let existing = std::fs::read_to_string(&config_path).with_context(|| {
                 format!("cannot resume: {} has no {CONFIG_FILE}", path.display())
@@ -77,14 +128,13 @@ impl RunDir {
                     path.display()
                 );
             }
-            std::fs::create_dir_all(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
             write_atomic(&config_path, config.as_bytes())?;
         }
         std::fs::create_dir_all(path.join(CHECKPOINTS_DIR))
             .with_context(|| format!("cannot create {}", path.join(CHECKPOINTS_DIR).display()))?;
         Ok(RunDir {
             path: path.to_path_buf(),
+            _lock: lock,
         })
     }
 

@@ -142,7 +142,13 @@ fn generate_inner(
     let k = per_prefix as i64;
 
     // Prefill every prefix once.
-    let mut cache = KvCache::new(&model.config, b, total, kind, device);
+    let mut cache = KvCache::new(
+        &model.config,
+        b,
+        total,
+        KvCache::kind_for(kind, device),
+        device,
+    );
     let prefill_mask = padded.then(|| {
         let causal = Tensor::ones([len, len], (Kind::Bool, device)).tril(0);
         let keys = valid.view([b, 1, 1, len]);

@@ -151,3 +151,56 @@ fn top_k_one_is_greedy_and_eos_stops() {
     );
     assert_eq!(stopped.tokens[0], g.tokens[0][..=first].to_vec());
 }
+
+#[test]
+fn a_bf16_copy_samples_like_the_policy_and_follows_it() {
+    let mut p = policy();
+    let mut half = p.copy_as(tch::Kind::BFloat16).unwrap();
+    for (name, v) in half.vs.variables() {
+        assert_eq!(v.kind(), tch::Kind::BFloat16, "{name}");
+    }
+    // Greedy first tokens agree with the f32 policy (the sharpened model has clear maxima),
+    // with padding and a KV cache on the way.
+    let prefixes = vec![
+        vec![3u32, 1, 4, 1, 5, 9, 2, 6],
+        vec![2u32, 7],
+        vec![50u32, 60, 70],
+    ];
+    let full = generate(&p.model, &prefixes, 1, &greedy(4), &[], 0);
+    let fast = generate(&half.model, &prefixes, 1, &greedy(4), &[], 0);
+    for r in 0..prefixes.len() {
+        assert_eq!(full.tokens[r][0], fast.tokens[r][0], "row {r}");
+    }
+    // The bf16 sampler's log-probs match the f32 scorer's on the same tokens, to bf16 precision.
+    let s = Sampling {
+        max_new_tokens: 6,
+        temperature: 1.0,
+        ..Sampling::default()
+    };
+    let out = generate(&half.model, &prefixes, 2, &s, &[], 5);
+    let pre: Vec<&[u32]> = (0..6).map(|r| prefixes[r / 2].as_slice()).collect();
+    let cont: Vec<&[u32]> = out.tokens.iter().map(|t| t.as_slice()).collect();
+    let (logp, _) = tch::no_grad(|| continuation_logprobs(&p.model, &pre, &cont));
+    for r in 0..6 {
+        let sampled: f32 = out.logprobs[r].iter().sum();
+        let scored = logp.double_value(&[r as i64]) as f32;
+        assert!(
+            (sampled - scored).abs() < 0.25 + 0.05 * scored.abs(),
+            "row {r}: bf16 sampler {sampled}, f32 scorer {scored}"
+        );
+    }
+    // After the policy changes, copy_from brings the copy up to date.
+    tch::no_grad(|| {
+        for (_, mut v) in p.vs.variables() {
+            let _ = v.g_mul_scalar_(0.0);
+        }
+    });
+    half.copy_from(&p).unwrap();
+    for (name, v) in half.vs.variables() {
+        assert_eq!(
+            v.abs().sum(tch::Kind::Float).double_value(&[]),
+            0.0,
+            "{name}"
+        );
+    }
+}

@@ -170,6 +170,10 @@ pub struct SipSection {
     pub tournament: String,
     /// Judge batch t while sampling batch t+1.
     pub overlap: bool,
+    /// Weights the rollouts are sampled with: `f32` (the policy itself) or `bf16` (a bf16 copy
+    /// of the policy, refreshed every step: about 1.6x faster decoding on a CPU with AVX-512
+    /// bf16; the update still uses the f32 policy).
+    pub sample_dtype: String,
     /// Candidates (with their judgments) written to the run directory every N steps.
     pub sample_every: u64,
 }
@@ -185,6 +189,7 @@ impl Default for SipSection {
             top_k: 0,
             tournament: "all-pairs".into(),
             overlap: true,
+            sample_dtype: "f32".into(),
             sample_every: 10,
         }
     }

@@ -312,6 +312,13 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
     );
     check_choice(
         resolved,
+        "sip.sample_dtype",
+        &e.sip.sample_dtype,
+        &["f32", "bf16"],
+        &mut problems,
+    );
+    check_choice(
+        resolved,
         "data.format",
         &e.data.format,
         &["auto", "text", "jsonl"],

@@ -61,6 +61,14 @@ impl Policy {
         Ok(policy)
     }
 
+    /// A copy of this model with its weights in `kind` (e.g. bf16 weights to sample with).
+    pub fn copy_as(&self, kind: Kind) -> Result<Policy> {
+        let mut copy = Policy::from_scratch(self.model.config.clone(), self.vs.device());
+        copy.vs.set_kind(kind);
+        copy.copy_from(self)?;
+        Ok(copy)
+    }
+
     /// Copy weights from a folder into this model's variables.
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
         let tensors = read_weights(dir)?;
@@ -119,6 +127,7 @@ impl Policy {
     }
 
     /// Copy another policy's weights into this one.
+    /// Copy `other`'s current weights into this model (converting their type).
     pub fn copy_from(&mut self, other: &Policy) -> Result<()> {
         self.vs
             .copy(&other.vs)

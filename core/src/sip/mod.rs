@@ -443,6 +443,13 @@ pub fn train(
         e.sip.tournament
     );
 
+    // Rollouts from a bf16 copy of the policy when asked (refreshed before every step's
+    // sampling); log-probs for the update always come from the policy itself.
+    let mut sampler = match e.sip.sample_dtype.as_str() {
+        "bf16" => Some(policy.copy_as(tch::Kind::BFloat16)?),
+        _ => None,
+    };
+
     std::thread::scope(|scope| -> Result<()> {
         let mut next: Option<std::thread::ScopedJoinHandle<Fixed>> = None;
         while state.step < t.steps {
@@ -479,9 +486,16 @@ pub fn train(
             };
             let k = plan.rollouts as usize;
             let rollouts = if k > 0 {
+                let model = match sampler.as_mut() {
+                    Some(copy) => {
+                        copy.copy_from(&policy)?;
+                        &copy.model
+                    }
+                    None => &policy.model,
+                };
                 autocast(device, &e.model.dtype, || {
                     generate(
-                        &policy.model,
+                        model,
                         &prefixes,
                         k,
                         &sampling,

@@ -71,6 +71,21 @@ pub(super) fn run(
             if let Some(d) = device {
                 cmd.args(["--set", &format!("experiment.device=cuda:{d}")]);
             }
+            // A trial ends with the sweep: if the sweep is killed, even by SIGKILL, its trials
+            // stop too, and `--resume` continues them from their checkpoints.
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
             let log = std::fs::File::create(tdir.join("log.txt"))?;
             cmd.stdout(Stdio::from(log.try_clone()?))
                 .stderr(Stdio::from(log));
