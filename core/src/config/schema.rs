@@ -171,8 +171,8 @@ pub struct SipSection {
     /// Judge batch t while sampling batch t+1.
     pub overlap: bool,
     /// Weights the rollouts are sampled with: `f32` (the policy itself) or `bf16` (a bf16 copy
-    /// of the policy, refreshed every step: about 1.6x faster decoding on a CPU with AVX-512
-    /// bf16; the update still uses the f32 policy).
+    /// of the policy, refreshed every step: 1.6-1.8x faster decoding on a CPU with AVX-512
+    /// BF16, see docs/benchmarks.md; the update still uses the f32 policy).
     pub sample_dtype: String,
     /// Candidates (with their judgments) written to the run directory every N steps.
     pub sample_every: u64,
