@@ -174,6 +174,9 @@ pub struct SipSection {
     /// of the policy, refreshed every step: 1.6-1.8x faster decoding on a CPU with AVX-512
     /// BF16, see docs/benchmarks.md; the update still uses the f32 policy).
     pub sample_dtype: String,
+    /// Prefixes per sampling call (each call holds its own KV cache for prefixes x rollouts
+    /// rows); 0 = all of a step's prefixes at once.
+    pub rollout_prefixes: usize,
     /// Candidates (with their judgments) written to the run directory every N steps.
     pub sample_every: u64,
 }
@@ -190,6 +193,7 @@ impl Default for SipSection {
             tournament: "all-pairs".into(),
             overlap: true,
             sample_dtype: "f32".into(),
+            rollout_prefixes: 0,
             sample_every: 10,
         }
     }
@@ -202,6 +206,9 @@ pub struct TrainSection {
     /// Sequences (NTP) or prefixes (SIP) per optimizer step.
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// SIP updates: sequences per forward/backward pass (the gradient is the same as one pass
+    /// over all of them); 0 = all at once.
+    pub micro_batch: usize,
     pub lr: f64,
     pub min_lr_ratio: f64,
     pub warmup_steps: u64,
@@ -225,6 +232,7 @@ impl Default for TrainSection {
             steps: 200,
             batch_size: 16,
             grad_accum: 1,
+            micro_batch: 0,
             lr: 1e-3,
             min_lr_ratio: 0.1,
             warmup_steps: 20,

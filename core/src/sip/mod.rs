@@ -35,7 +35,7 @@ use sipt_api::{
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Instant;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use tournament::Design;
 
 /// Independent random streams of a run.
@@ -170,6 +170,59 @@ pub fn judge_pointwise(
         stats.insert(name.clone(), (items.len(), failures));
     }
     (scores, stats)
+}
+
+/// A forward pass of a micro-batched SIP update, to run again with its graph once the loss's
+/// gradient with respect to its output (`leaf`) is known.
+enum Replay {
+    /// Summed log-probs of continuations given prefixes.
+    Sequences {
+        pre: Vec<Vec<u32>>,
+        cont: Vec<Vec<u32>>,
+        leaf: Tensor,
+    },
+    /// The mean next-token loss over a batch of rows.
+    Ntp { batch: Tensor, leaf: Tensor },
+}
+
+impl Replay {
+    /// Backpropagate `leaf`'s gradient through the model, `micro` sequences at a time.
+    fn backward(
+        &self,
+        model: &crate::model::Llama,
+        micro: usize,
+        autocast: impl Fn(&mut dyn FnMut() -> Tensor) -> Tensor,
+    ) {
+        match self {
+            Replay::Sequences { pre, cont, leaf } => {
+                let grad = leaf.grad();
+                if !grad.defined() {
+                    return;
+                }
+                for i in (0..pre.len()).step_by(micro.max(1)) {
+                    let j = (i + micro.max(1)).min(pre.len());
+                    let p: Vec<&[u32]> = pre[i..j].iter().map(Vec::as_slice).collect();
+                    let c: Vec<&[u32]> = cont[i..j].iter().map(Vec::as_slice).collect();
+                    let lp = autocast(&mut || continuation_logprobs(model, &p, &c).0);
+                    let g = grad.narrow(0, i as i64, (j - i) as i64);
+                    (lp.to_kind(Kind::Float) * g).sum(Kind::Float).backward();
+                }
+            }
+            Replay::Ntp { batch, leaf } => {
+                let grad = leaf.grad();
+                if !grad.defined() {
+                    return;
+                }
+                let rows = batch.size()[0];
+                let micro = micro.max(1) as i64;
+                for i in (0..rows).step_by(micro as usize) {
+                    let n = micro.min(rows - i);
+                    let part = autocast(&mut || model.ntp_loss(&batch.narrow(0, i, n)));
+                    (part.to_kind(Kind::Float) * (n as f64 / rows as f64) * &grad).backward();
+                }
+            }
+        }
+    }
 }
 
 /// The policy-independent half of a step.
@@ -493,16 +546,29 @@ pub fn train(
                     }
                     None => &policy.model,
                 };
-                autocast(device, &e.model.dtype, || {
-                    generate(
-                        model,
-                        &prefixes,
-                        k,
-                        &sampling,
-                        &eos,
-                        SplitMix::derive(e.experiment.seed, STREAM_ROLLOUTS, step).next_u64(),
-                    )
-                })
+                let seed = SplitMix::derive(e.experiment.seed, STREAM_ROLLOUTS, step).next_u64();
+                let per_call = match e.sip.rollout_prefixes {
+                    0 => prefixes.len().max(1),
+                    n => n,
+                };
+                let mut all = crate::sample::Generated {
+                    tokens: Vec::with_capacity(prefixes.len() * k),
+                    logprobs: Vec::with_capacity(prefixes.len() * k),
+                };
+                for (c, part) in prefixes.chunks(per_call).enumerate() {
+                    // The first call keeps the step's seed, so one call is the same as before.
+                    let seed = if c == 0 {
+                        seed
+                    } else {
+                        SplitMix::derive(seed, STREAM_ROLLOUTS, c as u64).next_u64()
+                    };
+                    let g = autocast(device, &e.model.dtype, || {
+                        generate(model, part, k, &sampling, &eos, seed)
+                    });
+                    all.tokens.extend(g.tokens);
+                    all.logprobs.extend(g.logprobs);
+                }
+                all
             } else {
                 crate::sample::Generated {
                     tokens: Vec::new(),
@@ -685,6 +751,47 @@ pub fn train(
                 nll_tokens: None,
                 ntp: None,
             };
+            // With `train.micro_batch`, log-probs are first computed without a graph, the loss
+            // is differentiated with respect to them, and each micro-batch's forward pass is
+            // then replayed with the graph and backpropagated with that gradient: the same
+            // parameter gradient as one pass, for the memory of one micro-batch.
+            let micro = t.micro_batch;
+            let mut replays: Vec<Replay> = Vec::new();
+            let mut logprobs_of = |model: &crate::model::Llama,
+                                   pre: &[&[u32]],
+                                   cont: &[&[u32]],
+                                   replay: bool|
+             -> (Tensor, Tensor) {
+                if micro == 0 {
+                    return autocast(device, &e.model.dtype, || {
+                        continuation_logprobs(model, pre, cont)
+                    });
+                }
+                let (lp, count) = tch::no_grad(|| {
+                    let parts: Vec<(Tensor, Tensor)> = (0..pre.len())
+                        .step_by(micro)
+                        .map(|i| {
+                            let j = (i + micro).min(pre.len());
+                            autocast(device, &e.model.dtype, || {
+                                continuation_logprobs(model, &pre[i..j], &cont[i..j])
+                            })
+                        })
+                        .collect();
+                    let lps: Vec<&Tensor> = parts.iter().map(|p| &p.0).collect();
+                    let counts: Vec<&Tensor> = parts.iter().map(|p| &p.1).collect();
+                    (Tensor::cat(&lps, 0), Tensor::cat(&counts, 0))
+                });
+                if !replay {
+                    return (lp, count);
+                }
+                let leaf = lp.detach().to_kind(Kind::Float).set_requires_grad(true);
+                replays.push(Replay::Sequences {
+                    pre: pre.iter().map(|x| x.to_vec()).collect(),
+                    cont: cont.iter().map(|x| x.to_vec()).collect(),
+                    leaf: leaf.shallow_clone(),
+                });
+                (leaf, count)
+            };
             if !pair_pre.is_empty() {
                 let both_pre: Vec<&[u32]> =
                     pair_pre.iter().chain(pair_pre.iter()).copied().collect();
@@ -694,25 +801,18 @@ pub fn train(
                     .copied()
                     .collect();
                 let n = pair_pre.len() as i64;
-                let (logp, _) = autocast(device, &e.model.dtype, || {
-                    continuation_logprobs(&policy.model, &both_pre, &both)
-                });
+                let (logp, _) = logprobs_of(&policy.model, &both_pre, &both, true);
                 inputs.policy_chosen = Some(logp.narrow(0, 0, n));
                 inputs.policy_rejected = Some(logp.narrow(0, n, n));
                 if let Some(r) = &reference {
-                    let (ref_logp, _) = tch::no_grad(|| {
-                        autocast(device, &e.model.dtype, || {
-                            continuation_logprobs(&r.model, &both_pre, &both)
-                        })
-                    });
+                    let (ref_logp, _) =
+                        tch::no_grad(|| logprobs_of(&r.model, &both_pre, &both, false));
                     inputs.reference_chosen = Some(ref_logp.narrow(0, 0, n));
                     inputs.reference_rejected = Some(ref_logp.narrow(0, n, n));
                 }
             }
             if !nll_pre.is_empty() {
-                let (logp, count) = autocast(device, &e.model.dtype, || {
-                    continuation_logprobs(&policy.model, &nll_pre, &nll_cont)
-                });
+                let (logp, count) = logprobs_of(&policy.model, &nll_pre, &nll_cont, true);
                 inputs.nll_logp = Some(logp);
                 inputs.nll_tokens = Some(count);
             }
@@ -728,9 +828,30 @@ pub fn train(
                 let batch = Tensor::from_slice(&ids)
                     .view([starts.len() as i64, len as i64])
                     .to_device(device);
-                inputs.ntp = Some(autocast(device, &e.model.dtype, || {
-                    policy.model.ntp_loss(&batch)
-                }));
+                let rows = starts.len() as i64;
+                inputs.ntp = Some(if micro == 0 || rows as usize <= micro {
+                    autocast(device, &e.model.dtype, || policy.model.ntp_loss(&batch))
+                } else {
+                    // The mean over rows, as micro-batch means weighted by their share.
+                    let value = tch::no_grad(|| {
+                        (0..rows)
+                            .step_by(micro)
+                            .map(|i| {
+                                let n = (micro as i64).min(rows - i);
+                                let part = autocast(device, &e.model.dtype, || {
+                                    policy.model.ntp_loss(&batch.narrow(0, i, n))
+                                });
+                                part.to_kind(Kind::Float) * (n as f64 / rows as f64)
+                            })
+                            .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b)
+                    });
+                    let leaf = value.detach().set_requires_grad(true);
+                    replays.push(Replay::Ntp {
+                        batch,
+                        leaf: leaf.shallow_clone(),
+                    });
+                    leaf
+                });
                 ntp_tokens = (t.batch_size * e.data.seq_len) as u64;
             }
             let terms = objective.loss(&inputs);
@@ -745,6 +866,11 @@ pub fn train(
             let updated = loss.requires_grad();
             if updated {
                 loss.backward();
+                for replay in &replays {
+                    replay.backward(&policy.model, micro, |f| {
+                        autocast(device, &e.model.dtype, f)
+                    });
+                }
                 grad_norm = optimizer.clip_grad_norm(t.grad_clip);
                 optimizer.step(lr);
                 optimizer.zero_grad();
