@@ -154,7 +154,7 @@ fn top_k_one_is_greedy_and_eos_stops() {
 
 #[test]
 fn a_bf16_copy_samples_like_the_policy_and_follows_it() {
-    let mut p = policy();
+    let p = policy();
     let mut half = p.copy_as(tch::Kind::BFloat16).unwrap();
     for (name, v) in half.vs.variables() {
         assert_eq!(v.kind(), tch::Kind::BFloat16, "{name}");
