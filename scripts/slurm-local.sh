@@ -20,6 +20,13 @@ stop() {
   done
 }
 
+apt_install() {
+  # Stale package lists are refreshed once if the first try fails.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
+    || { apt-get update -qq >/dev/null && \
+         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+}
+
 need_install() {
   for cmd in sbatch squeue scancel slurmctld slurmd munged; do
     command -v "$cmd" >/dev/null 2>&1 || return 0
@@ -34,8 +41,7 @@ start() {
       exit 1
     fi
     echo "slurm-local: installing slurm-wlm and munge (Debian)" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      slurm-wlm slurm-client munge >/dev/null
+    apt_install slurm-wlm slurm-client munge
   fi
   mkdir -p "$dir/state" "$dir/spool"
   # munge: one key per machine; the daemon runs as its own user.

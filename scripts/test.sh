@@ -11,7 +11,9 @@ scripts/fetch-assets.sh
 # PNG plots need a TrueType font (Debian: fonts-dejavu-core).
 if ! fc-list 2>/dev/null | grep -q . && [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] \
     && [ -z "${SIPT_PLOT_FONT:-}" ] && [ "$(id -u)" = 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fonts-dejavu-core >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fonts-dejavu-core >/dev/null \
+        || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y -qq --no-install-recommends fonts-dejavu-core >/dev/null; }
 fi
 # A real single-node Slurm for the Slurm executor's tests (Debian slurm-wlm + munge, installed
 # and started by scripts/slurm-local.sh). SIPT_SKIP_SLURM=1 runs the suite without it.
