@@ -8,4 +8,4 @@ scripts/setup.sh
 if [ -n "${SIPT_VENV:-}" ]; then export LIBTORCH="$SIPT_VENV/libtorch"; fi
 scripts/fetch-assets.sh
 cargo build --release
-exec target/release/sipt run experiments/quickstart.toml "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/sipt" run experiments/quickstart.toml "$@"
