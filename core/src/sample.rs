@@ -168,10 +168,18 @@ fn generate_inner(
     );
     let last = hidden.narrow(1, len - 1, 1).squeeze_dim(1);
     let mut logits = model.logits(&last).repeat_interleave_self_int(k, 0, None);
-    let mut cache = if k > 1 { cache.repeat_rows(k) } else { cache };
+    // K rollouts of a prefix share its prefilled keys and values (read once per prefix at
+    // every step); each row caches only its own new tokens.
+    let shared = k > 1;
+    let mut cache = if shared {
+        cache.share_rows(k, s.max_new_tokens as i64, padded.then_some(&valid))
+    } else {
+        cache
+    };
 
-    // Keys valid for every row: the prefix's own tokens, then all generated ones.
-    let key_mask = padded.then(|| {
+    // Keys valid for every row: the prefix's own tokens, then all generated ones (a shared
+    // cache carries the prefix's mask itself).
+    let key_mask = (padded && !shared).then(|| {
         Tensor::cat(
             &[
                 valid.repeat_interleave_self_int(k, 0, None),

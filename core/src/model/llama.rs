@@ -185,10 +185,30 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 }
 
 /// Keys and values of every layer, preallocated to a capacity; `len` positions are filled.
+/// A cache made by [`KvCache::share_rows`] also holds a shared prefix: its rows then hold only
+/// the positions after the prefix, and attention reads each prefix's keys and values once for
+/// all the rows that continue it.
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     len: i64,
     capacity: i64,
+    shared: Option<SharedPrefix>,
+}
+
+/// Prefill keys and values `(P, kv_heads, prefix_len, head_dim)` per layer, shared by `per`
+/// consecutive rows each; `mask (P, 1, 1, prefix_len)` is true at real (not padding) positions.
+struct SharedPrefix {
+    layers: Vec<(Tensor, Tensor)>,
+    per: i64,
+    mask: Option<Tensor>,
+}
+
+/// One layer's view of a cache during a forward pass.
+struct LayerCache<'a> {
+    kv: &'a mut (Tensor, Tensor),
+    start: i64,
+    /// The shared prefix's keys and values, rows per prefix, and padding mask.
+    shared: Option<(&'a (Tensor, Tensor), i64, Option<&'a Tensor>)>,
 }
 
 impl KvCache {
@@ -211,6 +231,44 @@ impl KvCache {
             layers,
             len: 0,
             capacity,
+            shared: None,
+        }
+    }
+
+    /// Share this (prefilled) cache's rows as prefixes of `times` rows each, which get room for
+    /// `capacity` more positions of their own. `valid (P, prefix_len)`, when the prefixes are
+    /// padded, marks their real positions. Nothing of the prefix is copied, and each decode step
+    /// reads it once per prefix instead of once per row.
+    pub fn share_rows(&self, times: i64, capacity: i64, valid: Option<&Tensor>) -> KvCache {
+        let shared = SharedPrefix {
+            layers: self
+                .layers
+                .iter()
+                .map(|(k, v)| (k.narrow(2, 0, self.len), v.narrow(2, 0, self.len)))
+                .collect(),
+            per: times,
+            mask: valid.map(|m| {
+                let (p, l) = m.size2().unwrap_or((1, 1));
+                m.view([p, 1, 1, l])
+            }),
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, _)| {
+                let (b, h, _, d) = k.size4().unwrap_or((1, 1, 1, 1));
+                let shape = [b * times, h, capacity, d];
+                (
+                    Tensor::zeros(shape, (k.kind(), k.device())),
+                    Tensor::zeros(shape, (k.kind(), k.device())),
+                )
+            })
+            .collect();
+        KvCache {
+            layers,
+            len: 0,
+            capacity,
+            shared: Some(shared),
         }
     }
 
@@ -235,40 +293,6 @@ impl KvCache {
 
     pub fn capacity(&self) -> i64 {
         self.capacity
-    }
-
-    /// Repeat every row `times` times (row i becomes rows i*times .. i*times+times-1): one
-    /// prefilled prefix becomes the shared start of several rollouts.
-    pub fn repeat_rows(&self, times: i64) -> KvCache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.repeat_interleave_self_int(times, 0, None),
-                    v.repeat_interleave_self_int(times, 0, None),
-                )
-            })
-            .collect();
-        KvCache {
-            layers,
-            len: self.len,
-            capacity: self.capacity,
-        }
-    }
-
-    /// Keep only the given rows (e.g. unfinished sequences).
-    pub fn select_rows(&self, rows: &Tensor) -> KvCache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| (k.index_select(0, rows), v.index_select(0, rows)))
-            .collect();
-        KvCache {
-            layers,
-            len: self.len,
-            capacity: self.capacity,
-        }
     }
 }
 
@@ -302,7 +326,7 @@ impl Attention {
         xs: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
-        cache: Option<(&mut (Tensor, Tensor), i64)>,
+        cache: Option<LayerCache>,
     ) -> Tensor {
         let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
         let q = self
@@ -322,8 +346,27 @@ impl Attention {
             .transpose(1, 2);
         let q = apply_rope(&q, &rope.0, &rope.1);
         let k = apply_rope(&k, &rope.0, &rope.1);
+        if let Some(LayerCache {
+            kv: (ck, cv),
+            start,
+            shared: Some((prefix, per, prefix_mask)),
+        }) = cache
+        {
+            ck.narrow(2, start, t).copy_(&k);
+            cv.narrow(2, start, t).copy_(&v);
+            let own = (ck.narrow(2, 0, start + t), cv.narrow(2, 0, start + t));
+            let y = shared_prefix_attention(&q.to_kind(ck.kind()), prefix, &own, per, prefix_mask)
+                .transpose(1, 2)
+                .reshape([b, t, self.heads * self.head_dim])
+                .to_kind(xs.kind());
+            return self.o.forward(&y);
+        }
         let (q, k, v) = match cache {
-            Some(((ck, cv), start)) => {
+            Some(LayerCache {
+                kv: (ck, cv),
+                start,
+                ..
+            }) => {
                 ck.narrow(2, start, t).copy_(&k);
                 cv.narrow(2, start, t).copy_(&v);
                 // The cache may hold a wider type than the weights (f32 for a bf16 model on a
@@ -359,6 +402,53 @@ impl Attention {
             .to_kind(xs.kind());
         self.o.forward(&y)
     }
+}
+
+/// Attention of one new position per row, `q (R, H, 1, D)`, over a shared prefix
+/// (`prefix`: keys and values `(P, KV, Lp, D)`, rows `p*per .. (p+1)*per` continue prefix `p`;
+/// `prefix_mask (P, 1, 1, Lp)` true at real positions) followed by each row's own positions
+/// (`own`: `(R, KV, S, D)`, all valid). One softmax over both parts. Returns `(R, H, 1, D)`.
+fn shared_prefix_attention(
+    q: &Tensor,
+    prefix: &(Tensor, Tensor),
+    own: &(Tensor, Tensor),
+    per: i64,
+    prefix_mask: Option<&Tensor>,
+) -> Tensor {
+    let (r, h, _, d) = q.size4().unwrap_or((1, 1, 1, 1));
+    let (p, kv, lp, _) = prefix.0.size4().unwrap_or((1, 1, 1, 1));
+    let g = h / kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    // Query head kv*g + i uses key/value head kv (grouped-query attention).
+    let q_rows = q.reshape([r, kv, g, d]);
+    // All rows of a prefix against its keys at once: (P, KV, per*G, Lp).
+    let q_prefix = q_rows
+        .view([p, per, kv, g, d])
+        .permute([0, 2, 1, 3, 4])
+        .reshape([p, kv, per * g, d]);
+    let mut s_prefix = q_prefix.matmul(&prefix.0.transpose(-1, -2)) * scale;
+    if let Some(m) = prefix_mask {
+        s_prefix = s_prefix.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+    }
+    let s_prefix = s_prefix
+        .view([p, kv, per, g, lp])
+        .permute([0, 2, 1, 3, 4])
+        .reshape([r, kv, g, lp]);
+    let s_own = q_rows.matmul(&own.0.transpose(-1, -2)) * scale;
+    let probs = Tensor::cat(&[&s_prefix, &s_own], -1).softmax(-1, q.kind());
+    let p_prefix = probs
+        .narrow(-1, 0, lp)
+        .view([p, per, kv, g, lp])
+        .permute([0, 2, 1, 3, 4])
+        .reshape([p, kv, per * g, lp]);
+    let o_prefix = p_prefix
+        .matmul(&prefix.1)
+        .view([p, kv, per, g, d])
+        .permute([0, 2, 1, 3, 4])
+        .reshape([r, kv, g, d]);
+    let s = own.0.size()[2];
+    let o_own = probs.narrow(-1, lp, s).matmul(&own.1);
+    (o_prefix + o_own).reshape([r, h, 1, d])
 }
 
 struct Mlp {
@@ -508,7 +598,14 @@ impl Llama {
         );
         let mut x = Tensor::embedding(&self.embed, batch.ids, -1, false, false);
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], start));
+            let layer_cache = cache.as_mut().map(|c| LayerCache {
+                kv: &mut c.layers[i],
+                start,
+                shared: c
+                    .shared
+                    .as_ref()
+                    .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
+            });
             let h = block.attn.forward(
                 &block.input_norm.forward(&x),
                 &rope,
