@@ -224,10 +224,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         .build_objective("online-dpo", serde_json::json!({"beta": 0.1}))
         .map_err(|e| anyhow::anyhow!(e))?;
     let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.999, 0.0);
-    let mut sampler = match b.sample_dtype.as_str() {
-        "bf16" => Some(policy.copy_as(Kind::BFloat16)?),
-        _ => None,
-    };
+    let mut sampler = crate::model::Sampler::new(&policy, &b.sample_dtype)?;
     let vocab = policy.model.config.vocab_size as u64;
     let mut rng = crate::rng::SplitMix::new(3);
     let prompts: Vec<Vec<u32>> = (0..b.prompts)
@@ -246,13 +243,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
     for i in 0..b.warmup + b.steps {
         sync(device);
         let t0 = Instant::now();
-        let model = match sampler.as_mut() {
-            Some(copy) => {
-                copy.copy_from(&policy)?;
-                &copy.model
-            }
-            None => &policy.model,
-        };
+        let model = sampler.model(&policy)?;
         let out = generate(model, &prompts, b.completions, &sampling, &[], i as u64);
         let mut pre: Vec<&[u32]> = Vec::new();
         let mut chosen: Vec<&[u32]> = Vec::new();

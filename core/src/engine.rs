@@ -357,7 +357,6 @@ fn train_ntp(
     let checkpoints = run.path().join(CHECKPOINTS_DIR);
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     let progress = Progress::new(t.steps, state.step, t.log_every).with_status_file(run.path());
-    let mut last_summary = String::new();
     let periodic = crate::eval::Periodic::new(
         e,
         plugins,
@@ -405,11 +404,11 @@ fn train_ntp(
         let last = state.step == t.steps;
         periodic.maybe_run(state.step, last, &policy, &tokenizer, &mut row, &progress);
         sink.log(&row)?;
-        last_summary = format!(
+        let summary = format!(
             "loss {loss_sum:.4}, {:.0} tok/s",
             tokens_per_step as f64 / seconds
         );
-        progress.step(state.step, &last_summary);
+        progress.step(state.step, &summary);
         if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
             let dir = checkpoint::save(
                 &checkpoints,
@@ -423,7 +422,7 @@ fn train_ntp(
             progress.note(&format!("checkpoint {}", dir.display()));
         }
     }
-    progress.finish(state.step, &last_summary);
+    progress.finish();
     sink.finish(true)?;
     println!(
         "finished {} steps; metrics in {}, final model in {}",

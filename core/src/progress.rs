@@ -87,6 +87,8 @@ pub struct Progress {
     log_every: u64,
     status_file: Option<PathBuf>,
     last_write: Cell<Option<Instant>>,
+    /// The latest step and its summary, for the final status.
+    last: std::cell::RefCell<(u64, String)>,
 }
 
 impl Progress {
@@ -110,6 +112,7 @@ impl Progress {
             log_every: log_every.max(1),
             status_file: None,
             last_write: Cell::new(None),
+            last: std::cell::RefCell::new((start_step, String::new())),
         }
     }
 
@@ -162,6 +165,7 @@ impl Progress {
 
     /// After each step: `summary` is a short "loss 3.21, 1234 tok/s" text.
     pub fn step(&self, step: u64, summary: &str) {
+        *self.last.borrow_mut() = (step, summary.to_string());
         self.write_status(step, summary, false);
         match &self.bar {
             Some(bar) => {
@@ -189,9 +193,10 @@ impl Progress {
         }
     }
 
-    /// The run ended: `summary` is the last step's text.
-    pub fn finish(&self, step: u64, summary: &str) {
-        self.write_status(step, summary, true);
+    /// The run ended: its status shows the last step's summary.
+    pub fn finish(&self) {
+        let (step, summary) = self.last.borrow().clone();
+        self.write_status(step, &summary, true);
         if let Some(bar) = &self.bar {
             bar.finish();
         }

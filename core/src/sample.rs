@@ -118,6 +118,39 @@ pub fn generate(
     tch::no_grad(|| generate_inner(model, prefixes, per_prefix, s, eos, seed))
 }
 
+/// [`generate`] in calls of at most `per_call` prefixes (0 = all in one call), each call
+/// holding the KV cache of its own rows only. The first call uses `seed` (so one call is exactly
+/// `generate`), later ones seeds derived from it.
+pub fn generate_in_calls(
+    model: &Llama,
+    prefixes: &[Vec<u32>],
+    per_prefix: usize,
+    s: &Sampling,
+    eos: &[u32],
+    seed: u64,
+    per_call: usize,
+) -> Generated {
+    let per_call = if per_call == 0 {
+        prefixes.len().max(1)
+    } else {
+        per_call
+    };
+    let mut all = Generated {
+        tokens: Vec::with_capacity(prefixes.len() * per_prefix),
+        logprobs: Vec::with_capacity(prefixes.len() * per_prefix),
+    };
+    for (c, part) in prefixes.chunks(per_call).enumerate() {
+        let seed = match c {
+            0 => seed,
+            c => SplitMix::derive(seed, 0x5A3F1E, c as u64).next_u64(),
+        };
+        let g = generate(model, part, per_prefix, s, eos, seed);
+        all.tokens.extend(g.tokens);
+        all.logprobs.extend(g.logprobs);
+    }
+    all
+}
+
 fn generate_inner(
     model: &Llama,
     prefixes: &[Vec<u32>],

@@ -139,6 +139,34 @@ impl Policy {
     }
 }
 
+/// What rollouts are sampled with: the policy itself, or a copy of it in another type
+/// (`sample_dtype = "bf16"`), brought up to date with the policy before each use.
+pub struct Sampler {
+    copy: Option<Policy>,
+}
+
+impl Sampler {
+    /// `dtype`: `f32` (the policy itself) or `bf16`.
+    pub fn new(policy: &Policy, dtype: &str) -> Result<Sampler> {
+        let copy = match dtype {
+            "bf16" => Some(policy.copy_as(Kind::BFloat16)?),
+            _ => None,
+        };
+        Ok(Sampler { copy })
+    }
+
+    /// The model to sample from now, with `policy`'s current weights.
+    pub fn model<'a>(&'a mut self, policy: &'a Policy) -> Result<&'a Llama> {
+        match self.copy.as_mut() {
+            Some(copy) => {
+                copy.copy_from(policy)?;
+                Ok(&copy.model)
+            }
+            None => Ok(&policy.model),
+        }
+    }
+}
+
 pub fn sync_file(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())

@@ -10,6 +10,7 @@
 //! 6. the objective selects what to learn from (pairs, NLL targets) and gives the loss;
 //! 7. optimizer step; the DPO reference follows the policy as configured.
 
+mod micro;
 pub mod tournament;
 
 use crate::config::Experiment;
@@ -22,7 +23,7 @@ use crate::progress::Progress as Bar;
 use crate::registry::Registry;
 use crate::rng::SplitMix;
 use crate::rundir::{RunDir, CHECKPOINTS_DIR, METRICS_FILE};
-use crate::sample::{continuation_logprobs, generate, Sampling};
+use crate::sample::{generate_in_calls, Sampling};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint;
 use crate::train::optim::cosine_lr;
@@ -35,7 +36,7 @@ use sipt_api::{
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tournament::Design;
 
 /// Independent random streams of a run.
@@ -170,59 +171,6 @@ pub fn judge_pointwise(
         stats.insert(name.clone(), (items.len(), failures));
     }
     (scores, stats)
-}
-
-/// A forward pass of a micro-batched SIP update, to run again with its graph once the loss's
-/// gradient with respect to its output (`leaf`) is known.
-enum Replay {
-    /// Summed log-probs of continuations given prefixes.
-    Sequences {
-        pre: Vec<Vec<u32>>,
-        cont: Vec<Vec<u32>>,
-        leaf: Tensor,
-    },
-    /// The mean next-token loss over a batch of rows.
-    Ntp { batch: Tensor, leaf: Tensor },
-}
-
-impl Replay {
-    /// Backpropagate `leaf`'s gradient through the model, `micro` sequences at a time.
-    fn backward(
-        &self,
-        model: &crate::model::Llama,
-        micro: usize,
-        autocast: impl Fn(&mut dyn FnMut() -> Tensor) -> Tensor,
-    ) {
-        match self {
-            Replay::Sequences { pre, cont, leaf } => {
-                let grad = leaf.grad();
-                if !grad.defined() {
-                    return;
-                }
-                for i in (0..pre.len()).step_by(micro.max(1)) {
-                    let j = (i + micro.max(1)).min(pre.len());
-                    let p: Vec<&[u32]> = pre[i..j].iter().map(Vec::as_slice).collect();
-                    let c: Vec<&[u32]> = cont[i..j].iter().map(Vec::as_slice).collect();
-                    let lp = autocast(&mut || continuation_logprobs(model, &p, &c).0);
-                    let g = grad.narrow(0, i as i64, (j - i) as i64);
-                    (lp.to_kind(Kind::Float) * g).sum(Kind::Float).backward();
-                }
-            }
-            Replay::Ntp { batch, leaf } => {
-                let grad = leaf.grad();
-                if !grad.defined() {
-                    return;
-                }
-                let rows = batch.size()[0];
-                let micro = micro.max(1) as i64;
-                for i in (0..rows).step_by(micro as usize) {
-                    let n = micro.min(rows - i);
-                    let part = autocast(&mut || model.ntp_loss(&batch.narrow(0, i, n)));
-                    (part.to_kind(Kind::Float) * (n as f64 / rows as f64) * &grad).backward();
-                }
-            }
-        }
-    }
 }
 
 /// The policy-independent half of a step.
@@ -485,7 +433,6 @@ pub fn train(
         .collect();
     eos.extend(tokenizer.eos);
     let bar = Bar::new(t.steps, state.step, t.log_every).with_status_file(run.path());
-    let mut last_summary = String::new();
     tracing::info!(
         "SIP training: {} steps of {} prefixes, objective {}, {} pointwise and {} pairwise judge(s), tournament {}",
         t.steps,
@@ -498,10 +445,7 @@ pub fn train(
 
     // Rollouts from a bf16 copy of the policy when asked (refreshed before every step's
     // sampling); log-probs for the update always come from the policy itself.
-    let mut sampler = match e.sip.sample_dtype.as_str() {
-        "bf16" => Some(policy.copy_as(tch::Kind::BFloat16)?),
-        _ => None,
-    };
+    let mut sampler = crate::model::Sampler::new(&policy, &e.sip.sample_dtype)?;
 
     std::thread::scope(|scope| -> Result<()> {
         let mut next: Option<std::thread::ScopedJoinHandle<Fixed>> = None;
@@ -539,36 +483,19 @@ pub fn train(
             };
             let k = plan.rollouts as usize;
             let rollouts = if k > 0 {
-                let model = match sampler.as_mut() {
-                    Some(copy) => {
-                        copy.copy_from(&policy)?;
-                        &copy.model
-                    }
-                    None => &policy.model,
-                };
+                let model = sampler.model(&policy)?;
                 let seed = SplitMix::derive(e.experiment.seed, STREAM_ROLLOUTS, step).next_u64();
-                let per_call = match e.sip.rollout_prefixes {
-                    0 => prefixes.len().max(1),
-                    n => n,
-                };
-                let mut all = crate::sample::Generated {
-                    tokens: Vec::with_capacity(prefixes.len() * k),
-                    logprobs: Vec::with_capacity(prefixes.len() * k),
-                };
-                for (c, part) in prefixes.chunks(per_call).enumerate() {
-                    // The first call keeps the step's seed, so one call is the same as before.
-                    let seed = if c == 0 {
-                        seed
-                    } else {
-                        SplitMix::derive(seed, STREAM_ROLLOUTS, c as u64).next_u64()
-                    };
-                    let g = autocast(device, &e.model.dtype, || {
-                        generate(model, part, k, &sampling, &eos, seed)
-                    });
-                    all.tokens.extend(g.tokens);
-                    all.logprobs.extend(g.logprobs);
-                }
-                all
+                autocast(device, &e.model.dtype, || {
+                    generate_in_calls(
+                        model,
+                        &prefixes,
+                        k,
+                        &sampling,
+                        &eos,
+                        seed,
+                        e.sip.rollout_prefixes,
+                    )
+                })
             } else {
                 crate::sample::Generated {
                     tokens: Vec::new(),
@@ -751,47 +678,8 @@ pub fn train(
                 nll_tokens: None,
                 ntp: None,
             };
-            // With `train.micro_batch`, log-probs are first computed without a graph, the loss
-            // is differentiated with respect to them, and each micro-batch's forward pass is
-            // then replayed with the graph and backpropagated with that gradient: the same
-            // parameter gradient as one pass, for the memory of one micro-batch.
-            let micro = t.micro_batch;
-            let mut replays: Vec<Replay> = Vec::new();
-            let mut logprobs_of = |model: &crate::model::Llama,
-                                   pre: &[&[u32]],
-                                   cont: &[&[u32]],
-                                   replay: bool|
-             -> (Tensor, Tensor) {
-                if micro == 0 {
-                    return autocast(device, &e.model.dtype, || {
-                        continuation_logprobs(model, pre, cont)
-                    });
-                }
-                let (lp, count) = tch::no_grad(|| {
-                    let parts: Vec<(Tensor, Tensor)> = (0..pre.len())
-                        .step_by(micro)
-                        .map(|i| {
-                            let j = (i + micro).min(pre.len());
-                            autocast(device, &e.model.dtype, || {
-                                continuation_logprobs(model, &pre[i..j], &cont[i..j])
-                            })
-                        })
-                        .collect();
-                    let lps: Vec<&Tensor> = parts.iter().map(|p| &p.0).collect();
-                    let counts: Vec<&Tensor> = parts.iter().map(|p| &p.1).collect();
-                    (Tensor::cat(&lps, 0), Tensor::cat(&counts, 0))
-                });
-                if !replay {
-                    return (lp, count);
-                }
-                let leaf = lp.detach().to_kind(Kind::Float).set_requires_grad(true);
-                replays.push(Replay::Sequences {
-                    pre: pre.iter().map(|x| x.to_vec()).collect(),
-                    cont: cont.iter().map(|x| x.to_vec()).collect(),
-                    leaf: leaf.shallow_clone(),
-                });
-                (leaf, count)
-            };
+            // `train.micro_batch`: forward passes in micro-batches (see `micro`).
+            let mut micro = micro::Micro::new(t.micro_batch, device, &e.model.dtype);
             if !pair_pre.is_empty() {
                 let both_pre: Vec<&[u32]> =
                     pair_pre.iter().chain(pair_pre.iter()).copied().collect();
@@ -801,18 +689,18 @@ pub fn train(
                     .copied()
                     .collect();
                 let n = pair_pre.len() as i64;
-                let (logp, _) = logprobs_of(&policy.model, &both_pre, &both, true);
+                let (logp, _) = micro.logprobs(&policy.model, &both_pre, &both, true);
                 inputs.policy_chosen = Some(logp.narrow(0, 0, n));
                 inputs.policy_rejected = Some(logp.narrow(0, n, n));
                 if let Some(r) = &reference {
                     let (ref_logp, _) =
-                        tch::no_grad(|| logprobs_of(&r.model, &both_pre, &both, false));
+                        tch::no_grad(|| micro.logprobs(&r.model, &both_pre, &both, false));
                     inputs.reference_chosen = Some(ref_logp.narrow(0, 0, n));
                     inputs.reference_rejected = Some(ref_logp.narrow(0, n, n));
                 }
             }
             if !nll_pre.is_empty() {
-                let (logp, count) = logprobs_of(&policy.model, &nll_pre, &nll_cont, true);
+                let (logp, count) = micro.logprobs(&policy.model, &nll_pre, &nll_cont, true);
                 inputs.nll_logp = Some(logp);
                 inputs.nll_tokens = Some(count);
             }
@@ -828,30 +716,7 @@ pub fn train(
                 let batch = Tensor::from_slice(&ids)
                     .view([starts.len() as i64, len as i64])
                     .to_device(device);
-                let rows = starts.len() as i64;
-                inputs.ntp = Some(if micro == 0 || rows as usize <= micro {
-                    autocast(device, &e.model.dtype, || policy.model.ntp_loss(&batch))
-                } else {
-                    // The mean over rows, as micro-batch means weighted by their share.
-                    let value = tch::no_grad(|| {
-                        (0..rows)
-                            .step_by(micro)
-                            .map(|i| {
-                                let n = (micro as i64).min(rows - i);
-                                let part = autocast(device, &e.model.dtype, || {
-                                    policy.model.ntp_loss(&batch.narrow(0, i, n))
-                                });
-                                part.to_kind(Kind::Float) * (n as f64 / rows as f64)
-                            })
-                            .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b)
-                    });
-                    let leaf = value.detach().set_requires_grad(true);
-                    replays.push(Replay::Ntp {
-                        batch,
-                        leaf: leaf.shallow_clone(),
-                    });
-                    leaf
-                });
+                inputs.ntp = Some(micro.ntp(&policy.model, batch));
                 ntp_tokens = (t.batch_size * e.data.seq_len) as u64;
             }
             let terms = objective.loss(&inputs);
@@ -866,11 +731,7 @@ pub fn train(
             let updated = loss.requires_grad();
             if updated {
                 loss.backward();
-                for replay in &replays {
-                    replay.backward(&policy.model, micro, |f| {
-                        autocast(device, &e.model.dtype, f)
-                    });
-                }
+                micro.backward(&policy.model);
                 grad_norm = optimizer.clip_grad_norm(t.grad_clip);
                 optimizer.step(lr);
                 optimizer.zero_grad();
@@ -1009,12 +870,12 @@ pub fn train(
                 .get("reward/rollout/mean")
                 .map(|r| format!(", rollout reward {r:.3}"))
                 .unwrap_or_default();
-            last_summary = format!(
+            let summary = format!(
                 "loss {:.4}{rollout_reward}, {:.1}s/step",
                 row.get("loss/total").unwrap_or(f64::NAN),
                 step_started.elapsed().as_secs_f64()
             );
-            bar.step(state.step, &last_summary);
+            bar.step(state.step, &summary);
             state.extra = serde_json::to_value(&averages).unwrap_or_default();
             if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
                 let dir = checkpoint::save(
@@ -1034,7 +895,7 @@ pub fn train(
         }
         Ok(())
     })?;
-    bar.finish(state.step, &last_summary);
+    bar.finish();
     sink.finish(true)?;
     println!(
         "finished {} steps; metrics in {}, samples in {}, final model in {}",

@@ -12,7 +12,7 @@
 //! is gone; `sipt status DIR` shows where it stands.
 
 use super::monitor::Monitor;
-use super::{save_state, Executor, Status, SweepState, TRIAL_CONFIG};
+use super::{save_state, Executor, Status, SweepState, TrialState, TRIAL_CONFIG};
 use crate::config::SlurmSection;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -169,13 +169,9 @@ pub fn script(
     s
 }
 
-fn slurm_command(program: &str) -> Command {
-    Command::new(program)
-}
-
 /// The job's tasks still known to Slurm: array index → state (PENDING, RUNNING, ...).
 fn squeue(job: &str) -> Result<HashMap<usize, String>> {
-    let out = slurm_command("squeue")
+    let out = Command::new("squeue")
         .args(["-h", "-r", "-j", job, "-o", "%i|%T"])
         .output()
         .context("cannot run squeue (is Slurm installed and SLURM_CONF set?)")?;
@@ -211,6 +207,34 @@ enum Seen {
     Gone,
 }
 
+impl Seen {
+    /// Set a trial's status from what was seen, except after `Gone`, which the caller judges
+    /// (a kill, or a finished task's file not visible yet). Returns whether Slurm still has
+    /// the task.
+    fn apply(&self, t: &mut TrialState) -> bool {
+        match *self {
+            Seen::Finished(rc, secs) => {
+                t.seconds = secs;
+                t.status = if rc == 0 {
+                    Status::Done
+                } else {
+                    Status::Failed
+                };
+                false
+            }
+            Seen::Queued => {
+                t.status = Status::Queued;
+                true
+            }
+            Seen::Running => {
+                t.status = Status::Running;
+                true
+            }
+            Seen::Gone => false,
+        }
+    }
+}
+
 fn look(dir: &Path, state: &SweepState, job: &Job) -> Result<Vec<(usize, Seen)>> {
     let queue = squeue(&job.id)?;
     Ok(job
@@ -239,22 +263,9 @@ pub fn refresh(dir: &Path, state: &mut SweepState) -> Result<()> {
     };
     for (i, seen) in look(dir, state, &job)? {
         let t = &mut state.trials[i];
-        match seen {
-            Seen::Finished(rc, secs) => {
-                t.status = if rc == 0 {
-                    Status::Done
-                } else {
-                    Status::Failed
-                };
-                t.seconds = secs;
-            }
-            Seen::Queued => t.status = Status::Queued,
-            Seen::Running => t.status = Status::Running,
-            Seen::Gone => {
-                if matches!(t.status, Status::Queued | Status::Running) {
-                    t.status = Status::Failed;
-                }
-            }
+        seen.apply(t);
+        if matches!(seen, Seen::Gone) && matches!(t.status, Status::Queued | Status::Running) {
+            t.status = Status::Failed;
         }
     }
     Ok(())
@@ -285,7 +296,7 @@ fn submit(
         .with_context(|| format!("cannot create {}", scripts.display()))?;
     let path = scripts.join(format!("array-{}.sbatch", state.slurm_jobs.len() + 1));
     crate::rundir::write_atomic(&path, text.as_bytes())?;
-    let out = slurm_command("sbatch")
+    let out = Command::new("sbatch")
         .arg("--parsable")
         .arg(&path)
         .output()
@@ -339,11 +350,11 @@ pub(super) fn run(
     // finished and submit what is left.
     let mut job = None;
     if let Some(last) = state.slurm_jobs.last().cloned() {
-        let seen = look(dir, state, &last)?;
-        let alive = seen
-            .iter()
-            .any(|(_, s)| matches!(s, Seen::Queued | Seen::Running));
         refresh(dir, state)?;
+        let alive = last
+            .trials
+            .iter()
+            .any(|&i| matches!(state.trials[i].status, Status::Queued | Status::Running));
         if alive {
             monitor.event(&format!("attaching to Slurm job {}", last.id));
             job = Some(last);
@@ -365,6 +376,12 @@ pub(super) fn run(
                 todo.len(),
                 job.script.display()
             ));
+            for &i in &todo {
+                let name = &state.trials[i].trial.name;
+                if dir.join(name).join(crate::rundir::CONFIG_FILE).exists() {
+                    monitor.event(&format!("trial {name} queued (resuming)"));
+                }
+            }
             job
         }
     };
@@ -388,36 +405,16 @@ pub(super) fn run(
         for (i, s) in seen {
             let t = &mut state.trials[i];
             let before = t.status;
-            match s {
-                Seen::Finished(rc, secs) => {
-                    gone_since.remove(&i);
-                    t.seconds = secs;
-                    t.status = if rc == 0 {
-                        Status::Done
-                    } else {
-                        Status::Failed
-                    };
-                }
-                Seen::Queued => {
+            any_active |= s.apply(t);
+            if matches!(s, Seen::Gone) && matches!(t.status, Status::Queued | Status::Running) {
+                // Give a finished task's file a moment to become visible.
+                let since = *gone_since.entry(i).or_insert_with(Instant::now);
+                if since.elapsed() < Duration::from_secs(10) {
                     any_active = true;
-                    t.status = Status::Queued;
-                }
-                Seen::Running => {
-                    any_active = true;
-                    t.status = Status::Running;
-                }
-                Seen::Gone => {
-                    if matches!(t.status, Status::Queued | Status::Running) {
-                        // Give a finished task's file a moment to become visible.
-                        let since = *gone_since.entry(i).or_insert_with(Instant::now);
-                        if since.elapsed() < Duration::from_secs(10) {
-                            any_active = true;
-                        } else if cancelled && t.status == Status::Queued {
-                            t.status = Status::Pending;
-                        } else {
-                            t.status = Status::Failed;
-                        }
-                    }
+                } else if cancelled && t.status == Status::Queued {
+                    t.status = Status::Pending; // never started before fail-fast cancelled it
+                } else {
+                    t.status = Status::Failed;
                 }
             }
             if t.status != before {
@@ -458,7 +455,7 @@ pub(super) fn run(
                         if executor.fail_fast && !cancelled {
                             cancelled = true;
                             monitor.event(&format!("fail-fast: cancelling Slurm job {}", job.id));
-                            let _ = slurm_command("scancel").arg(&job.id).status();
+                            let _ = Command::new("scancel").arg(&job.id).status();
                         }
                     }
                     _ => {}
