@@ -339,7 +339,7 @@ impl Connection {
         allowed: &[&str],
         required: &[&str],
         context: &PluginContext,
-    ) -> Result<(template::Template, Option<template::Template>), String> {
+    ) -> Result<Messages, String> {
         let prompt = template::choose(
             "prompt",
             &self.prompt,
@@ -362,7 +362,53 @@ impl Connection {
         } else {
             Some(template::Template::parse(&system, allowed).map_err(|e| format!("system: {e}"))?)
         };
-        Ok((prompt, system))
+        Ok(Messages { prompt, system })
+    }
+}
+
+/// A plugin's user and (optional) system message templates.
+pub struct Messages {
+    prompt: template::Template,
+    system: Option<template::Template>,
+}
+
+impl Messages {
+    /// What identifies these messages in the answer cache, with the plugin's name.
+    pub fn cache_key(&self, plugin: &str) -> serde_json::Value {
+        serde_json::json!({
+            "plugin": plugin,
+            "prompt": self.prompt.source(),
+            "system": self.system.as_ref().map(|s| s.source()),
+        })
+    }
+
+    /// The rendered `(system, user)` messages. `reference` fills `{reference}`; a template
+    /// that uses it when there is none is an error for this item.
+    pub fn render<'a>(
+        &self,
+        mut values: BTreeMap<&'a str, &'a str>,
+        reference: Option<&'a str>,
+    ) -> Result<(Option<String>, String), String> {
+        match reference {
+            Some(r) => {
+                values.insert("reference", r);
+            }
+            None => {
+                if self.prompt.uses("reference")
+                    || self.system.as_ref().is_some_and(|s| s.uses("reference"))
+                {
+                    return Err(
+                        "the prompt needs the reference suffix, and the item has none".into(),
+                    );
+                }
+            }
+        }
+        let system = self
+            .system
+            .as_ref()
+            .map(|s| s.render(&values))
+            .transpose()?;
+        Ok((system, self.prompt.render(&values)?))
     }
 }
 
@@ -395,6 +441,14 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// A plugin's counters: its client's requests and these tallies.
+    pub fn counters(&self, client: &client::Client) -> sipt_api::Counters {
+        let mut out = sipt_api::Counters::new();
+        client.stats().fill(&mut out);
+        self.fill(&mut out);
+        out
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

@@ -5,8 +5,7 @@
 
 use super::client::{Client, Job};
 use super::parse::Format;
-use super::template::Template;
-use super::{prompts, SamplingDefaults, Tally};
+use super::{prompts, Messages, SamplingDefaults, Tally};
 use serde::Deserialize;
 use serde_json::json;
 use sipt_api::{
@@ -67,8 +66,7 @@ fn default_order() -> Order {
 
 pub struct LlmPairwise {
     client: Client,
-    prompt: Template,
-    system: Option<Template>,
+    messages: Messages,
     criterion: String,
     order: Order,
     samples: u32,
@@ -90,7 +88,7 @@ impl FromConfig for LlmPairwise {
             return Err("criterion must not be empty".into());
         }
         let connection = config.connection();
-        let (prompt, system) = connection.templates(
+        let messages = connection.templates(
             prompts::quality(config.with_reference),
             prompts::JUDGE_SYSTEM,
             &["prefix", "first", "second", "reference"],
@@ -106,15 +104,10 @@ impl FromConfig for LlmPairwise {
             config.logprobs.then_some(config.top_logprobs),
             context,
         )?;
-        let key_extra = json!({
-            "plugin": "llm-pairwise",
-            "prompt": prompt.source(),
-            "system": system.as_ref().map(|s| s.source()),
-        });
+        let key_extra = messages.cache_key("llm-pairwise");
         Ok(LlmPairwise {
             client: Client::new(settings, key_extra)?,
-            prompt,
-            system,
+            messages,
             criterion: config.criterion,
             order: config.order,
             samples: config.samples,
@@ -158,24 +151,12 @@ impl LlmPairwise {
         } else {
             (&item.first, &item.second)
         };
-        let mut values = BTreeMap::from([
+        let values = BTreeMap::from([
             ("prefix", prefix.as_ref()),
             ("first", a.as_str()),
             ("second", b.as_str()),
         ]);
-        if let Some(r) = &item.reference {
-            values.insert("reference", r.as_str());
-        } else if self.prompt.uses("reference")
-            || self.system.as_ref().is_some_and(|s| s.uses("reference"))
-        {
-            return Err("the prompt needs the reference suffix, and the item has none".into());
-        }
-        let system = self
-            .system
-            .as_ref()
-            .map(|s| s.render(&values))
-            .transpose()?;
-        Ok((system, self.prompt.render(&values)?))
+        self.messages.render(values, item.reference.as_deref())
     }
 }
 

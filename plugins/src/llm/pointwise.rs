@@ -5,10 +5,8 @@
 
 use super::client::{Client, Job};
 use super::parse::Format;
-use super::template::Template;
-use super::{prompts, SamplingDefaults, Tally};
+use super::{prompts, Messages, SamplingDefaults, Tally};
 use serde::Deserialize;
-use serde_json::json;
 use sipt_api::{
     Counters, Failure, FromConfig, PluginContext, PointwiseItem, PointwiseJudge, Verdict,
 };
@@ -59,8 +57,7 @@ llm_config! {
 
 pub struct LlmPointwise {
     client: Client,
-    prompt: Template,
-    system: Option<Template>,
+    messages: Messages,
     format: Format,
     name: String,
     samples: u32,
@@ -98,7 +95,7 @@ impl FromConfig for LlmPointwise {
             ),
         };
         let connection = config.connection();
-        let (prompt, system) = connection.templates(
+        let messages = connection.templates(
             default_prompt,
             prompts::JUDGE_SYSTEM,
             &["prefix", "candidate", "reference"],
@@ -118,15 +115,10 @@ impl FromConfig for LlmPointwise {
             Criterion::Safety => "safety".into(),
             Criterion::Factuality => "factuality".into(),
         });
-        let key_extra = json!({
-            "plugin": "llm-pointwise",
-            "prompt": prompt.source(),
-            "system": system.as_ref().map(|s| s.source()),
-        });
+        let key_extra = messages.cache_key("llm-pointwise");
         Ok(LlmPointwise {
             client: Client::new(settings, key_extra)?,
-            prompt,
-            system,
+            messages,
             format,
             name,
             samples: config.samples,
@@ -145,23 +137,11 @@ impl LlmPointwise {
             return Err("empty candidate".into());
         }
         let prefix = super::clip_prefix(&item.prefix, self.max_prefix_chars);
-        let mut values = BTreeMap::from([
+        let values = BTreeMap::from([
             ("prefix", prefix.as_ref()),
             ("candidate", item.candidate.as_str()),
         ]);
-        if let Some(r) = &item.reference {
-            values.insert("reference", r.as_str());
-        } else if self.prompt.uses("reference")
-            || self.system.as_ref().is_some_and(|s| s.uses("reference"))
-        {
-            return Err("the prompt needs the reference suffix, and the item has none".into());
-        }
-        let system = self
-            .system
-            .as_ref()
-            .map(|s| s.render(&values))
-            .transpose()?;
-        Ok((system, self.prompt.render(&values)?))
+        self.messages.render(values, item.reference.as_deref())
     }
 }
 
@@ -207,10 +187,7 @@ impl PointwiseJudge for LlmPointwise {
     }
 
     fn counters(&self) -> Counters {
-        let mut out = Counters::new();
-        self.client.stats().fill(&mut out);
-        self.tally.fill(&mut out);
-        out
+        self.tally.counters(&self.client)
     }
 }
 

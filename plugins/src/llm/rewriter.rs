@@ -5,9 +5,7 @@
 //! the answer. An empty or runaway answer is a failed rewrite (the candidate is dropped).
 
 use super::client::{Client, Job};
-use super::template::Template;
-use super::{prompts, SamplingDefaults, Tally};
-use serde_json::json;
+use super::{prompts, Messages, SamplingDefaults, Tally};
 use sipt_api::{Counters, Failure, FromConfig, PluginContext, RewriteItem, Rewriter};
 use std::collections::BTreeMap;
 
@@ -33,8 +31,7 @@ fn default_max_length_ratio() -> f64 {
 
 pub struct LlmRewriter {
     client: Client,
-    prompt: Template,
-    system: Option<Template>,
+    messages: Messages,
     tail_words: usize,
     max_length_ratio: f64,
     max_prefix_chars: usize,
@@ -49,7 +46,7 @@ impl FromConfig for LlmRewriter {
             return Err("max_length_ratio must be 0 (no limit) or positive".into());
         }
         let connection = config.connection();
-        let (prompt, system) = connection.templates(
+        let messages = connection.templates(
             prompts::rewriter(),
             prompts::REWRITER_SYSTEM,
             &["prefix", "tail", "suffix"],
@@ -65,15 +62,10 @@ impl FromConfig for LlmRewriter {
             None,
             context,
         )?;
-        let key_extra = json!({
-            "plugin": "llm-rewriter",
-            "prompt": prompt.source(),
-            "system": system.as_ref().map(|s| s.source()),
-        });
+        let key_extra = messages.cache_key("llm-rewriter");
         Ok(LlmRewriter {
             client: Client::new(settings, key_extra)?,
-            prompt,
-            system,
+            messages,
             tail_words: config.tail_words,
             max_length_ratio: config.max_length_ratio,
             max_prefix_chars: config.max_prefix_chars,
@@ -171,12 +163,7 @@ impl Rewriter for LlmRewriter {
                     ("tail", tail(&item.prefix, self.tail_words)),
                     ("suffix", item.suffix.as_str()),
                 ]);
-                let system = self
-                    .system
-                    .as_ref()
-                    .map(|s| s.render(&values))
-                    .transpose()?;
-                Ok((system, self.prompt.render(&values)?))
+                self.messages.render(values, None)
             })
             .collect();
         let jobs: Vec<Job> = rendered
@@ -225,10 +212,7 @@ impl Rewriter for LlmRewriter {
     }
 
     fn counters(&self) -> Counters {
-        let mut out = Counters::new();
-        self.client.stats().fill(&mut out);
-        self.tally.fill(&mut out);
-        out
+        self.tally.counters(&self.client)
     }
 }
 
