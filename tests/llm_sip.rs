@@ -77,14 +77,7 @@ name = "llm-sip"
 device = "cpu"
 threads = 1
 
-[model]
-vocab_size = 512
-hidden_size = 32
-layers = 1
-heads = 2
-kv_heads = 1
-intermediate_size = 64
-max_position = 64
+{TINY_MODEL}
 
 [data]
 train = ["@assets/corpora/shakespeare"]

@@ -14,14 +14,7 @@ name = "sweep-test"
 device = "cpu"
 threads = 1
 
-[model]
-vocab_size = 512
-hidden_size = 32
-layers = 1
-heads = 2
-kv_heads = 1
-intermediate_size = 64
-max_position = 64
+{TINY_MODEL}
 
 [data]
 train = ["@assets/corpora/shakespeare"]
@@ -144,14 +137,7 @@ name = "long"
 device = "cpu"
 threads = 1
 
-[model]
-vocab_size = 512
-hidden_size = 32
-layers = 1
-heads = 2
-kv_heads = 1
-intermediate_size = 64
-max_position = 64
+{TINY_MODEL}
 
 [data]
 train = ["@assets/corpora/shakespeare"]

@@ -74,3 +74,14 @@ pub fn assets() -> PathBuf {
         });
     cache.join("assets")
 }
+
+/// The smallest model the end-to-end tests train from scratch (an experiment file's `[model]`).
+pub const TINY_MODEL: &str = "[model]
+vocab_size = 512
+hidden_size = 32
+layers = 1
+heads = 2
+kv_heads = 1
+intermediate_size = 64
+max_position = 64
+";
