@@ -125,6 +125,19 @@ pub struct RolloutBench {
     pub dtype: String,
 }
 
+/// `count` prompts of `len` random token ids (away from the vocabulary's ends), from `seed`.
+fn random_prompts(policy: &Policy, count: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let vocab = policy.model.config.vocab_size as u64;
+    let mut rng = crate::rng::SplitMix::new(seed);
+    (0..count)
+        .map(|_| {
+            (0..len)
+                .map(|_| 100 + rng.below(vocab - 200) as u32)
+                .collect()
+        })
+        .collect()
+}
+
 /// K rollouts of N tokens from P prefixes of L tokens (random ids), temperature 1.
 pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
     let device = crate::model::select_device(&b.device)?;
@@ -132,15 +145,7 @@ pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
     if b.dtype == "bf16" {
         policy.vs.set_kind(Kind::BFloat16);
     }
-    let vocab = policy.model.config.vocab_size as u64;
-    let mut rng = crate::rng::SplitMix::new(1);
-    let prefixes: Vec<Vec<u32>> = (0..b.prefixes)
-        .map(|_| {
-            (0..b.prefix_tokens)
-                .map(|_| 100 + rng.below(vocab - 200) as u32)
-                .collect()
-        })
-        .collect();
+    let prefixes = random_prompts(&policy, b.prefixes, b.prefix_tokens, 1);
     let sampling = Sampling {
         max_new_tokens: b.new_tokens,
         temperature: 1.0,
@@ -225,15 +230,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         .map_err(|e| anyhow::anyhow!(e))?;
     let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.999, 0.0);
     let mut sampler = crate::model::Sampler::new(&policy, &b.sample_dtype)?;
-    let vocab = policy.model.config.vocab_size as u64;
-    let mut rng = crate::rng::SplitMix::new(3);
-    let prompts: Vec<Vec<u32>> = (0..b.prompts)
-        .map(|_| {
-            (0..b.prompt_tokens)
-                .map(|_| 100 + rng.below(vocab - 200) as u32)
-                .collect()
-        })
-        .collect();
+    let prompts = random_prompts(&policy, b.prompts, b.prompt_tokens, 3);
     let sampling = Sampling {
         max_new_tokens: b.new_tokens,
         temperature: 1.0,
