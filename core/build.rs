@@ -1,3 +1,4 @@
 fn main() {
     sipt_build::link_libtorch();
+    sipt_build::compile_cpp("sipt_packed_linear", &["cpp/packed_linear.cpp"]);
 }

@@ -285,6 +285,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    keep_freed_memory();
     // A panic (e.g. libtorch refusing an operation) is reported as one error line, not as a
     // backtrace; RUST_BACKTRACE=1 still shows where it came from.
     let show_backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
@@ -308,6 +309,22 @@ pub fn main() -> ExitCode {
             eprintln!("error: internal error: {first}");
             ExitCode::from(70)
         }
+    }
+}
+
+/// Keep freed memory in the process instead of handing it back to the system at once.
+///
+/// A decode step allocates and frees buffers of a few megabytes (logits, activations) hundreds
+/// of times a second. With glibc's defaults, blocks that size are mapped fresh and returned on
+/// free, so every step pays page faults and zeroing again (about 5% of a CPU decode). Serving
+/// blocks up to 32 MiB from the heap and trimming it only past 1 GiB of free space at its top
+/// removes that; the cost is a resident size that stays at its peak.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any worker thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 

@@ -1,9 +1,9 @@
 //! Sampling and scoring on a small random model: padding, prefix sharing, reproducibility, and
 //! agreement between the sampler's log-probs and the scorer's.
 
-use sipt_core::model::{LlamaConfig, Policy};
+use sipt_core::model::{Batch, KvCache, Llama, LlamaConfig, Packed, Policy};
 use sipt_core::sample::{continuation_logprobs, generate, Sampling};
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 fn policy() -> Policy {
     tch::manual_seed(11);
@@ -85,24 +85,99 @@ fn shared_prefix_rollouts_are_reproducible_and_differ() {
 #[test]
 fn scorer_agrees_with_sampler_logprobs() {
     let p = policy();
-    let s = Sampling {
-        max_new_tokens: 9,
-        temperature: 1.0,
-        ..Sampling::default()
-    };
-    let prefixes = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![2u32, 7]];
-    let out = generate(&p.model, &prefixes, 2, &s, &[], 7);
-    let pre: Vec<&[u32]> = (0..4).map(|r| prefixes[r / 2].as_slice()).collect();
-    let cont: Vec<&[u32]> = out.tokens.iter().map(|t| t.as_slice()).collect();
-    let (logp, count) = tch::no_grad(|| continuation_logprobs(&p.model, &pre, &cont));
-    for r in 0..4 {
-        let expected: f32 = out.logprobs[r].iter().sum();
-        let got = logp.double_value(&[r as i64]) as f32;
-        assert!(
-            (expected - got).abs() < 1e-3,
-            "row {r}: sampler {expected}, scorer {got}"
-        );
-        assert_eq!(count.double_value(&[r as i64]), 9.0);
+    // 9 new tokens decode with the plain weights, 24 with packed ones (`model::packed`).
+    for n in [9usize, 24] {
+        let s = Sampling {
+            max_new_tokens: n,
+            temperature: 1.0,
+            ..Sampling::default()
+        };
+        let prefixes = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![2u32, 7]];
+        let out = generate(&p.model, &prefixes, 2, &s, &[], 7);
+        let pre: Vec<&[u32]> = (0..4).map(|r| prefixes[r / 2].as_slice()).collect();
+        let cont: Vec<&[u32]> = out.tokens.iter().map(|t| t.as_slice()).collect();
+        let (logp, count) = tch::no_grad(|| continuation_logprobs(&p.model, &pre, &cont));
+        for r in 0..4 {
+            let expected: f32 = out.logprobs[r].iter().sum();
+            let got = logp.double_value(&[r as i64]) as f32;
+            assert!(
+                (expected - got).abs() < 1e-3,
+                "{n} tokens, row {r}: sampler {expected}, scorer {got}"
+            );
+            assert_eq!(count.double_value(&[r as i64]), n as f64);
+        }
+    }
+}
+
+/// Logits of a padded prefill and two decode steps through a KV cache, with the model's own
+/// weights or with the packed ones.
+fn prefill_and_decode(model: &Llama, packed: Option<&Packed>) -> Vec<Tensor> {
+    tch::no_grad(|| {
+        let ids = Tensor::from_slice(&[0i64, 0, 5, 9, 13, 2, 40, 41, 42, 43, 44, 45]).view([2, 6]);
+        let valid = ids.ne(0);
+        let positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        let causal = Tensor::ones([6, 6], (Kind::Bool, Device::Cpu)).tril(0);
+        let mask = causal
+            .logical_and(&valid.view([2, 1, 1, 6]))
+            .logical_or(&Tensor::eye(6, (Kind::Bool, Device::Cpu)));
+        let kind = KvCache::kind_for(model.kind(), Device::Cpu);
+        let mut cache = KvCache::new(&model.config, 2, 8, kind, Device::Cpu);
+        let batch = Batch {
+            ids: &ids,
+            positions: Some(&positions),
+            mask: Some(&mask),
+        };
+        let hidden = model.hidden_with(&batch, Some(&mut cache), packed);
+        let mut out = vec![model.logits_with(&hidden, packed)];
+        let mut keys = valid;
+        for step in 0..2i64 {
+            let next = Tensor::from_slice(&[7i64 + step, 60 + step]).view([2, 1]);
+            keys = Tensor::cat(&[keys, Tensor::ones([2, 1], (Kind::Bool, Device::Cpu))], 1);
+            let len = keys.size()[1];
+            let positions = Tensor::from_slice(&[4 + step, 6 + step]).view([2, 1]);
+            let mask = keys.view([2, 1, 1, len]);
+            let batch = Batch {
+                ids: &next,
+                positions: Some(&positions),
+                mask: Some(&mask),
+            };
+            let hidden = model.hidden_with(&batch, Some(&mut cache), packed);
+            out.push(model.logits_with(&hidden, packed));
+        }
+        out
+    })
+}
+
+#[test]
+fn packed_weights_decode_like_the_model() {
+    let p = policy();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let model = p.copy_as(kind).unwrap();
+        let packed = model.model.pack(2).expect("libtorch here has oneDNN");
+        let plain = prefill_and_decode(&model.model, None);
+        let fast = prefill_and_decode(&model.model, Some(&packed));
+        for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
+            assert_eq!(a.size(), b.size());
+            let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+            let diff = (&a - &b).abs().max().double_value(&[]);
+            let scale = a.abs().max().double_value(&[]);
+            // f32: rounding only. bf16: the packed path rotates q and k in f32, the plain one
+            // in bf16, so they differ by bf16 rounding of the activations.
+            let tolerance = if kind == Kind::Float {
+                1e-4
+            } else {
+                0.05 * scale
+            };
+            assert!(
+                diff < tolerance,
+                "{kind:?}, pass {i}: max |diff| {diff} (max |logit| {scale})"
+            );
+            assert_eq!(
+                a.argmax(-1, false),
+                b.argmax(-1, false),
+                "{kind:?}, pass {i}: greedy tokens differ"
+            );
+        }
     }
 }
 

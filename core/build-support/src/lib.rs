@@ -24,3 +24,31 @@ pub fn link_libtorch() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
 }
+
+/// Compile C++ sources that call into libtorch into a static library linked into the crate,
+/// with the same headers, language level and C++ ABI as the tch bindings themselves.
+pub fn compile_cpp(name: &str, files: &[&str]) {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .expect("DEP_TCH_LIBTORCH_LIB: the crate must depend on torch-sys directly");
+    let include = Path::new(&lib)
+        .parent()
+        .map(|root| root.join("include"))
+        .expect("libtorch's lib folder has a parent");
+    // torch-sys compiles its own C++ with this ABI (default 1, as every current libtorch).
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .files(files)
+        .compile(name);
+}

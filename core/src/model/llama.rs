@@ -5,6 +5,7 @@
 //! q_proj.weight`, ...), so checkpoints load and save as HF-layout safetensors unchanged. The KV
 //! cache is an explicit value passed to `forward`, never hidden state.
 
+use super::packed::{self, Packed, PackedBlock};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -163,14 +164,44 @@ impl Rope {
         }
     }
 
-    /// `(cos, sin)` for positions `(B, T)`, shaped `(B, 1, T, head_dim)`.
-    fn at(&self, positions: &Tensor) -> (Tensor, Tensor) {
+    /// The rotations for positions `(B, T)`: as cosines and sines in `kind` for the weights'
+    /// own layout, or as unit complex numbers for the paired layout of packed weights.
+    fn at(&self, positions: &Tensor, kind: Kind, paired: bool) -> Rotary {
         let (b, t) = positions.size2().unwrap_or((1, 1));
         let flat = positions.reshape([-1]);
         let cos = self.cos.index_select(0, &flat).reshape([b, 1, t, -1]);
         let sin = self.sin.index_select(0, &flat).reshape([b, 1, t, -1]);
-        (cos, sin)
+        if paired {
+            // Both halves of the tables hold the same frequencies.
+            let half = cos.size()[3] / 2;
+            let turn = Tensor::complex(&cos.narrow(-1, 0, half), &sin.narrow(-1, 0, half));
+            Rotary::Pairs(turn.transpose(1, 2))
+        } else {
+            Rotary::Halves(cos.to_kind(kind), sin.to_kind(kind))
+        }
     }
+}
+
+/// Rotary embeddings for one forward pass.
+enum Rotary {
+    /// `(cos, sin)`, each `(B, 1, T, head_dim)`, for heads laid out as Hugging Face does: the
+    /// first half of a head's dimensions rotates against the second half.
+    Halves(Tensor, Tensor),
+    /// `(B, T, 1, head_dim / 2)` unit complex numbers for heads whose dimensions were reordered
+    /// into (first-half, second-half) pairs (see [`pair_halves`]): the rotation is then one
+    /// complex product.
+    Pairs(Tensor),
+}
+
+/// Row order that interleaves each head's two halves: `j, half + j` for `j < half`, per head.
+/// Applied to the rows of both the query and the key projections it leaves every attention
+/// score unchanged (the same permutation on both sides of each dot product), and it turns
+/// rotate-half rotary embeddings into products of complex pairs.
+pub(super) fn pair_halves(heads: i64, head_dim: i64) -> Vec<i64> {
+    let half = head_dim / 2;
+    (0..heads)
+        .flat_map(|h| (0..half).flat_map(move |j| [h * head_dim + j, h * head_dim + half + j]))
+        .collect()
 }
 
 fn rotate_half(x: &Tensor) -> Tensor {
@@ -296,14 +327,14 @@ impl KvCache {
     }
 }
 
-struct Attention {
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    o: nn::Linear,
-    heads: i64,
-    kv_heads: i64,
-    head_dim: i64,
+pub(super) struct Attention {
+    pub(super) q: nn::Linear,
+    pub(super) k: nn::Linear,
+    pub(super) v: nn::Linear,
+    pub(super) o: nn::Linear,
+    pub(super) heads: i64,
+    pub(super) kv_heads: i64,
+    pub(super) head_dim: i64,
 }
 
 impl Attention {
@@ -324,28 +355,53 @@ impl Attention {
     fn forward(
         &self,
         xs: &Tensor,
-        rope: &(Tensor, Tensor),
+        rope: &Rotary,
         mask: Option<&Tensor>,
         cache: Option<LayerCache>,
+        packed: Option<&PackedBlock>,
     ) -> Tensor {
         let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
-        let q = self
-            .q
-            .forward(xs)
-            .view([b, t, self.heads, self.head_dim])
-            .transpose(1, 2);
-        let k = self
-            .k
-            .forward(xs)
-            .view([b, t, self.kv_heads, self.head_dim])
-            .transpose(1, 2);
-        let v = self
-            .v
-            .forward(xs)
-            .view([b, t, self.kv_heads, self.head_dim])
-            .transpose(1, 2);
-        let q = apply_rope(&q, &rope.0, &rope.1);
-        let k = apply_rope(&k, &rope.0, &rope.1);
+        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let (q, k, v) = match (packed, rope) {
+            (Some(p), Rotary::Pairs(turn)) => {
+                // One product for q, k and v; q and k (paired rows) rotate together in f32.
+                let qkv = packed::linear(xs, &p.qkv);
+                let v = qkv.narrow(-1, (heads + kv_heads) * hd, kv_heads * hd);
+                let qk = qkv
+                    .narrow(-1, 0, (heads + kv_heads) * hd)
+                    .to_kind(Kind::Float)
+                    .view([b, t, heads + kv_heads, hd / 2, 2])
+                    .view_as_complex()
+                    * turn;
+                let qk = qk.view_as_real().view([b, t, heads + kv_heads, hd]);
+                // Attention runs in the cache's type (see `KvCache::kind_for`).
+                let kind = cache.as_ref().map_or(xs.kind(), |c| c.kv.0.kind());
+                (
+                    qk.narrow(2, 0, heads).transpose(1, 2).to_kind(kind),
+                    qk.narrow(2, heads, kv_heads).transpose(1, 2).to_kind(kind),
+                    v.view([b, t, kv_heads, hd]).transpose(1, 2),
+                )
+            }
+            (_, Rotary::Halves(cos, sin)) => {
+                let q = self.q.forward(xs).view([b, t, heads, hd]).transpose(1, 2);
+                let k = self
+                    .k
+                    .forward(xs)
+                    .view([b, t, kv_heads, hd])
+                    .transpose(1, 2);
+                let v = self
+                    .v
+                    .forward(xs)
+                    .view([b, t, kv_heads, hd])
+                    .transpose(1, 2);
+                (apply_rope(&q, cos, sin), apply_rope(&k, cos, sin), v)
+            }
+            (None, Rotary::Pairs(_)) => unreachable!("paired rotations come with packed weights"),
+        };
+        let o = |y: &Tensor| match packed {
+            Some(p) => packed::linear(y, &p.o),
+            None => self.o.forward(y),
+        };
         if let Some(LayerCache {
             kv: (ck, cv),
             start,
@@ -359,7 +415,7 @@ impl Attention {
                 .transpose(1, 2)
                 .reshape([b, t, self.heads * self.head_dim])
                 .to_kind(xs.kind());
-            return self.o.forward(&y);
+            return o(&y);
         }
         let (q, k, v) = match cache {
             Some(LayerCache {
@@ -400,7 +456,7 @@ impl Attention {
             .transpose(1, 2)
             .reshape([b, t, self.heads * self.head_dim])
             .to_kind(xs.kind());
-        self.o.forward(&y)
+        o(&y)
     }
 }
 
@@ -451,10 +507,10 @@ fn shared_prefix_attention(
     (o_prefix + o_own).reshape([r, h, 1, d])
 }
 
-struct Mlp {
-    gate: nn::Linear,
-    up: nn::Linear,
-    down: nn::Linear,
+pub(super) struct Mlp {
+    pub(super) gate: nn::Linear,
+    pub(super) up: nn::Linear,
+    pub(super) down: nn::Linear,
 }
 
 impl Mlp {
@@ -476,26 +532,35 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        self.down
-            .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs)))
+    fn forward(&self, xs: &Tensor, packed: Option<&PackedBlock>) -> Tensor {
+        match packed {
+            Some(p) => {
+                let gate_up = packed::linear(xs, &p.gate_up);
+                let i = gate_up.size().last().copied().unwrap_or(0) / 2;
+                let h = gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i);
+                packed::linear(&h, &p.down)
+            }
+            None => self
+                .down
+                .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs))),
+        }
     }
 }
 
-struct Block {
+pub(super) struct Block {
     input_norm: RmsNorm,
-    attn: Attention,
+    pub(super) attn: Attention,
     post_norm: RmsNorm,
-    mlp: Mlp,
+    pub(super) mlp: Mlp,
 }
 
 /// A Llama causal language model.
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Tensor,
-    blocks: Vec<Block>,
+    pub(super) embed: Tensor,
+    pub(super) blocks: Vec<Block>,
     norm: RmsNorm,
-    lm_head: Option<Tensor>,
+    pub(super) lm_head: Option<Tensor>,
     rope: Rope,
 }
 
@@ -577,7 +642,18 @@ impl Llama {
 
     /// Final hidden states `(B, T, hidden)`. With a cache, the batch continues after the
     /// cache's filled positions and fills them further.
-    pub fn hidden(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Tensor {
+    pub fn hidden(&self, batch: &Batch, cache: Option<&mut KvCache>) -> Tensor {
+        self.hidden_with(batch, cache, None)
+    }
+
+    /// [`Llama::hidden`], with the weight matrices of [`Llama::pack`] when given (inference
+    /// only: no gradient reaches the variables through them).
+    pub fn hidden_with(
+        &self,
+        batch: &Batch,
+        mut cache: Option<&mut KvCache>,
+        packed: Option<&Packed>,
+    ) -> Tensor {
         let (b, t) = batch.ids.size2().unwrap_or((1, 1));
         let start = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let default_positions;
@@ -591,11 +667,7 @@ impl Llama {
                 &default_positions
             }
         };
-        let rope = self.rope.at(positions);
-        let rope = (
-            rope.0.to_kind(self.embed.kind()),
-            rope.1.to_kind(self.embed.kind()),
-        );
+        let rope = self.rope.at(positions, self.embed.kind(), packed.is_some());
         let mut x = Tensor::embedding(&self.embed, batch.ids, -1, false, false);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| LayerCache {
@@ -606,15 +678,20 @@ impl Llama {
                     .as_ref()
                     .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
             });
+            let block_packed = packed.map(|p| &p.blocks[i]);
             let h = block.attn.forward(
                 &block.input_norm.forward(&x),
                 &rope,
                 batch.mask,
                 layer_cache,
+                block_packed,
             );
             // Residual adds must not be in place: autograd keeps `x` for the backward pass.
             x = &x + h;
-            x = &x + block.mlp.forward(&block.post_norm.forward(&x));
+            x = &x
+                + block
+                    .mlp
+                    .forward(&block.post_norm.forward(&x), block_packed);
         }
         if let Some(c) = cache {
             c.len = start + t;
@@ -624,7 +701,15 @@ impl Llama {
 
     /// Logits for hidden states of any shape `(..., hidden)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr())
+        self.logits_with(hidden, None)
+    }
+
+    /// [`Llama::logits`], with the packed output matrix of [`Llama::pack`] when given.
+    pub fn logits_with(&self, hidden: &Tensor, packed: Option<&Packed>) -> Tensor {
+        match packed {
+            Some(p) => packed::linear(hidden, &p.lm_head),
+            None => hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr()),
+        }
     }
 
     /// Logits `(B, T, vocab)` for every position.

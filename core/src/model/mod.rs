@@ -2,8 +2,10 @@
 //! Hugging Face-layout folders (config.json, model.safetensors, tokenizer.json).
 
 pub mod llama;
+pub mod packed;
 
 pub use llama::{Batch, KvCache, Llama, LlamaConfig};
+pub use packed::Packed;
 
 use crate::rundir::write_atomic;
 use anyhow::{anyhow, bail, Context, Result};

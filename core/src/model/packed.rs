@@ -1,0 +1,153 @@
+//! Weights repacked for decoding on a CPU.
+//!
+//! A decode step multiplies a few rows by every weight matrix of the model. libtorch's plain
+//! linear layers re-lay each weight into the blocked format oneDNN's kernels read on every call,
+//! which costs about as much as the product itself at 16 rows (see docs/benchmarks.md). Here
+//! each weight is repacked once per sampling call into that format (q/k/v fused into one matrix,
+//! gate/up into another, the rows of q and k reordered so that rotary embeddings become one
+//! complex product per step, see `llama::pair_halves`), through libtorch's own `mkldnn::_reorder_linear_weight` and
+//! `mkldnn::_linear_pointwise` kernels. The products are the same oneDNN products the plain path
+//! computes (bit-identical in the tests), only without the repeated repacking.
+//!
+//! The packed weights are a snapshot: [`Llama::pack`] makes them from the current variables and
+//! they never see later updates, so sampling packs again at each call. They serve inference
+//! only (no autograd) and only on a CPU.
+
+use super::Llama;
+use std::ffi::{c_char, CStr};
+use std::sync::OnceLock;
+use tch::{Device, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn sipt_reorder_linear_weight(
+        weight: *const C_tensor,
+        batch: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn sipt_linear_packed(
+        input: *const C_tensor,
+        packed: *const C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+}
+
+/// Call a shim function that returns a new tensor or fills `err`.
+fn call(f: impl FnOnce(*mut c_char, usize) -> *mut C_tensor) -> Result<Tensor, String> {
+    let mut err = [0 as c_char; 512];
+    let ptr = f(err.as_mut_ptr(), err.len());
+    if ptr.is_null() {
+        // SAFETY: the shim always leaves a NUL-terminated message in `err` when it fails.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+        Err(msg.to_string_lossy().into_owned())
+    } else {
+        // SAFETY: a non-null result is a fresh `at::Tensor*` the shim allocated for us to own.
+        Ok(unsafe { Tensor::from_ptr(ptr) })
+    }
+}
+
+/// `weight (out, in)` repacked for inputs of about `rows` rows.
+pub fn repack(weight: &Tensor, rows: i64) -> Result<Tensor, String> {
+    let weight = weight.contiguous();
+    // SAFETY: both handles stay alive for the call; the shim copies what it keeps.
+    call(|err, len| unsafe { sipt_reorder_linear_weight(weight.as_ptr(), rows, err, len) })
+}
+
+fn try_linear(input: &Tensor, packed: &Tensor) -> Result<Tensor, String> {
+    let input = input.contiguous();
+    // SAFETY: as in `repack`.
+    call(|err, len| unsafe { sipt_linear_packed(input.as_ptr(), packed.as_ptr(), err, len) })
+}
+
+/// `input (..., in)` times a [`repack`]ed weight, transposed: `(..., out)`. Inference only.
+pub fn linear(input: &Tensor, packed: &Tensor) -> Tensor {
+    // `kernels_work` checked the kernel before anything was packed; failing later is a bug.
+    try_linear(input, packed).unwrap_or_else(|e| panic!("packed linear layer failed: {e}"))
+}
+
+/// Whether libtorch's packed linear kernels work here, checked once (they need oneDNN).
+fn kernels_work() -> bool {
+    static WORKS: OnceLock<bool> = OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let check = || -> Result<(), String> {
+            let w = Tensor::ones([4, 8], (tch::Kind::Float, Device::Cpu));
+            let x = Tensor::ones([2, 8], (tch::Kind::Float, Device::Cpu));
+            let y = tch::no_grad(|| try_linear(&x, &repack(&w, 2)?))?;
+            if y.size() == [2, 4] && y.allclose(&x.matmul(&w.tr()), 1e-5, 1e-5, false) {
+                Ok(())
+            } else {
+                Err("packed linear layer gave a wrong result".into())
+            }
+        };
+        match check() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("decoding without packed weights: {e}");
+                false
+            }
+        }
+    })
+}
+
+/// The row order of [`super::llama::pair_halves`] as an index tensor beside `w`.
+fn pairs(w: &Tensor, heads: i64, head_dim: i64) -> Tensor {
+    Tensor::from_slice(&super::llama::pair_halves(heads, head_dim)).to_device(w.device())
+}
+
+/// One block's projections, packed: q/k/v fused, o, gate/up fused, down.
+pub(super) struct PackedBlock {
+    pub qkv: Tensor,
+    pub o: Tensor,
+    pub gate_up: Tensor,
+    pub down: Tensor,
+}
+
+/// A model's weight matrices repacked for decoding (see the module docs).
+pub struct Packed {
+    pub(super) blocks: Vec<PackedBlock>,
+    pub(super) lm_head: Tensor,
+}
+
+impl Llama {
+    /// The weights repacked for decoding batches of about `rows` rows, or `None` where that
+    /// does not apply: off the CPU (CUDA has no per-call repacking to save) or without oneDNN.
+    pub fn pack(&self, rows: i64) -> Option<Packed> {
+        if self.device() != Device::Cpu || !kernels_work() {
+            return None;
+        }
+        let packed = tch::no_grad(|| -> Result<Packed, String> {
+            let blocks = self
+                .blocks
+                .iter()
+                .map(|b| {
+                    // q and k rows paired for the complex-product rotary embeddings.
+                    let (q, k) = (&b.attn.q.ws, &b.attn.k.ws);
+                    let q = q.index_select(0, &pairs(q, b.attn.heads, b.attn.head_dim));
+                    let k = k.index_select(0, &pairs(k, b.attn.kv_heads, b.attn.head_dim));
+                    let qkv = Tensor::cat(&[&q, &k, &b.attn.v.ws], 0);
+                    let gate_up = Tensor::cat(&[&b.mlp.gate.ws, &b.mlp.up.ws], 0);
+                    Ok(PackedBlock {
+                        qkv: repack(&qkv, rows)?,
+                        o: repack(&b.attn.o.ws, rows)?,
+                        gate_up: repack(&gate_up, rows)?,
+                        down: repack(&b.mlp.down.ws, rows)?,
+                    })
+                })
+                .collect::<Result<_, String>>()?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            Ok(Packed {
+                blocks,
+                lm_head: repack(head, rows)?,
+            })
+        });
+        match packed {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("decoding without packed weights: {e}");
+                None
+            }
+        }
+    }
+}
