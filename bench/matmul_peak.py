@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Machine facts for MFU and for the decode bound: fp32 matmul GFLOP/s (best over a few square
-sizes) and memory bandwidth (a large tensor copy, bytes read + written per second; also a
-read-only sum). With --model DIR (an HF-layout Llama folder), also the bound on batched decoding
-of that model: per step the weights are read once (4 bytes x parameters) and 2 x parameters
-FLOPs are done per row, so one step takes at least max(bytes / bandwidth, FLOPs / peak).
+"""Machine facts for MFU and for the decode bound: fp32 and bf16 matmul GFLOP/s (best over a
+few square sizes) and memory bandwidth (a large tensor copy, bytes read + written per second;
+also a read-only sum). With --model DIR (an HF-layout Llama folder), also the bound on batched
+decoding of that model: per step the weights are read once (4 bytes x parameters in f32, 2 in
+bf16) and 2 x parameters FLOPs are done per row, so one step takes at least
+max(bytes / bandwidth, FLOPs / peak). The f32 bound also counts each row reading a KV cache of
+--context positions; the bf16 bound counts the weights only.
 Prints one JSON line.
 """
 import argparse
@@ -45,6 +47,12 @@ def main():
         s = best_seconds(lambda: torch.mm(x, y, out=out), reps=5)
         gflops[n] = 2 * n**3 / s / 1e9
     peak = max(gflops.values())
+    gflops_bf16 = {}
+    for n in (int(s) for s in a.sizes.split(",")):
+        x, y = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+        s = best_seconds(lambda: torch.mm(x, y), reps=5)
+        gflops_bf16[n] = 2 * n**3 / s / 1e9
+    peak_bf16 = max(gflops_bf16.values())
 
     numel = a.copy_mib * 2**20 // 4
     src, dst = torch.randn(numel), torch.empty(numel)
@@ -60,6 +68,7 @@ def main():
         "peak_gflops": peak,
         "copy_gb_per_s": copy_bw / 1e9,
         "read_gb_per_s": read_bw / 1e9,
+        "peak_gflops_bf16": peak_bf16,
     }
     if a.model:
         cfg = json.load(open(os.path.join(a.model, "config.json")))
@@ -88,6 +97,14 @@ def main():
             "step_seconds_bound": step_bound,
             "tokens_per_second_bound": a.rows / step_bound,
             "tokens_per_second_bound_flops_only": a.rows / t_flops,
+        }
+        t_weights_bf16 = 2 * params / read_bw
+        t_flops_bf16 = a.rows * flops_row / (peak_bf16 * 1e9)
+        out["decode_bound_bf16"] = {
+            "weight_bytes_per_step": 2 * params,
+            "seconds_weights_only": t_weights_bf16,
+            "seconds_flops": t_flops_bf16,
+            "tokens_per_second_bound": a.rows / max(t_weights_bf16, t_flops_bf16),
         }
     print(json.dumps(out))
 
