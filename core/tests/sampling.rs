@@ -32,6 +32,31 @@ fn policy() -> Policy {
     p
 }
 
+/// Two rollouts per prefix sampled by `sampler`, each as (the sampler's summed log-prob, the
+/// scorer's log-prob of the same tokens, the number of tokens scored).
+fn sampled_and_scored(
+    sampler: &Policy,
+    scorer: &Policy,
+    prefixes: &[Vec<u32>],
+    s: &Sampling,
+    seed: u64,
+) -> Vec<(f32, f32, usize)> {
+    let out = generate(&sampler.model, prefixes, 2, s, &[], seed);
+    let rows = out.tokens.len();
+    let pre: Vec<&[u32]> = (0..rows).map(|r| prefixes[r / 2].as_slice()).collect();
+    let cont: Vec<&[u32]> = out.tokens.iter().map(|t| t.as_slice()).collect();
+    let (logp, count) = tch::no_grad(|| continuation_logprobs(&scorer.model, &pre, &cont));
+    (0..rows)
+        .map(|r| {
+            (
+                out.logprobs[r].iter().sum(),
+                logp.double_value(&[r as i64]) as f32,
+                count.double_value(&[r as i64]) as usize,
+            )
+        })
+        .collect()
+}
+
 fn greedy(n: usize) -> Sampling {
     Sampling {
         max_new_tokens: n,
@@ -93,18 +118,15 @@ fn scorer_agrees_with_sampler_logprobs() {
             ..Sampling::default()
         };
         let prefixes = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![2u32, 7]];
-        let out = generate(&p.model, &prefixes, 2, &s, &[], 7);
-        let pre: Vec<&[u32]> = (0..4).map(|r| prefixes[r / 2].as_slice()).collect();
-        let cont: Vec<&[u32]> = out.tokens.iter().map(|t| t.as_slice()).collect();
-        let (logp, count) = tch::no_grad(|| continuation_logprobs(&p.model, &pre, &cont));
-        for r in 0..4 {
-            let expected: f32 = out.logprobs[r].iter().sum();
-            let got = logp.double_value(&[r as i64]) as f32;
+        for (r, (sampled, scored, count)) in sampled_and_scored(&p, &p, &prefixes, &s, 7)
+            .into_iter()
+            .enumerate()
+        {
             assert!(
-                (expected - got).abs() < 1e-3,
-                "{n} tokens, row {r}: sampler {expected}, scorer {got}"
+                (sampled - scored).abs() < 1e-3,
+                "{n} tokens, row {r}: sampler {sampled}, scorer {scored}"
             );
-            assert_eq!(count.double_value(&[r as i64]), n as f64);
+            assert_eq!(count, n);
         }
     }
 }
@@ -252,13 +274,10 @@ fn a_bf16_copy_samples_like_the_policy_and_follows_it() {
         temperature: 1.0,
         ..Sampling::default()
     };
-    let out = generate(&half.model, &prefixes, 2, &s, &[], 5);
-    let pre: Vec<&[u32]> = (0..6).map(|r| prefixes[r / 2].as_slice()).collect();
-    let cont: Vec<&[u32]> = out.tokens.iter().map(|t| t.as_slice()).collect();
-    let (logp, _) = tch::no_grad(|| continuation_logprobs(&p.model, &pre, &cont));
-    for r in 0..6 {
-        let sampled: f32 = out.logprobs[r].iter().sum();
-        let scored = logp.double_value(&[r as i64]) as f32;
+    for (r, (sampled, scored, _)) in sampled_and_scored(&half, &p, &prefixes, &s, 5)
+        .into_iter()
+        .enumerate()
+    {
         assert!(
             (sampled - scored).abs() < 0.25 + 0.05 * scored.abs(),
             "row {r}: bf16 sampler {sampled}, f32 scorer {scored}"
