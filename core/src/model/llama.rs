@@ -104,16 +104,26 @@ impl LlamaConfig {
     }
 }
 
+/// Normal(0, std) initial values, or zeros when `std` is 0 (weights about to be loaded, which
+/// need no random numbers drawn for them).
+fn normal(std: f64) -> nn::Init {
+    if std == 0.0 {
+        nn::Init::Const(0.0)
+    } else {
+        nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        }
+    }
+}
+
 fn linear(p: nn::Path, input: usize, output: usize, std: f64) -> nn::Linear {
     nn::linear(
         p,
         input as i64,
         output as i64,
         nn::LinearConfig {
-            ws_init: nn::Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
+            ws_init: normal(std),
             bs_init: None,
             bias: false,
         },
@@ -577,17 +587,23 @@ impl Llama {
     /// Create the model's variables under `vs.root()`, initialised for training from scratch
     /// (normal 0.02; residual output projections scaled down by the depth, as in GPT-2).
     pub fn new(vs: &nn::VarStore, config: LlamaConfig) -> Self {
+        Self::with_init(vs, config, 0.02)
+    }
+
+    /// Create the model's variables with zero weight matrices (norms at 1), for weights that
+    /// are loaded or copied right after: no random numbers are drawn.
+    pub fn zeroed(vs: &nn::VarStore, config: LlamaConfig) -> Self {
+        Self::with_init(vs, config, 0.0)
+    }
+
+    fn with_init(vs: &nn::VarStore, config: LlamaConfig, std: f64) -> Self {
         let root = vs.root();
-        let std = 0.02;
         let out_std = std / (2.0 * config.num_hidden_layers as f64).sqrt();
         let model = &root / "model";
         let embed = (&model / "embed_tokens").var(
             "weight",
             &[config.vocab_size as i64, config.hidden_size as i64],
-            nn::Init::Randn {
-                mean: 0.0,
-                stdev: std,
-            },
+            normal(std),
         );
         let layers = &model / "layers";
         let blocks = (0..config.num_hidden_layers)
@@ -614,10 +630,7 @@ impl Llama {
             (&root / "lm_head").var(
                 "weight",
                 &[config.vocab_size as i64, config.hidden_size as i64],
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: std,
-                },
+                normal(std),
             )
         });
         let rope = Rope::new(&config, vs.device());

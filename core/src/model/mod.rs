@@ -54,18 +54,25 @@ impl Policy {
         Policy { vs, model }
     }
 
+    /// A model whose weights are set right after (zeros until then; no random numbers drawn).
+    fn zeroed(config: LlamaConfig, device: Device) -> Policy {
+        let vs = nn::VarStore::new(device);
+        let model = Llama::zeroed(&vs, config);
+        Policy { vs, model }
+    }
+
     /// Load a Hugging Face-layout folder: config.json and model.safetensors (or shards listed
     /// in model.safetensors.index.json).
     pub fn load(dir: &Path, device: Device) -> Result<Policy> {
         let config = read_config(dir)?;
-        let policy = Policy::from_scratch(config, device);
+        let policy = Policy::zeroed(config, device);
         policy.load_weights(dir)?;
         Ok(policy)
     }
 
     /// A copy of this model with its weights in `kind` (e.g. bf16 weights to sample with).
     pub fn copy_as(&self, kind: Kind) -> Result<Policy> {
-        let mut copy = Policy::from_scratch(self.model.config.clone(), self.vs.device());
+        let mut copy = Policy::zeroed(self.model.config.clone(), self.vs.device());
         copy.vs.set_kind(kind);
         copy.copy_from(self)?;
         Ok(copy)

@@ -17,7 +17,6 @@ use crate::config::Experiment;
 use crate::data::{Cut, Cutter, Windows};
 use crate::engine::{autocast, Prepared};
 use crate::metrics::Row;
-use crate::model::Policy;
 use crate::objective::{Judged, LossInputs, Objective, ReferenceUpdate, Target};
 use crate::progress::Progress as Bar;
 use crate::registry::Registry;
@@ -363,8 +362,7 @@ pub fn train(
     let (mut optimizer, mut state) = crate::train::start(e, &policy, &mut windows, &resume)?;
     let mut reference = match needs.reference {
         Some(_) => {
-            let mut r = Policy::from_scratch(policy.model.config.clone(), device);
-            r.copy_from(&policy)?;
+            let mut r = policy.copy_as(policy.model.kind())?;
             r.vs.freeze();
             Some(r)
         }
