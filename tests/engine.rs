@@ -105,10 +105,9 @@ log_every = 100
 }
 
 fn losses(run_dir: &Path) -> Vec<(u64, f64, Option<f64>)> {
-    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    metric_rows(run_dir)
+        .into_iter()
+        .map(|v| {
             (
                 v["step"].as_u64().unwrap(),
                 v["loss/ntp"].as_f64().unwrap(),

@@ -125,12 +125,7 @@ type = "online-dpo"
         .arg("--out")
         .arg(dir.path().join("run")));
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let rows: Vec<serde_json::Value> =
-        std::fs::read_to_string(dir.path().join("run/metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let rows = metric_rows(&dir.path().join("run"));
     assert_eq!(rows.len(), 2);
     let calls: f64 = rows
         .iter()

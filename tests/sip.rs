@@ -70,12 +70,12 @@ ntp_weight = 0.5
 
 /// Every metric row without the timing keys, which differ from run to run.
 fn rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(l).unwrap();
+    metric_rows(run_dir)
+        .into_iter()
+        .map(|row| {
+            let serde_json::Value::Object(mut v) = row else {
+                panic!("a metrics row is not an object: {row}")
+            };
             v.retain(|k, _| !k.starts_with("time/") && !k.starts_with("perf/"));
             v
         })

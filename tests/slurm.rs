@@ -257,14 +257,5 @@ fn detached_sweep_killed_by_scancel_resumes_from_its_checkpoint() {
     let log = std::fs::read_to_string(trial.join("log.txt")).unwrap();
     assert!(log.contains("resum"), "{log}");
     // Every step is in the metrics exactly once, despite the kill.
-    let steps_logged: Vec<u64> = std::fs::read_to_string(trial.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(steps_logged, (1..=steps as u64).collect::<Vec<_>>());
+    assert_eq!(logged_steps(&trial), (1..=steps as u64).collect::<Vec<_>>());
 }

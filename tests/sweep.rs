@@ -233,16 +233,7 @@ fn a_killed_sweep_takes_its_trials_along_and_resumes() {
         .arg("--resume"));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stderr.contains("(resuming)"), "{}", out.stderr);
-    let steps_logged: Vec<u64> = std::fs::read_to_string(trial.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(steps_logged, (1..=steps as u64).collect::<Vec<_>>());
+    assert_eq!(logged_steps(&trial), (1..=steps as u64).collect::<Vec<_>>());
 }
 
 #[test]

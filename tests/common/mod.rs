@@ -33,6 +33,23 @@ pub fn run(cmd: &mut Command) -> Run {
     }
 }
 
+/// Every row of a run's `metrics.jsonl`.
+pub fn metric_rows(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The step of every row of a run's `metrics.jsonl`, in file order.
+pub fn logged_steps(run_dir: &Path) -> Vec<u64> {
+    metric_rows(run_dir)
+        .iter()
+        .map(|row| row["step"].as_u64().unwrap())
+        .collect()
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
