@@ -1,10 +1,13 @@
 //! Micro-benchmarks of the engine, printed as JSON for the comparison scripts in `bench/`
 //! (which run the reference implementations side by side). Not tests: they never gate CI.
 
-use crate::model::{LlamaConfig, Policy};
+use crate::model::{autocast, LlamaConfig, Policy, TOKENIZER_JSON};
 use crate::sample::{generate, Sampling};
+use crate::tokenizer::Tokenizer;
 use crate::train::optim::AdamW;
 use anyhow::Result;
+use sipt_api::StepPlan;
+use sipt_experiment::config::{Dtype, Experiment};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -41,7 +44,7 @@ pub struct TrainBench {
     pub device: String,
     /// `f32`, or `bf16` (autocast; CUDA only).
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: Dtype,
 }
 
 /// Next-token training steps on random tokens: forward, backward, clip, AdamW.
@@ -75,11 +78,7 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         );
         sync(device);
         let t0 = Instant::now();
-        let loss = if device.is_cuda() && b.dtype == "bf16" {
-            tch::autocast(true, || policy.model.ntp_loss(&ids))
-        } else {
-            policy.model.ntp_loss(&ids)
-        };
+        let loss = autocast(device, b.dtype, || policy.model.ntp_loss(&ids));
         loss.backward();
         opt.clip_grad_norm(1.0);
         opt.step(1e-4);
@@ -121,14 +120,15 @@ pub struct RolloutBench {
     pub repeats: usize,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Weights in `f32` or `bf16`.
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: Dtype,
 }
 
 /// `count` prompts of `len` random token ids (away from the vocabulary's ends), from `seed`.
 fn random_prompts(policy: &Policy, count: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
     let vocab = policy.model.config.vocab_size as u64;
-    let mut rng = crate::rng::SplitMix::new(seed);
+    let mut rng = sipt_experiment::rng::SplitMix::new(seed);
     (0..count)
         .map(|_| {
             (0..len)
@@ -142,7 +142,7 @@ fn random_prompts(policy: &Policy, count: usize, len: usize, seed: u64) -> Vec<V
 pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
     let device = crate::model::select_device(&b.device)?;
     let mut policy = Policy::load(&b.model, device)?;
-    if b.dtype == "bf16" {
+    if b.dtype == Dtype::Bf16 {
         policy.vs.set_kind(Kind::BFloat16);
     }
     let prefixes = random_prompts(&policy, b.prefixes, b.prefix_tokens, 1);
@@ -210,83 +210,62 @@ pub struct SipStepBench {
     pub device: String,
     /// Sample with the policy itself (`f32`) or with a bf16 copy refreshed every step (`bf16`,
     /// as `sip.sample_dtype`); the copy is included in the step time.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub sample_dtype: String,
+    #[arg(long, default_value = "f32")]
+    pub sample_dtype: Dtype,
 }
 
-/// One online-DPO step as the SIP loop runs it: sample completions (shared prefill), a trivial
-/// reward (distinct tokens), best over worst, policy and reference log-probs, DPO loss,
-/// backward, clip, AdamW.
+/// One online-DPO step through the SIP loop's own phases: rollouts (shared prefill), pools, a
+/// stand-in for judging and reward (distinct tokens per rollout), selection, then the update
+/// (policy and reference log-probs, DPO loss, backward, clip, AdamW).
 pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
-    use crate::objective::{Judged, LossInputs, Target};
-    use crate::sample::continuation_logprobs;
+    use crate::sip::{batch::Batch, pool, rollouts::Rollouts, select::Selection, update};
     let device = crate::model::select_device(&b.device)?;
     let policy = Policy::load(&b.model, device)?;
-    let mut reference = Policy::load(&b.model, device)?;
-    reference.vs.freeze();
-    let registry = crate::registry::Registry::builtin().map_err(|e| anyhow::anyhow!(e))?;
-    let objective = registry
-        .build_objective("online-dpo", serde_json::json!({"beta": 0.1}))
+    let tokenizer = Tokenizer::load(&b.model.join(TOKENIZER_JSON))?;
+    let objective = crate::objective::build("online-dpo", serde_json::json!({"beta": 0.1}))
         .map_err(|e| anyhow::anyhow!(e))?;
-    let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.999, 0.0);
-    let mut sampler = crate::model::Sampler::new(&policy, &b.sample_dtype)?;
-    let prompts = random_prompts(&policy, b.prompts, b.prompt_tokens, 3);
-    let sampling = Sampling {
-        max_new_tokens: b.new_tokens,
-        temperature: 1.0,
-        ..Sampling::default()
+    let mut learner = update::Learner {
+        needs: objective.needs(),
+        optimizer: AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.999, 0.0),
+        reference: Some(update::reference_of(&policy)?),
+        device,
+        micro_batch: 0,
+        dtype: Dtype::F32,
+        grad_clip: 1.0,
     };
+    let mut e = Experiment::default();
+    e.data.suffix_tokens = b.new_tokens;
+    let rollouts = Rollouts {
+        e: &e,
+        device,
+        eos: Vec::new(),
+    };
+    let plan = StepPlan {
+        original: false,
+        rewrite: false,
+        rollouts: b.completions as u32,
+        temperature: 1.0,
+        top_p: 1.0,
+        sip_weight: 1.0,
+        ntp_weight: 0.0,
+    };
+    let mut sampler = crate::model::Sampler::new(&policy, b.sample_dtype)?;
+    let batch = Batch::of_prefixes(random_prompts(&policy, b.prompts, b.prompt_tokens, 3));
+    let prefixes = batch.prefix_tokens();
     let mut times = Vec::new();
     for i in 0..b.warmup + b.steps {
         sync(device);
         let t0 = Instant::now();
-        let model = sampler.model(&policy)?;
-        let out = generate(model, &prompts, b.completions, &sampling, &[], i as u64);
-        let mut pre: Vec<&[u32]> = Vec::new();
-        let mut chosen: Vec<&[u32]> = Vec::new();
-        let mut rejected: Vec<&[u32]> = Vec::new();
-        for (p, prompt) in prompts.iter().enumerate() {
-            let pool: Vec<Judged> = (0..b.completions)
-                .map(|c| {
-                    let t = &out.tokens[p * b.completions + c];
-                    let distinct: std::collections::HashSet<_> = t.iter().collect();
-                    Judged {
-                        source: sipt_api::Source::Rollout,
-                        reward: Some(distinct.len() as f64 + c as f64 * 1e-3),
-                    }
-                })
-                .collect();
-            for target in objective.select(&pool) {
-                if let Target::Pair {
-                    chosen: c,
-                    rejected: r,
-                } = target
-                {
-                    pre.push(prompt);
-                    chosen.push(&out.tokens[p * b.completions + c]);
-                    rejected.push(&out.tokens[p * b.completions + r]);
-                }
+        let generated = rollouts.sample(sampler.model(&policy)?, &prefixes, &plan, i as u64);
+        let mut pools = pool::build(&batch, &plan, &generated, &tokenizer);
+        for pool in &mut pools {
+            for (c, cand) in pool.iter_mut().enumerate() {
+                let distinct: std::collections::HashSet<_> = cand.tokens.iter().collect();
+                cand.reward = Some(distinct.len() as f64 + c as f64 * 1e-3);
             }
         }
-        let n = pre.len() as i64;
-        let both_pre: Vec<&[u32]> = pre.iter().chain(pre.iter()).copied().collect();
-        let both: Vec<&[u32]> = chosen.iter().chain(rejected.iter()).copied().collect();
-        let (logp, _) = continuation_logprobs(&policy.model, &both_pre, &both);
-        let (ref_logp, _) =
-            tch::no_grad(|| continuation_logprobs(&reference.model, &both_pre, &both));
-        let terms = objective.loss(&LossInputs {
-            policy_chosen: Some(logp.narrow(0, 0, n)),
-            policy_rejected: Some(logp.narrow(0, n, n)),
-            reference_chosen: Some(ref_logp.narrow(0, 0, n)),
-            reference_rejected: Some(ref_logp.narrow(0, n, n)),
-            nll_logp: None,
-            nll_tokens: None,
-            ntp: None,
-        });
-        terms.loss.backward();
-        opt.clip_grad_norm(1.0);
-        opt.step(1e-6);
-        opt.zero_grad();
+        let selection = Selection::new(objective.as_ref(), &batch, &pools);
+        learner.update(&policy, objective.as_ref(), &selection, None, &plan, 1e-6);
         sync(device);
         if i >= b.warmup {
             times.push(t0.elapsed().as_secs_f64());
@@ -320,15 +299,16 @@ pub struct TournamentBench {
 /// Calls and rank agreement (Kendall's tau with all-pairs, and with the hidden truth) of every
 /// tournament design, with a simulated noisy judge whose verdicts are fixed per pair.
 pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
-    use crate::sip::tournament::{kendall_tau, run, Design, Match};
-    let mut rng = crate::rng::SplitMix::new(b.seed);
+    use sipt_experiment::tournament::{kendall_tau, run, Design, Match};
+    let mut rng = sipt_experiment::rng::SplitMix::new(b.seed);
     let quality: Vec<Vec<f64>> = (0..b.pools)
         .map(|_| (0..b.pool).map(|_| rng.next_f64()).collect())
         .collect();
     // One fixed draw per unordered pair, so every design faces the same judge.
     let verdict = |p: usize, a: usize, c: usize| -> f64 {
         let (lo, hi) = (a.min(c), a.max(c));
-        let mut r = crate::rng::SplitMix::derive(b.seed, (p * 1_000_003 + lo) as u64, hi as u64);
+        let mut r =
+            sipt_experiment::rng::SplitMix::derive(b.seed, (p * 1_000_003 + lo) as u64, hi as u64);
         let prob = 1.0 / (1.0 + (-(quality[p][lo] - quality[p][hi]) / b.noise).exp());
         let lo_wins = if r.next_f64() < prob { 1.0 } else { 0.0 };
         if a == lo {
@@ -352,7 +332,7 @@ pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
             &sizes,
             &pivots,
             &mut referee,
-            &mut crate::rng::SplitMix::new(b.seed ^ 7),
+            &mut sipt_experiment::rng::SplitMix::new(b.seed ^ 7),
         );
         if design == Design::AllPairs {
             all_pairs_scores = out.scores.clone();

@@ -4,15 +4,43 @@
 //! mean of every pointwise criterion (safety rate, factuality, quality), and perplexity.
 
 use crate::data::{Corpus, Cutter, Windows};
-use crate::engine::{expand_path, validation_loss};
+use crate::model::autocast;
 use crate::model::Policy;
-use crate::rng::SplitMix;
 use crate::sample::{generate, Sampling};
-use crate::sip::{judge_pointwise, Plugins};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result};
 use sipt_api::{PairwiseItem, PointwiseItem};
+use sipt_experiment::config::Dtype;
+use sipt_experiment::paths::expand_path;
+use sipt_experiment::plugins::{judge_pointwise, Plugins};
+use sipt_experiment::rng::SplitMix;
 use std::collections::BTreeMap;
+
+/// Mean validation loss over fixed windows.
+pub fn validation_loss(
+    policy: &Policy,
+    tokens: &[u32],
+    windows: &[usize],
+    len: usize,
+    batch: usize,
+    dtype: Dtype,
+) -> Option<f64> {
+    if windows.is_empty() {
+        return None;
+    }
+    let device = policy.device();
+    let mut total = 0.0;
+    let mut count = 0;
+    tch::no_grad(|| {
+        for chunk in windows.chunks(batch.max(1)) {
+            let ids = crate::data::window_batch(tokens, chunk, len, device);
+            let loss = autocast(device, dtype, || policy.model.ntp_loss(&ids));
+            total += loss.double_value(&[]) * chunk.len() as f64;
+            count += chunk.len();
+        }
+    });
+    Some(total / count as f64)
+}
 
 /// Held-out prompts: text, token ids, and the true continuation when there is one.
 pub struct PromptSet {
@@ -160,7 +188,7 @@ impl<'a> Evaluator<'a> {
             &self.windows,
             self.window_len,
             8,
-            "f32",
+            Dtype::F32,
         ) {
             m.insert("eval/loss".to_string(), loss);
             m.insert("eval/perplexity".to_string(), loss.exp());
@@ -199,7 +227,7 @@ impl<'a> Evaluator<'a> {
                 );
             }
             if let (Some(base), Some(name)) = (baseline, self.win_judge) {
-                if let Some((_, judge)) = self.plugins.pairwise.iter().find(|(n, _)| n == name) {
+                if let Some(judge) = self.plugins.pairwise_judge(name) {
                     let theirs = continue_greedy(base, tokenizer, set, self.max_new_tokens);
                     // Both orders: position bias cancels, and a tie counts half.
                     let mut items = Vec::new();
@@ -257,12 +285,12 @@ pub struct Periodic<'a> {
 impl<'a> Periodic<'a> {
     /// Saves the starting model (on a fresh run) and prepares the prompt sets.
     pub fn new(
-        e: &'a crate::config::Experiment,
+        e: &'a sipt_experiment::config::Experiment,
         plugins: &'a Plugins,
         corpus: &'a Corpus,
         tokenizer: &Tokenizer,
         policy: &Policy,
-        run: &crate::rundir::RunDir,
+        run: &sipt_experiment::rundir::RunDir,
         resumed: bool,
     ) -> Result<Periodic<'a>> {
         // A pretrained start is its own folder already; a from-scratch start is saved once.
@@ -271,7 +299,7 @@ impl<'a> Periodic<'a> {
             std::path::PathBuf::from(expand_path(&e.model.path))
         } else {
             run.path()
-                .join(crate::rundir::CHECKPOINTS_DIR)
+                .join(sipt_experiment::rundir::CHECKPOINTS_DIR)
                 .join(INITIAL_DIR)
         };
         if !resumed && !pretrained {
@@ -347,8 +375,8 @@ impl<'a> Periodic<'a> {
         last: bool,
         policy: &Policy,
         tokenizer: &Tokenizer,
-        row: &mut crate::metrics::Row,
-        bar: &crate::progress::Progress,
+        row: &mut sipt_experiment::metrics::Row,
+        bar: &sipt_experiment::progress::Reporter,
     ) {
         let Some(evaluator) = &self.evaluator else {
             return;

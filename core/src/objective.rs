@@ -5,9 +5,9 @@
 //! loss. Objectives need tensors, so unlike the other extension points they live in the engine
 //! and are registered here, with the same `type = "name"` tables in experiment files.
 
-use crate::registry::Registry;
 use serde::Deserialize;
-use sipt_api::{introspect, ConfigProblem, Source};
+use sipt_api::{introspect, Source};
+use sipt_experiment::registry::ObjectiveInfo;
 use tch::Tensor;
 
 /// A judged candidate, as an objective sees it when selecting.
@@ -75,38 +75,47 @@ pub trait Objective: Send {
     fn loss(&self, inputs: &LossInputs) -> LossTerms;
 }
 
-/// Builds an objective from its options (with the registry, for objectives made of others).
-pub type BuildFn = fn(serde_json::Value, &Registry) -> Result<Box<dyn Objective>, String>;
+/// Builds an objective from its checked options.
+pub type BuildFn = fn(serde_json::Value) -> Result<Box<dyn Objective>, String>;
 
-/// A registered objective.
-pub struct Registration {
+/// How the engine builds a registered objective; the registry lists and validates it through
+/// the [`ObjectiveInfo`] submitted beside it.
+pub struct Builder {
     pub name: &'static str,
-    pub summary: &'static str,
-    pub defined_at: &'static str,
-    pub fields: fn() -> Vec<&'static str>,
-    pub check: fn(&serde_json::Value) -> Result<(), ConfigProblem>,
     pub build: BuildFn,
 }
 
-inventory::collect!(Registration);
+inventory::collect!(Builder);
 
-pub fn registrations() -> impl Iterator<Item = &'static Registration> {
-    inventory::iter::<Registration>.into_iter()
+/// The objective `name`, built from its table's options.
+pub fn build(name: &str, options: serde_json::Value) -> Result<Box<dyn Objective>, String> {
+    match inventory::iter::<Builder>
+        .into_iter()
+        .find(|b| b.name == name)
+    {
+        Some(b) => (b.build)(options),
+        None => Err(format!("unknown objective '{name}'")),
+    }
 }
 
 macro_rules! register_objective {
     ($name:expr, $config:ty, $summary:expr, $build:expr) => {
         inventory::submit! {
-            Registration {
+            ObjectiveInfo {
                 name: $name,
                 summary: $summary,
                 defined_at: concat!(file!(), ":", line!()),
                 fields: introspect::field_names::<$config>,
                 check: |v| sipt_api::check_config::<$config>(v).map(|_| ()),
-                build: |v, registry| {
+            }
+        }
+        inventory::submit! {
+            Builder {
+                name: $name,
+                build: |v| {
                     let config = sipt_api::check_config::<$config>(&v).map_err(|p| p.message)?;
                     #[allow(clippy::redundant_closure_call)]
-                    ($build)(config, registry)
+                    ($build)(config)
                 },
             }
         }
@@ -158,7 +167,7 @@ register_objective!(
     "ntp",
     NtpConfig,
     "next-token prediction on the documents (standard pretraining)",
-    |_: NtpConfig, _: &Registry| Ok(Box::new(Ntp) as Box<dyn Objective>)
+    |_: NtpConfig| Ok(Box::new(Ntp) as Box<dyn Objective>)
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -334,7 +343,7 @@ register_objective!(
     "online-dpo",
     DpoConfig,
     "online DPO: best candidate over worst, against a reference model (frozen, synced or EMA)",
-    |c: DpoConfig, _: &Registry| {
+    |c: DpoConfig| {
         if c.beta.is_nan() || c.beta <= 0.0 {
             return Err(format!("beta must be positive, got {}", c.beta));
         }
@@ -421,7 +430,7 @@ register_objective!(
     "rf-nll",
     RfNllConfig,
     "reward-filtered NLL: plain NLL on the best-judged candidate",
-    |c: RfNllConfig, _: &Registry| Ok(Box::new(RfNll(c)) as Box<dyn Objective>)
+    |c: RfNllConfig| Ok(Box::new(RfNll(c)) as Box<dyn Objective>)
 );
 
 #[derive(Debug, Clone, Deserialize)]
@@ -458,7 +467,7 @@ register_objective!(
     "sft",
     SftConfig,
     "supervised NLL on one source's candidates (e.g. rewrites), without a judge",
-    |c: SftConfig, _: &Registry| Ok(Box::new(Sft(c)) as Box<dyn Objective>)
+    |c: SftConfig| Ok(Box::new(Sft(c)) as Box<dyn Objective>)
 );
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! calls, one batched forward per token.
 
 use crate::model::{Batch, KvCache, Llama};
-use crate::rng::SplitMix;
+use sipt_experiment::rng::SplitMix;
 use tch::{Device, Kind, Tensor};
 
 /// Sampling calls of at least this many new tokens decode with repacked weights.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tch::{Device, Tensor};
 
 fn assets() -> PathBuf {
-    sipt_core::paths::assets_dir()
+    sipt_experiment::paths::assets_dir()
 }
 
 fn python() -> PathBuf {

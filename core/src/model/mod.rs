@@ -7,8 +7,10 @@ pub mod packed;
 pub use llama::{Batch, KvCache, Llama, LlamaConfig};
 pub use packed::Packed;
 
-use crate::rundir::write_atomic;
+use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
+use sipt_experiment::config::Dtype;
+use sipt_experiment::rundir::write_atomic;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
@@ -156,10 +158,10 @@ pub struct Sampler {
 
 impl Sampler {
     /// `dtype`: `f32` (the policy itself) or `bf16`.
-    pub fn new(policy: &Policy, dtype: &str) -> Result<Sampler> {
+    pub fn new(policy: &Policy, dtype: Dtype) -> Result<Sampler> {
         let copy = match dtype {
-            "bf16" => Some(policy.copy_as(Kind::BFloat16)?),
-            _ => None,
+            Dtype::Bf16 => Some(policy.copy_as(Kind::BFloat16)?),
+            Dtype::F32 => None,
         };
         Ok(Sampler { copy })
     }
@@ -239,10 +241,19 @@ fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(out)
 }
 
-/// `Kind` for a dtype name from the experiment file.
-pub fn kind_of(dtype: &str) -> Kind {
-    match dtype {
-        "bf16" => Kind::BFloat16,
-        _ => Kind::Float,
+/// Run `f` under bf16 autocast when the experiment asks for bf16 on a CUDA device (on a CPU,
+/// `model.dtype` applies to rollouts through `sip.sample_dtype` instead).
+pub fn autocast<T>(device: Device, dtype: Dtype, f: impl FnOnce() -> T) -> T {
+    if device.is_cuda() && dtype == Dtype::Bf16 {
+        tch::autocast(true, f)
+    } else {
+        f()
     }
+}
+
+/// The tokens that end a sequence: the model's own (`config.json`) and the tokenizer's.
+pub fn eos_tokens(config: &LlamaConfig, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut eos: Vec<u32> = config.eos_ids().into_iter().map(|x| x as u32).collect();
+    eos.extend(tokenizer.eos);
+    eos
 }

@@ -4,9 +4,9 @@
 //! is run again with its graph and backpropagated with its part of that gradient. The parameter
 //! gradient is that of one pass over everything, for the activation memory of one micro-batch.
 
-use crate::engine::autocast;
-use crate::model::Llama;
+use crate::model::{autocast, Llama};
 use crate::sample::continuation_logprobs;
+use sipt_experiment::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
 /// `(start, len)` of consecutive spans of at most `size` of `n` items.
@@ -27,15 +27,15 @@ enum Replay {
 }
 
 /// One update's forward passes; with `size` 0 (or few enough items) they are ordinary passes.
-pub(super) struct Micro<'a> {
+pub(super) struct Micro {
     size: usize,
     device: Device,
-    dtype: &'a str,
+    dtype: Dtype,
     replays: Vec<Replay>,
 }
 
-impl<'a> Micro<'a> {
-    pub fn new(size: usize, device: Device, dtype: &'a str) -> Self {
+impl Micro {
+    pub fn new(size: usize, device: Device, dtype: Dtype) -> Self {
         Micro {
             size,
             device,

@@ -5,10 +5,10 @@
 
 use crate::data::StreamPosition;
 use crate::model::{Policy, TOKENIZER_JSON};
-use crate::rundir::write_atomic;
 use crate::train::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sipt_experiment::rundir::write_atomic;
 use std::path::{Path, PathBuf};
 
 pub const OPTIMIZER: &str = "optimizer.safetensors";

@@ -1,15 +1,26 @@
-//! Training building blocks shared by every loop: the optimizer and schedule, checkpoints.
+//! What every training loop shares: the state it starts from ([`prepare`]: device, tokenizer,
+//! corpus, policy, the checkpoint to resume), the optimizer and schedule, checkpoints, and the
+//! step end ([`StepEnd`]: evaluation, logging, progress, checkpoint). The loops themselves are
+//! [`ntp`] here and `crate::sip`.
 
 pub mod checkpoint;
+pub mod ntp;
 pub mod optim;
+mod step_end;
 
-use crate::config::Experiment;
-use crate::data::Windows;
-use crate::model::Policy;
-use anyhow::Result;
+pub use step_end::StepEnd;
+
+use crate::data::{self, Corpus, Windows};
+use crate::model::{self, LlamaConfig, Policy};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
 use checkpoint::TrainState;
 use optim::AdamW;
-use std::path::PathBuf;
+use sipt_experiment::config::{Experiment, Resolved};
+use sipt_experiment::paths::expand_path;
+use sipt_experiment::rundir::{RunDir, CHECKPOINTS_DIR};
+use std::path::{Path, PathBuf};
+use tch::Device;
 
 /// The optimizer and training state a loop starts from: fresh, or restored from the checkpoint
 /// being resumed (optimizer moments, step, tokens, data position).
@@ -40,4 +51,104 @@ pub fn start(
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
     }
     Ok((optimizer, state))
+}
+
+/// What every training loop starts from.
+pub struct Prepared {
+    pub device: Device,
+    pub tokenizer: Tokenizer,
+    pub corpus: Corpus,
+    pub policy: Policy,
+    /// The checkpoint to resume from, with its state.
+    pub resume: Option<(PathBuf, TrainState)>,
+}
+
+/// Set up the device, tokenizer, data and policy (from the latest checkpoint when resuming).
+pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepared> {
+    let e = &resolved.experiment;
+    if e.experiment.threads > 0 {
+        tch::set_num_threads(e.experiment.threads as i32);
+    }
+    let device = model::select_device(&e.experiment.device)?;
+    tracing::info!(
+        "device: {device:?}, {} CPU thread(s)",
+        tch::get_num_threads()
+    );
+    let files = data::train_files(e)?;
+    let tokenizer = data::prepare_tokenizer(e, run, resume, &files)?;
+    let corpus = data::prepare_corpus(e, &files, &tokenizer)?;
+    tracing::info!(
+        "data: {} train tokens, {} validation tokens, vocabulary {}",
+        corpus.train_tokens(),
+        corpus.validation_tokens(),
+        tokenizer.vocab_size()
+    );
+    let checkpoints = run.path().join(CHECKPOINTS_DIR);
+    let resume_from = if resume {
+        match checkpoint::latest(&checkpoints)? {
+            Some(dir) => {
+                let state = checkpoint::read_state(&dir)?;
+                Some((dir, state))
+            }
+            None => {
+                tracing::warn!(
+                    "no checkpoint in {}; starting from the beginning",
+                    checkpoints.display()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    tch::manual_seed(e.experiment.seed as i64);
+    let policy = match (&resume_from, e.model.path.is_empty()) {
+        (Some((dir, _)), _) => Policy::load(dir, device)?,
+        (None, false) => Policy::load(Path::new(&expand_path(&e.model.path)), device)?,
+        (None, true) => Policy::from_scratch(
+            scratch_config(e, tokenizer.vocab_size(), tokenizer.eos),
+            device,
+        ),
+    };
+    if policy.model.config.vocab_size < tokenizer.vocab_size() {
+        bail!(
+            "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
+            policy.model.config.vocab_size,
+            tokenizer.vocab_size()
+        );
+    }
+    tracing::info!(
+        "policy: {} layers, hidden {}, {:.1}M parameters",
+        policy.model.config.num_hidden_layers,
+        policy.model.config.hidden_size,
+        policy.model.config.parameters() as f64 / 1e6
+    );
+    Ok(Prepared {
+        device,
+        tokenizer,
+        corpus,
+        policy,
+        resume: resume_from,
+    })
+}
+
+/// The from-scratch architecture of an experiment, sized to the tokenizer.
+pub fn scratch_config(e: &Experiment, vocab: usize, eos: Option<u32>) -> LlamaConfig {
+    let m = &e.model;
+    LlamaConfig {
+        // A multiple of 64 keeps the output layer's matrix shapes friendly to the kernels.
+        vocab_size: vocab.div_ceil(64) * 64,
+        hidden_size: m.hidden_size,
+        intermediate_size: m.intermediate_size,
+        num_hidden_layers: m.layers,
+        num_attention_heads: m.heads,
+        num_key_value_heads: Some(m.kv_heads),
+        head_dim: None,
+        rms_norm_eps: m.norm_eps,
+        rope_theta: m.rope_theta,
+        max_position_embeddings: m.max_position,
+        tie_word_embeddings: m.tie_embeddings,
+        bos_token_id: None,
+        eos_token_id: eos.map(|id| model::llama::EosIds::One(id as i64)),
+    }
 }

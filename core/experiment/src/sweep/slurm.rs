@@ -426,7 +426,7 @@ pub(super) fn run(
                         "trial {name} started (job {}_{i}){}",
                         job.id,
                         if tdir.join(crate::rundir::CONFIG_FILE).exists()
-                            && crate::progress::Status::read(&tdir).is_some_and(|s| s.step > 0)
+                            && crate::progress::RunStatus::read(&tdir).is_some_and(|s| s.step > 0)
                         {
                             " (resuming)"
                         } else {

@@ -6,11 +6,13 @@
 //! `--set a.b=value` overrides whose values are read as TOML (numbers, booleans, arrays), or as
 //! plain strings when they are not valid TOML.
 
+mod load;
 pub mod locate;
 mod problems;
 pub mod schema;
 mod validate;
 
+pub use load::{load, registry_with, LoadError};
 pub use problems::{Origin, Problem, Problems};
 pub use schema::*;
 pub use validate::{check_choice, validate_plugins};

@@ -34,23 +34,17 @@ pub struct Outcome {
     pub failures: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Design {
-    AllPairs,
-    Pivot,
-    Swiss,
-    Sort,
-}
-
-impl Design {
-    pub fn parse(name: &str) -> Option<Design> {
-        match name {
-            "all-pairs" => Some(Design::AllPairs),
-            "pivot" => Some(Design::Pivot),
-            "swiss" => Some(Design::Swiss),
-            "sort" => Some(Design::Sort),
-            _ => None,
-        }
+crate::config::choice! {
+    /// How pairwise judgments over a pool become scores (`sip.tournament`).
+    Design {
+        /// Every pair once: n(n-1)/2 calls.
+        AllPairs = "all-pairs",
+        /// Every candidate against the original suffix (or the first candidate): n-1 calls.
+        Pivot = "pivot",
+        /// Rounds pairing neighbours in the current ranking.
+        Swiss = "swiss",
+        /// A merge sort with the judge as comparator.
+        Sort = "sort",
     }
 }
 

@@ -1,12 +1,15 @@
 //! The plugin registry: every built-in plugin (collected with `inventory`), the engine's
 //! training objectives, and plugins from external libraries. `sipt plugins list` and the config
 //! validator are both views of it.
+//!
+//! Objectives compute losses on tensors, so they are built by the engine (sipt-core); the
+//! registry knows them by their [`ObjectiveInfo`] (name, summary, options and their check),
+//! which is all that listing and validation need.
 
 mod external;
 
 pub use external::Library;
 
-use crate::objective::{self, Objective};
 use serde::Serialize;
 use sipt_api::{ConfigProblem, Instance, PluginContext, PluginKind};
 use std::path::{Path, PathBuf};
@@ -15,32 +18,47 @@ use std::sync::Arc;
 /// Where a plugin comes from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "origin", content = "path")]
-pub enum Origin {
+pub enum PluginOrigin {
     BuiltIn,
     Library(PathBuf),
 }
 
-impl std::fmt::Display for Origin {
+impl std::fmt::Display for PluginOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Origin::BuiltIn => f.write_str("built-in"),
-            Origin::Library(p) => write!(f, "{}", p.display()),
+            PluginOrigin::BuiltIn => f.write_str("built-in"),
+            PluginOrigin::Library(p) => write!(f, "{}", p.display()),
         }
     }
 }
 
+/// A training objective as the registry knows it. The engine submits one per objective
+/// (`inventory::submit!`) next to the code that builds it.
+pub struct ObjectiveInfo {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub defined_at: &'static str,
+    pub fields: fn() -> Vec<&'static str>,
+    pub check: fn(&serde_json::Value) -> Result<(), ConfigProblem>,
+}
+
+inventory::collect!(ObjectiveInfo);
+
 enum Backend {
     Native(&'static sipt_api::Registration),
-    Objective(&'static objective::Registration),
+    Objective(&'static ObjectiveInfo),
     External(Arc<Library>),
 }
+
+/// The kinds a `[judges]` table may name.
+pub const JUDGE_KINDS: &[PluginKind] = &[PluginKind::PointwiseJudge, PluginKind::PairwiseJudge];
 
 /// One plugin the registry knows.
 pub struct Entry {
     pub kind: PluginKind,
     pub name: String,
     pub summary: String,
-    pub origin: Origin,
+    pub origin: PluginOrigin,
     /// Keys its table accepts besides `type`.
     pub fields: Vec<String>,
     /// Where it was registered (source location, or library path), to explain duplicates.
@@ -67,18 +85,18 @@ impl Registry {
                 kind: r.kind,
                 name: r.name.to_string(),
                 summary: r.summary.to_string(),
-                origin: Origin::BuiltIn,
+                origin: PluginOrigin::BuiltIn,
                 fields: (r.fields)().into_iter().map(String::from).collect(),
                 defined_at: r.defined_at.to_string(),
                 backend: Backend::Native(r),
             })?;
         }
-        for r in objective::registrations() {
+        for r in inventory::iter::<ObjectiveInfo> {
             registry.add(Entry {
                 kind: PluginKind::Objective,
                 name: r.name.to_string(),
                 summary: r.summary.to_string(),
-                origin: Origin::BuiltIn,
+                origin: PluginOrigin::BuiltIn,
                 fields: (r.fields)().into_iter().map(String::from).collect(),
                 defined_at: r.defined_at.to_string(),
                 backend: Backend::Objective(r),
@@ -128,7 +146,7 @@ impl Registry {
                 kind: m.kind,
                 name: m.name,
                 summary: m.summary,
-                origin: Origin::Library(library.path().to_path_buf()),
+                origin: PluginOrigin::Library(library.path().to_path_buf()),
                 fields: m.fields,
                 defined_at: format!("{} ({})", m.defined_at, library.path().display()),
                 backend: Backend::External(library.clone()),
@@ -148,6 +166,11 @@ impl Registry {
             .find(|e| e.kind == kind && e.name == name)
     }
 
+    /// The judge registered as `name`, pointwise or pairwise (a name is one or the other).
+    pub fn find_judge(&self, name: &str) -> Option<&Entry> {
+        JUDGE_KINDS.iter().find_map(|k| self.find(*k, name))
+    }
+
     pub fn names(&self, kind: PluginKind) -> Vec<&str> {
         self.entries
             .iter()
@@ -165,7 +188,8 @@ impl Registry {
         }
     }
 
-    /// Build a plugin from its options. Objectives are built with [`Registry::build_objective`].
+    /// Build a plugin from its options. Objectives are built by the engine
+    /// (`sipt_core::objective::build`).
     pub fn build(
         &self,
         entry: &Entry,
@@ -175,26 +199,23 @@ impl Registry {
         let built = match &entry.backend {
             Backend::Native(r) => (r.build)(options, context),
             Backend::External(lib) => lib.build(entry.kind, &entry.name, options, context),
-            Backend::Objective(_) => Err("objectives are built with build_objective".into()),
+            Backend::Objective(_) => Err("objectives are built by the engine".into()),
         };
         built.map_err(|e| format!("cannot build {} '{}': {e}", entry.kind, entry.name))
-    }
-
-    pub fn build_objective(
-        &self,
-        name: &str,
-        options: serde_json::Value,
-    ) -> Result<Box<dyn Objective>, String> {
-        match self.find(PluginKind::Objective, name).map(|e| &e.backend) {
-            Some(Backend::Objective(r)) => (r.build)(options, self),
-            _ => Err(format!("unknown objective '{name}'")),
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static INFO: ObjectiveInfo = ObjectiveInfo {
+        name: "same",
+        summary: "",
+        defined_at: "here",
+        fields: Vec::new,
+        check: |_| Ok(()),
+    };
 
     #[test]
     fn duplicate_names_are_errors_naming_both() {
@@ -203,10 +224,10 @@ mod tests {
             kind: PluginKind::Reward,
             name: "same".into(),
             summary: String::new(),
-            origin: Origin::BuiltIn,
+            origin: PluginOrigin::BuiltIn,
             fields: vec![],
             defined_at: at.into(),
-            backend: Backend::Objective(objective::registrations().next().unwrap()),
+            backend: Backend::Objective(&INFO),
         };
         registry.add(entry("a.rs:1")).unwrap();
         let err = registry.add(entry("b.rs:2")).unwrap_err().to_string();

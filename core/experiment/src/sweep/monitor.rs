@@ -3,7 +3,7 @@
 //! Each trial's numbers come from its run's `progress.json`.
 
 use super::{Status, SweepState};
-use crate::progress::{self, Status as RunStatus};
+use crate::progress::{self, RunStatus};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;

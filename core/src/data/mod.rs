@@ -2,11 +2,16 @@
 //! tokenizing (cached on disk), a deterministic train/validation split, shuffled next-token
 //! windows with a resumable position, and the prefix/suffix cutter of SIP.
 
-use crate::rng::SplitMix;
+mod prepare;
+
+pub use prepare::{prepare_corpus, prepare_tokenizer, train_files};
+
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sipt_experiment::rng::SplitMix;
 use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
 
 /// Expand files, folders (recursively: .txt, .md, .jsonl, .json) and globs, sorted, deduplicated.
 pub fn list_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
@@ -116,31 +121,6 @@ pub struct Corpus {
 
 /// Blocks this long are assigned to train or validation as a whole.
 const SPLIT_BLOCK: usize = 2048;
-
-fn fnv(bytes: &[u8], mut hash: u64) -> u64 {
-    for b in bytes {
-        hash ^= *b as u64;
-        hash = hash.wrapping_mul(0x100000001b3);
-    }
-    hash
-}
-
-/// A stable fingerprint of files (names, sizes, modification times) and extra text.
-pub fn fingerprint(files: &[PathBuf], extra: &str) -> u64 {
-    let mut h = fnv(extra.as_bytes(), 0xcbf29ce484222325);
-    for f in files {
-        h = fnv(f.display().to_string().as_bytes(), h);
-        if let Ok(meta) = std::fs::metadata(f) {
-            h = fnv(&meta.len().to_le_bytes(), h);
-            if let Ok(modified) = meta.modified() {
-                if let Ok(d) = modified.duration_since(std::time::UNIX_EPOCH) {
-                    h = fnv(&d.as_nanos().to_le_bytes(), h);
-                }
-            }
-        }
-    }
-    h
-}
 
 /// Tokenize documents into one stream, documents separated by `eos` (when there is one).
 /// Returns the tokens and each document's segment.
@@ -370,6 +350,17 @@ impl Cutter {
             suffix: tokens[cut..cut + self.suffix].to_vec(),
         }
     }
+}
+
+/// A batch of windows as a `(B, len)` tensor.
+pub fn window_batch(tokens: &[u32], starts: &[usize], len: usize, device: Device) -> Tensor {
+    let mut ids = Vec::with_capacity(starts.len() * len);
+    for &s in starts {
+        ids.extend(tokens[s..s + len].iter().map(|&t| t as i64));
+    }
+    Tensor::from_slice(&ids)
+        .view([starts.len() as i64, len as i64])
+        .to_device(device)
 }
 
 #[cfg(test)]

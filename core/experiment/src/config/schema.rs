@@ -1,8 +1,91 @@
 //! The experiment file's typed schema: one struct per section, every field with a default, and
 //! unknown keys rejected, so that a misspelt key is an error rather than silently ignored.
 
+pub use crate::tournament::Design as Tournament;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// Declares a closed set of names an experiment file may choose from: a serde enum (so a bad
+/// name is reported with the valid ones and the nearest, like any schema problem) that also
+/// parses from and prints as its name.
+macro_rules! choice {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, ::serde::Serialize, ::serde::Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every valid name, in order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(text: &str) -> Result<Self, String> {
+                match text {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(format!(
+                        "'{text}': expected one of: {}{}",
+                        Self::NAMES.join(", "),
+                        crate::suggest::hint(text, Self::NAMES.iter().copied())
+                    )),
+                }
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+pub(crate) use choice;
+
+choice! {
+    /// The type weights are computed in.
+    Dtype {
+        /// 32-bit floats.
+        F32 = "f32",
+        /// bfloat16.
+        Bf16 = "bf16",
+    }
+}
+
+choice! {
+    /// Where a sweep's trials run.
+    ExecutorKind {
+        /// Child processes on this machine.
+        Local = "local",
+        /// One Slurm job array.
+        Slurm = "slurm",
+    }
+}
+
+choice! {
+    /// Whether and how a run is tracked in Weights & Biases.
+    WandbMode {
+        Off = "off",
+        /// Write the run file; `wandb sync` later.
+        Offline = "offline",
+        /// Stream the run file to W&B while training.
+        Live = "live",
+    }
+}
 
 /// A whole experiment file, after layering (see [`super::load`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -79,7 +162,7 @@ pub struct ModelSection {
     /// tokenizer.json for from-scratch models (a pretrained folder brings its own).
     pub tokenizer: String,
     /// `f32` or `bf16` (bf16 autocast applies on CUDA only).
-    pub dtype: String,
+    pub dtype: Dtype,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub layers: usize,
@@ -97,7 +180,7 @@ impl Default for ModelSection {
         ModelSection {
             path: String::new(),
             tokenizer: String::new(),
-            dtype: "f32".into(),
+            dtype: Dtype::F32,
             vocab_size: 8192,
             hidden_size: 256,
             layers: 4,
@@ -167,13 +250,14 @@ pub struct SipSection {
     pub top_p: f64,
     pub top_k: usize,
     /// How pairwise judges are run over a pool: `all-pairs`, `pivot`, `swiss`, `sort`.
-    pub tournament: String,
-    /// Judge batch t while sampling batch t+1.
+    pub tournament: Tournament,
+    /// Prepare step t+1's batch (cut, rewrite, judge the originals and rewrites: the work that
+    /// does not depend on the policy) on a second thread while step t samples and trains.
     pub overlap: bool,
     /// Weights the rollouts are sampled with: `f32` (the policy itself) or `bf16` (a bf16 copy
     /// of the policy, refreshed every step: 1.6-1.8x faster decoding on a CPU with AVX-512
     /// BF16, see docs/benchmarks.md; the update still uses the f32 policy).
-    pub sample_dtype: String,
+    pub sample_dtype: Dtype,
     /// Prefixes per sampling call (each call holds its own KV cache for prefixes x rollouts
     /// rows); 0 = all of a step's prefixes at once.
     pub rollout_prefixes: usize,
@@ -190,9 +274,9 @@ impl Default for SipSection {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
-            tournament: "all-pairs".into(),
+            tournament: Tournament::AllPairs,
             overlap: true,
-            sample_dtype: "f32".into(),
+            sample_dtype: Dtype::F32,
             rollout_prefixes: 0,
             sample_every: 10,
         }
@@ -287,7 +371,7 @@ pub struct TrackingSection {
 #[serde(deny_unknown_fields, default)]
 pub struct WandbSection {
     /// `off`, `offline` (write the run file; `wandb sync` later) or `live` (stream it).
-    pub mode: String,
+    pub mode: WandbMode,
     pub project: String,
     pub entity: String,
     pub tags: Vec<String>,
@@ -296,7 +380,7 @@ pub struct WandbSection {
 impl Default for WandbSection {
     fn default() -> Self {
         WandbSection {
-            mode: "off".into(),
+            mode: WandbMode::Off,
             project: "sipt".into(),
             entity: String::new(),
             tags: Vec::new(),
@@ -320,7 +404,7 @@ pub struct SweepSection {
     pub fail_fast: bool,
     /// Where trials run: `local` (child processes) or `slurm` (one job array).
     /// `sipt sweep --executor` overrides it.
-    pub executor: String,
+    pub executor: ExecutorKind,
     /// Resources and limits of each trial under the Slurm executor.
     pub slurm: SlurmSection,
 }
@@ -334,7 +418,7 @@ impl Default for SweepSection {
             samples: 0,
             seed: 0,
             fail_fast: false,
-            executor: "local".into(),
+            executor: ExecutorKind::Local,
             slurm: SlurmSection::default(),
         }
     }

@@ -4,7 +4,7 @@
 //! default then applies) and checks again, until the value passes.
 
 use super::{value_at, Problem, Resolved};
-use crate::registry::Registry;
+use crate::registry::{Registry, JUDGE_KINDS};
 use crate::suggest;
 use serde_json::Value;
 use sipt_api::{ConfigProblem, PluginKind};
@@ -91,7 +91,7 @@ fn explain(value: &Value, problem: ConfigProblem) -> (Vec<String>, String) {
             let hint = suggest::hint(unknown, expected.iter().copied());
             return (
                 path,
-                format!("'{unknown}' is not one of: {}{hint}", expected.join(", ")),
+                format!("expected one of: {}{hint}", expected.join(", ")),
             );
         }
     }
@@ -149,9 +149,6 @@ pub fn check_choice(
         problems.push(resolved.problem(&key, message));
     }
 }
-
-/// Tournament designs the engine knows.
-pub const TOURNAMENTS: &[&str] = &["all-pairs", "pivot", "swiss", "sort"];
 
 /// Checks that need more than a type: names from fixed sets, ranges, consistency.
 pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
@@ -305,47 +302,12 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
     let mut problems = Vec::new();
     check_choice(
         resolved,
-        "model.dtype",
-        &m.dtype,
-        &["f32", "bf16"],
-        &mut problems,
-    );
-    check_choice(
-        resolved,
-        "sip.sample_dtype",
-        &e.sip.sample_dtype,
-        &["f32", "bf16"],
-        &mut problems,
-    );
-    check_choice(
-        resolved,
         "data.format",
         &e.data.format,
         &["auto", "text", "jsonl"],
         &mut problems,
     );
-    check_choice(
-        resolved,
-        "sip.tournament",
-        &e.sip.tournament,
-        TOURNAMENTS,
-        &mut problems,
-    );
-    check_choice(
-        resolved,
-        "tracking.wandb.mode",
-        &e.tracking.wandb.mode,
-        &["off", "offline", "live"],
-        &mut problems,
-    );
     if let Some(sweep) = &e.sweep {
-        check_choice(
-            resolved,
-            "sweep.executor",
-            &sweep.executor,
-            &["local", "slurm"],
-            &mut problems,
-        );
         let s = &sweep.slurm;
         if !s.time.is_empty() && !slurm_time_ok(&s.time) {
             problems.push(problem(
@@ -419,9 +381,8 @@ pub fn slurm_mem_ok(text: &str) -> bool {
 pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem> {
     let e = &resolved.experiment;
     let mut tables: Vec<(Vec<String>, &[PluginKind], &super::PluginTable)> = Vec::new();
-    const JUDGES: &[PluginKind] = &[PluginKind::PointwiseJudge, PluginKind::PairwiseJudge];
     for (name, table) in &e.judges {
-        tables.push((vec!["judges".into(), name.clone()], JUDGES, table));
+        tables.push((vec!["judges".into(), name.clone()], JUDGE_KINDS, table));
     }
     if let Some(t) = &e.rewriter {
         tables.push((vec!["rewriter".into()], &[PluginKind::Rewriter], t));
@@ -442,11 +403,8 @@ pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem
     // The win-rate judge must compare (pairwise); a pointwise one would give no win rate.
     if let Some(table) = e.judges.get(&e.eval.judge) {
         if registry
-            .find(PluginKind::PairwiseJudge, &table.name)
-            .is_none()
-            && registry
-                .find(PluginKind::PointwiseJudge, &table.name)
-                .is_some()
+            .find_judge(&table.name)
+            .is_some_and(|entry| entry.kind == PluginKind::PointwiseJudge)
         {
             problems.push(resolved.problem(
                 &["eval".into(), "judge".into()],

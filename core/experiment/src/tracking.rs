@@ -2,7 +2,7 @@
 //! also a Weights & Biases offline run (`<run>/wandb/offline-run-*`) that the official `wandb`
 //! CLI syncs (`wandb sync`), or streams while training runs (`live`).
 
-use crate::config::Experiment;
+use crate::config::{Experiment, WandbMode};
 use crate::metrics::{JsonLines, Row, Sink};
 use crate::rundir::{write_atomic, RunDir, METRICS_FILE};
 use anyhow::{Context, Result};
@@ -48,7 +48,7 @@ impl Tracker {
             resume_step,
         )?)];
         let w = &e.tracking.wandb;
-        if w.mode != "off" {
+        if w.mode != WandbMode::Off {
             let id_file = run.file(WANDB_ID_FILE);
             let (run_id, resume) = match std::fs::read_to_string(&id_file) {
                 Ok(id) if resume_step.is_some() => (id.trim().to_string(), true),
@@ -74,7 +74,7 @@ impl Tracker {
                 offline.dir().display(),
                 offline.dir().display()
             );
-            let live = if w.mode == "live" {
+            let live = if w.mode == WandbMode::Live {
                 match sipt_wandb::find_wandb_cli() {
                     Some(cli) => Some(
                         sipt_wandb::spawn_live_sync(&cli, offline.dir())

@@ -17,7 +17,7 @@ pub const STATUS_FILE: &str = "progress.json";
 
 /// What `progress.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Status {
+pub struct RunStatus {
     pub step: u64,
     pub total: u64,
     /// Short text: loss, current reward, speed.
@@ -31,9 +31,9 @@ pub struct Status {
     pub finished: bool,
 }
 
-impl Status {
+impl RunStatus {
     /// Read a run directory's status, if it has one.
-    pub fn read(run_dir: &Path) -> Option<Status> {
+    pub fn read(run_dir: &Path) -> Option<RunStatus> {
         let text = std::fs::read_to_string(run_dir.join(STATUS_FILE)).ok()?;
         serde_json::from_str(&text).ok()
     }
@@ -79,7 +79,7 @@ pub fn duration(seconds: f64) -> String {
     }
 }
 
-pub struct Progress {
+pub struct Reporter {
     bar: Option<ProgressBar>,
     total: u64,
     started: Instant,
@@ -91,8 +91,8 @@ pub struct Progress {
     last: std::cell::RefCell<(u64, String)>,
 }
 
-impl Progress {
-    pub fn new(total: u64, start_step: u64, log_every: u64) -> Progress {
+impl Reporter {
+    pub fn new(total: u64, start_step: u64, log_every: u64) -> Reporter {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
@@ -104,7 +104,7 @@ impl Progress {
             bar.set_position(start_step);
             bar
         });
-        Progress {
+        Reporter {
             bar,
             total,
             started: Instant::now(),
@@ -117,7 +117,7 @@ impl Progress {
     }
 
     /// Also keep `progress.json` in `run_dir` up to date.
-    pub fn with_status_file(mut self, run_dir: &Path) -> Progress {
+    pub fn with_status_file(mut self, run_dir: &Path) -> Reporter {
         self.status_file = Some(run_dir.join(STATUS_FILE));
         self
     }
@@ -144,7 +144,7 @@ impl Progress {
             return;
         }
         self.last_write.set(Some(Instant::now()));
-        let status = Status {
+        let status = RunStatus {
             step,
             total: self.total,
             summary: summary.to_string(),

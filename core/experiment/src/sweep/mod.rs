@@ -18,7 +18,7 @@ pub mod slurm;
 
 pub use report::report;
 
-use crate::config::{to_toml, Resolved, SweepSection};
+use crate::config::{to_toml, ExecutorKind, Resolved, SweepSection};
 use crate::rng::SplitMix;
 use crate::rundir::write_atomic;
 use anyhow::{bail, Context, Result};
@@ -253,25 +253,12 @@ pub(crate) fn sipt_exe() -> Result<PathBuf> {
     bail!("the sipt executable {} is gone", exe.display())
 }
 
-/// Where trials run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Local,
-    Slurm,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Local => "local",
-            Kind::Slurm => "slurm",
-        }
-    }
-}
+/// Seconds between status lines of running trials when not on a terminal, by default.
+pub const DEFAULT_STATUS_EVERY: f64 = 30.0;
 
 /// How to run the trials.
 pub struct Executor {
-    pub kind: Kind,
+    pub kind: ExecutorKind,
     pub jobs: usize,
     /// CUDA devices handed out one per running trial (`experiment.device = "cuda:N"`).
     pub devices: Vec<usize>,
@@ -281,6 +268,22 @@ pub struct Executor {
     pub detach: bool,
     /// Seconds between status lines when not on a terminal.
     pub status_every: f64,
+}
+
+impl Executor {
+    /// What the sweep table asks for (executor, fail-fast), one trial at a time, no devices
+    /// handed out; the command line adjusts the rest.
+    pub fn from_file(sweep: &SweepSection) -> Executor {
+        Executor {
+            kind: sweep.executor,
+            jobs: 1,
+            devices: Vec::new(),
+            fail_fast: sweep.fail_fast,
+            resume: false,
+            detach: false,
+            status_every: DEFAULT_STATUS_EVERY,
+        }
+    }
 }
 
 /// Run a sweep into `dir`. Returns the number of failed trials.
@@ -315,7 +318,7 @@ pub fn run(
     }
     let fingerprint = format!(
         "{:016x}",
-        crate::data::fingerprint(&[], &configs.join("\n---\n"))
+        crate::paths::fingerprint(&[], &configs.join("\n---\n"))
     );
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let state_path = dir.join(STATE_FILE);
@@ -348,15 +351,15 @@ pub fn run(
                     seconds: 0.0,
                 })
                 .collect(),
-            executor: executor.kind.name().into(),
+            executor: executor.kind.as_str().into(),
             slurm_jobs: Vec::new(),
         }
     };
-    if executor.resume && state.executor != executor.kind.name() {
+    if executor.resume && state.executor != executor.kind.as_str() {
         bail!(
             "cannot resume {} with the {} executor: it was started with the {} executor",
             dir.display(),
-            executor.kind.name(),
+            executor.kind.as_str(),
             state.executor
         );
     }
@@ -368,8 +371,8 @@ pub fn run(
     save_state(dir, &state)?;
     let mut monitor = monitor::Monitor::new(dir, state.trials.len(), executor.status_every);
     match executor.kind {
-        Kind::Local => local::run(dir, &mut state, executor, plugins, &mut monitor)?,
-        Kind::Slurm => {
+        ExecutorKind::Local => local::run(dir, &mut state, executor, plugins, &mut monitor)?,
+        ExecutorKind::Slurm => {
             let name = &resolved.experiment.experiment.name;
             let finished = slurm::run(
                 dir,

@@ -1,0 +1,179 @@
+//! The update: log-probabilities of the selection under the policy (with grad) and the DPO
+//! reference (without), an optional next-token loss on plain documents, the objective's loss
+//! weighted by the plan, one optimizer step, then the reference follows the policy as the
+//! objective asks (frozen, synced every N steps, or an EMA).
+
+use super::micro::Micro;
+use super::select::Selection;
+use crate::data::{window_batch, Windows};
+use crate::model::Policy;
+use crate::objective::{LossInputs, Needs, Objective, ReferenceUpdate};
+use crate::train::optim::AdamW;
+use anyhow::Result;
+use sipt_api::StepPlan;
+use sipt_experiment::config::Dtype;
+use tch::{Device, Tensor};
+
+/// What the update phase owns and changes besides the policy: the optimizer and the reference.
+pub struct Learner {
+    pub needs: Needs,
+    pub optimizer: AdamW,
+    /// The DPO reference model, when the objective has one.
+    pub reference: Option<Policy>,
+    pub device: Device,
+    /// Sequences per forward/backward pass (`train.micro_batch`; 0 = all at once).
+    pub micro_batch: usize,
+    pub dtype: Dtype,
+    pub grad_clip: f64,
+}
+
+/// What one update did.
+pub struct Updated {
+    /// The loss optimized, after the plan's weights.
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// False when nothing was selected (no gradient, no optimizer step).
+    pub updated: bool,
+    /// The next-token loss, when one was computed, and the tokens it was computed on.
+    pub ntp_loss: Option<f64>,
+    pub ntp_tokens: u64,
+    /// The objective's own terms (`loss/dpo`, rewards margins, ...).
+    pub metrics: Vec<(String, f64)>,
+}
+
+impl Learner {
+    /// Whether this step needs a next-token batch (the objective's or the plan's weight).
+    pub fn wants_ntp(&self, plan: &StepPlan) -> bool {
+        self.needs.ntp_weight > 0.0 || plan.ntp_weight > 0.0
+    }
+
+    /// Compute the loss of `selection` (and of the `ntp` batch), step the optimizer at `lr`.
+    pub fn update(
+        &mut self,
+        policy: &Policy,
+        objective: &dyn Objective,
+        selection: &Selection,
+        ntp: Option<Tensor>,
+        plan: &StepPlan,
+        lr: f64,
+    ) -> Updated {
+        // `train.micro_batch`: forward passes in micro-batches (see `micro`).
+        let mut micro = Micro::new(self.micro_batch, self.device, self.dtype);
+        // Each window of `len` tokens trains `len - 1` next-token predictions.
+        let ntp_tokens = ntp.as_ref().map_or(0, |b| {
+            let (rows, len) = (b.size()[0], b.size()[1]);
+            (rows * (len - 1)) as u64
+        });
+        let mut inputs = self.logprobs(&mut micro, policy, selection);
+        inputs.ntp = ntp.map(|batch| micro.ntp(&policy.model, batch));
+        let terms = objective.loss(&inputs);
+        let mut loss = terms.loss * plan.sip_weight;
+        if plan.ntp_weight > 0.0 {
+            if let Some(ntp) = &inputs.ntp {
+                loss = &loss + ntp * plan.ntp_weight;
+            }
+        }
+        let weighted = loss.double_value(&[]);
+        let mut grad_norm = 0.0;
+        let updated = loss.requires_grad();
+        if updated {
+            loss.backward();
+            micro.backward(&policy.model);
+            grad_norm = self.optimizer.clip_grad_norm(self.grad_clip);
+            self.optimizer.step(lr);
+            self.optimizer.zero_grad();
+        }
+        Updated {
+            loss: weighted,
+            grad_norm,
+            updated,
+            ntp_loss: inputs.ntp.as_ref().map(|t| t.double_value(&[])),
+            ntp_tokens,
+            metrics: terms.metrics,
+        }
+    }
+
+    /// Summed continuation log-probs of the pairs (policy and reference; chosen members
+    /// first, then rejected, in one pass) and of the NLL targets.
+    fn logprobs(&self, micro: &mut Micro, policy: &Policy, selection: &Selection) -> LossInputs {
+        let mut inputs = LossInputs {
+            policy_chosen: None,
+            policy_rejected: None,
+            reference_chosen: None,
+            reference_rejected: None,
+            nll_logp: None,
+            nll_tokens: None,
+            ntp: None,
+        };
+        let pairs = &selection.pairs;
+        if !pairs.is_empty() {
+            let pre: Vec<&[u32]> = pairs.iter().chain(pairs).map(|p| p.prefix).collect();
+            let cont: Vec<&[u32]> = pairs
+                .iter()
+                .map(|p| p.chosen)
+                .chain(pairs.iter().map(|p| p.rejected))
+                .collect();
+            let n = pairs.len() as i64;
+            let (logp, _) = micro.logprobs(&policy.model, &pre, &cont, true);
+            inputs.policy_chosen = Some(logp.narrow(0, 0, n));
+            inputs.policy_rejected = Some(logp.narrow(0, n, n));
+            if let Some(r) = &self.reference {
+                let (ref_logp, _) = tch::no_grad(|| micro.logprobs(&r.model, &pre, &cont, false));
+                inputs.reference_chosen = Some(ref_logp.narrow(0, 0, n));
+                inputs.reference_rejected = Some(ref_logp.narrow(0, n, n));
+            }
+        }
+        if !selection.nll.is_empty() {
+            let pre: Vec<&[u32]> = selection.nll.iter().map(|t| t.prefix).collect();
+            let cont: Vec<&[u32]> = selection.nll.iter().map(|t| t.continuation).collect();
+            let (logp, count) = micro.logprobs(&policy.model, &pre, &cont, true);
+            inputs.nll_logp = Some(logp);
+            inputs.nll_tokens = Some(count);
+        }
+        inputs
+    }
+
+    /// After step `step`'s update: the reference follows the policy as configured.
+    pub fn follow(&mut self, policy: &Policy, step: u64) -> Result<()> {
+        let (Some(r), Some(update)) = (self.reference.as_mut(), self.needs.reference) else {
+            return Ok(());
+        };
+        match update {
+            ReferenceUpdate::Frozen => {}
+            ReferenceUpdate::Sync { every } => {
+                if (step + 1) % every == 0 {
+                    r.copy_from(policy)?;
+                }
+            }
+            ReferenceUpdate::Ema { decay } => tch::no_grad(|| {
+                let own = policy.vs.variables();
+                for (name, mut v) in r.vs.variables() {
+                    if let Some(p) = own.get(&name) {
+                        let _ = v.g_mul_scalar_(decay);
+                        let _ = v.g_add_(&(p * (1.0 - decay)));
+                    }
+                }
+            }),
+        }
+        Ok(())
+    }
+}
+
+/// `rows` next-token windows of `len` tokens from the stream, as a `(rows, len)` batch.
+pub fn ntp_batch(
+    windows: &mut Windows,
+    tokens: &[u32],
+    rows: usize,
+    len: usize,
+    device: Device,
+) -> Tensor {
+    let starts: Vec<usize> = (0..rows).map(|_| windows.next_start()).collect();
+    window_batch(tokens, &starts, len, device)
+}
+
+/// A frozen copy of the policy: the DPO reference at the start of training.
+pub fn reference_of(policy: &Policy) -> Result<Policy> {
+    let mut r = policy.copy_as(policy.model.kind())?;
+    r.vs.freeze();
+    Ok(r)
+}

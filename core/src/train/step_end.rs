@@ -1,0 +1,129 @@
+//! The end of every training step, shared by the NTP and SIP loops: evaluate when due, log the
+//! step's metrics, show progress, write a checkpoint when due, and close the run.
+
+use super::checkpoint::{self, TrainState};
+use super::optim::AdamW;
+use crate::data::Corpus;
+use crate::eval::Periodic;
+use crate::model::Policy;
+use crate::tokenizer::Tokenizer;
+use anyhow::Result;
+use sipt_experiment::config::Experiment;
+use sipt_experiment::metrics::Row;
+use sipt_experiment::plugins::Plugins;
+use sipt_experiment::progress::Reporter;
+use sipt_experiment::rundir::{RunDir, CHECKPOINTS_DIR, METRICS_FILE};
+use sipt_experiment::tracking::Tracker;
+use std::path::PathBuf;
+
+/// Evaluation, metrics sinks, progress display and checkpoints of one run.
+pub struct StepEnd<'a> {
+    e: &'a Experiment,
+    periodic: Periodic<'a>,
+    tracker: Tracker,
+    reporter: Reporter,
+    checkpoints: PathBuf,
+    tokenizer: &'a Tokenizer,
+}
+
+impl<'a> StepEnd<'a> {
+    /// Open the run's sinks (continuing them after `state.step` when resuming) and prepare the
+    /// periodic evaluation (which saves the starting model of a fresh from-scratch run).
+    pub fn open(
+        e: &'a Experiment,
+        run: &RunDir,
+        plugins: &'a Plugins,
+        corpus: &'a Corpus,
+        tokenizer: &'a Tokenizer,
+        policy: &Policy,
+        resumed_at: Option<&TrainState>,
+    ) -> Result<StepEnd<'a>> {
+        let tracker = Tracker::open(e, run, resumed_at.map(|s| s.step))?;
+        let start = resumed_at.map(|s| s.step).unwrap_or(0);
+        let reporter =
+            Reporter::new(e.train.steps, start, e.train.log_every).with_status_file(run.path());
+        let periodic = Periodic::new(
+            e,
+            plugins,
+            corpus,
+            tokenizer,
+            policy,
+            run,
+            resumed_at.is_some(),
+        )?;
+        Ok(StepEnd {
+            e,
+            periodic,
+            tracker,
+            reporter,
+            checkpoints: run.path().join(CHECKPOINTS_DIR),
+            tokenizer,
+        })
+    }
+
+    /// The progress display, for notes from inside a step.
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
+    /// Close step `state.step`: evaluation metrics join `row` when due, the row is logged,
+    /// `summary(row)` is shown as progress, and a checkpoint (with the optimizer and the DPO
+    /// reference, if any) is written every `train.checkpoint_every` steps and at the end.
+    pub fn finish_step(
+        &mut self,
+        state: &TrainState,
+        mut row: Row,
+        summary: impl FnOnce(&Row) -> String,
+        policy: &Policy,
+        optimizer: &AdamW,
+        reference: Option<&Policy>,
+    ) -> Result<()> {
+        let t = &self.e.train;
+        let last = state.step == t.steps;
+        self.periodic.maybe_run(
+            state.step,
+            last,
+            policy,
+            self.tokenizer,
+            &mut row,
+            &self.reporter,
+        );
+        self.tracker.log(&row)?;
+        self.reporter.step(state.step, &summary(&row));
+        if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
+            let dir = checkpoint::save(
+                &self.checkpoints,
+                policy,
+                Some(optimizer),
+                reference,
+                self.tokenizer.path(),
+                state,
+                t.keep_checkpoints,
+            )?;
+            self.reporter.note(&format!("checkpoint {}", dir.display()));
+        }
+        Ok(())
+    }
+
+    /// The run is done: final status, sinks closed, and one line saying where things are
+    /// (`also`: further files worth naming, e.g. the samples).
+    pub fn close(
+        mut self,
+        run: &RunDir,
+        state: &TrainState,
+        also: &[(&str, PathBuf)],
+    ) -> Result<()> {
+        self.reporter.finish();
+        self.tracker.finish(true)?;
+        let mut places = format!("metrics in {}", run.file(METRICS_FILE).display());
+        for (what, path) in also {
+            places.push_str(&format!(", {what} in {}", path.display()));
+        }
+        println!(
+            "finished {} steps; {places}, final model in {}",
+            state.step,
+            checkpoint::step_dir(&self.checkpoints, state.step).display()
+        );
+        Ok(())
+    }
+}
