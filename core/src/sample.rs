@@ -1,8 +1,8 @@
 //! Batched sampling with a KV cache, and log-prob scoring of given continuations.
 //!
-//! Rollouts for SIP share their prefix: each prefix is prefilled once, and its cache is then
-//! repeated to K rows, never recomputed K times. Decoding is a plain Rust loop over libtorch
-//! calls, one batched forward per token.
+//! Rollouts for SIP share their prefix: each prefix is prefilled once, and its K rows read that
+//! one cache (each row caches only its own new tokens), never recomputing or copying it.
+//! Decoding is a plain Rust loop over libtorch calls, one batched forward per token.
 
 use crate::model::{Batch, KvCache, Llama};
 use sipt_experiment::rng::SplitMix;

@@ -68,10 +68,6 @@ impl Tokenizer {
             .map(|e| e.get_ids().to_vec())
             .collect())
     }
-
-    pub fn decode_batch(&self, ids: &[Vec<u32>]) -> Vec<String> {
-        ids.iter().map(|i| self.decode(i)).collect()
-    }
 }
 
 /// Train a byte-level BPE of `vocab_size` tokens on `texts` and write it to `out`.
