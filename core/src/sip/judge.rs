@@ -33,7 +33,8 @@ pub fn judge(
         entry.1 += failures;
     }
     let mut pairwise_calls = 0;
-    for (name, outcome) in tournaments(plugins, batch, pools, design, seed, step) {
+    let rng = SplitMix::derive(seed, STREAM_TOURNAMENT, step);
+    for (name, outcome) in tournaments(plugins, batch, pools, design, &rng) {
         pairwise_calls += outcome.calls;
         stats.insert(name, (outcome.calls, outcome.failures));
     }
@@ -67,14 +68,14 @@ fn judge_rollouts(plugins: &Plugins, batch: &Batch, pools: &mut [Pool]) -> Judge
 }
 
 /// Each pairwise judge's tournament over the pools; its scores (win rates within the pool)
-/// become the judge's criterion. The pivot design compares against the original suffix.
+/// become the judge's criterion. The pivot design compares against the original suffix. Every
+/// judge's tournament draws from its own copy of `rng`.
 fn tournaments(
     plugins: &Plugins,
     batch: &Batch,
     pools: &mut [Pool],
     design: Design,
-    seed: u64,
-    step: u64,
+    rng: &SplitMix,
 ) -> Vec<(String, tournament::Outcome)> {
     let sizes: Vec<usize> = pools.iter().map(Vec::len).collect();
     let pivots: Vec<Option<usize>> = pools
@@ -99,8 +100,7 @@ fn tournaments(
                 .map(|r| r.ok().map(|p| p.first_wins))
                 .collect()
         };
-        let mut rng = SplitMix::derive(seed, STREAM_TOURNAMENT, step);
-        let outcome = tournament::run(design, &sizes, &pivots, &mut referee, &mut rng);
+        let outcome = tournament::run(design, &sizes, &pivots, &mut referee, &mut rng.clone());
         let criterion = judge.criterion();
         for (p, scores) in outcome.scores.iter().enumerate() {
             for (c, s) in scores.iter().enumerate() {

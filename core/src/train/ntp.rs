@@ -15,19 +15,14 @@ use std::time::Instant;
 /// Train `prepared.policy` on next-token prediction; evaluated by the same judges as SIP runs
 /// (`plugins`), so that baselines and SIP runs compare.
 pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins) -> Result<()> {
-    let Prepared {
-        device,
-        tokenizer,
-        corpus,
-        policy,
-        resume,
-    } = prepared;
+    let (device, corpus, policy) = (prepared.device, &prepared.corpus, &prepared.policy);
+    let (tokenizer, resume) = (&prepared.tokenizer, &prepared.resume);
     let t = &e.train;
     let len = e.data.seq_len + 1;
     let mut windows = Windows::new(&corpus.train, len, e.experiment.seed, e.data.shuffle)?;
-    let (mut optimizer, mut state) = start(e, &policy, &mut windows, &resume)?;
+    let (mut optimizer, mut state) = start(e, policy, &mut windows, resume)?;
     let resumed_at = resume.as_ref().map(|(_, s)| s);
-    let mut end = StepEnd::open(e, run, plugins, &corpus, &tokenizer, &policy, resumed_at)?;
+    let mut end = StepEnd::open(e, run, plugins, corpus, tokenizer, policy, resumed_at)?;
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     tracing::info!(
         "next-token training: {} steps of {} sequences x {} tokens ({} windows per epoch)",
@@ -70,7 +65,7 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
                 tokens_per_step as f64 / seconds
             )
         };
-        end.finish_step(&state, row, summary, &policy, &optimizer, None)?;
+        end.finish_step(&state, row, summary, policy, &optimizer, None)?;
     }
     end.close(run, &state, &[])
 }
