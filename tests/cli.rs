@@ -127,3 +127,58 @@ fn plugins_list_shows_builtins() {
     let table = run(sipt().args(["plugins", "list"]));
     assert!(table.stdout.starts_with("KIND"));
 }
+
+#[test]
+fn validate_catches_a_negative_margin_and_an_overlong_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "gaps.toml",
+        &format!(
+            "[experiment]\nname = \"{}\"\n\n[train.objective]\ntype = \"online-dpo\"\nmin_margin = -0.5\n",
+            "n".repeat(300)
+        ),
+    );
+    let out = run(sipt().arg("validate").arg(&file));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("gaps.toml:2: experiment.name = ")
+            && out.stderr.contains("at most 200 bytes"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("gaps.toml:6: train.objective.min_margin = -0.5: expected a number >= 0"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn validate_without_plugins_loads_no_library_and_checks_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        "plugins = [\"/nowhere/libjudge.so\"]\n\n[judges.custom]\ntype = \"from-a-library\"\n";
+    let file = write(dir.path(), "lib.toml", text);
+    // With libraries, the missing one is an error; without, the file is valid.
+    let out = run(sipt().arg("validate").arg(&file));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("libjudge.so"), "{}", out.stderr);
+    let out = run(sipt().args(["validate", "--no-plugins"]).arg(&file));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("no plugin library was loaded"),
+        "{}",
+        out.stdout
+    );
+    // Everything else is still checked.
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        &format!("{text}\n[train]\nstepz = 3\n"),
+    );
+    let out = run(sipt().args(["validate", "--no-plugins"]).arg(&bad));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("train.stepz"), "{}", out.stderr);
+}

@@ -66,6 +66,73 @@ fn smollm2_says_paris() {
     );
 }
 
+#[test]
+fn a_prompt_past_the_models_positions_is_refused_not_a_panic() {
+    let out = run(sipt()
+        .args(["generate", "--model"])
+        .arg(smollm2_dir())
+        .args([
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "9000",
+        ]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with("error: ")
+            && out.stderr.contains("--max-new-tokens 9000")
+            && out.stderr.contains("8192 (max_position_embeddings"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn an_unsafe_prompt_longer_than_the_model_is_cut_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_experiment(dir.path(), 2);
+    // One prompt far past the tiny model's 128 positions, among ordinary ones.
+    let long = "and then the story went on ".repeat(200);
+    let prompts = write(
+        dir.path(),
+        "unsafe.txt",
+        &format!("You are such a\n{long}\nI hate it when\n"),
+    );
+    let out_dir = dir.path().join("run");
+    let out = run(sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_dir)
+        .args([
+            "--set",
+            "train.eval_every=1",
+            "--set",
+            "eval.max_new_tokens=16",
+        ])
+        .args([
+            "--set",
+            "eval.prefixes=3",
+            "--set",
+            "data.prefix_max_tokens=64",
+        ])
+        .args(["--set", "judges.safety={ type = \"safety-words\" }"])
+        .arg("--set")
+        .arg(format!("eval.unsafe_prefixes=[\"{}\"]", prompts.display())));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("1 of 3 prompts are longer than 112 tokens"),
+        "{}",
+        out.stderr
+    );
+    let rows = metric_rows(&out_dir);
+    assert!(
+        rows.iter().all(|r| r["eval/unsafe/safety"].is_number()),
+        "{rows:?}"
+    );
+}
+
 fn tiny_experiment(dir: &Path, steps: u64) -> PathBuf {
     write(
         dir,
@@ -178,6 +245,68 @@ fn ntp_training_resumes_exactly_after_sigkill() {
     for (a, b) in reference.iter().zip(&resumed) {
         assert_eq!(a, b, "the resumed run diverged at step {}", a.0);
     }
+}
+
+#[test]
+fn resume_before_the_first_checkpoint_logs_every_step_once_in_the_same_wandb_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 40;
+    let file = tiny_experiment(dir.path(), steps);
+    let sets = [
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "tracking.wandb.mode=offline",
+    ];
+    let killed = dir.path().join("early");
+    let mut child = sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&killed)
+        .args(sets)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once a few steps are logged, long before its only checkpoint (the last step).
+    let started = Instant::now();
+    while killed
+        .join("metrics.jsonl")
+        .exists()
+        .then(|| logged_steps(&killed).len())
+        < Some(3)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no steps were logged"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("checkpoints/latest").exists());
+    let logged = logged_steps(&killed).len();
+    assert!(
+        logged < steps as usize,
+        "the run finished before it could be killed"
+    );
+    let run_id = std::fs::read_to_string(killed.join("wandb-run-id")).unwrap();
+
+    let out = run(sipt()
+        .arg("run")
+        .arg(&file)
+        .arg("--out")
+        .arg(&killed)
+        .arg("--resume")
+        .args(sets));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(logged_steps(&killed), (1..=steps).collect::<Vec<_>>());
+    assert_eq!(
+        std::fs::read_to_string(killed.join("wandb-run-id")).unwrap(),
+        run_id,
+        "the resumed run is a new W&B run"
+    );
 }
 
 #[test]

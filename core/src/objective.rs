@@ -181,14 +181,26 @@ fn default_min_margin() -> f64 {
     0.0
 }
 
+fn non_negative<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let x = f64::deserialize(d)?;
+    if x >= 0.0 {
+        Ok(x)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "expected a number >= 0, found {x}"
+        )))
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpoConfig {
     /// Strength of the implicit KL penalty towards the reference.
     #[serde(default = "default_beta")]
     pub beta: f64,
-    /// Pairs whose reward gap is at most this are ties and are skipped.
-    #[serde(default = "default_min_margin")]
+    /// Pairs whose reward gap is at most this are ties and are skipped (>= 0, so that a
+    /// candidate is never paired against an equal one).
+    #[serde(default = "default_min_margin", deserialize_with = "non_negative")]
     pub min_margin: f64,
     /// How the reference follows the policy: `frozen`, `sync` (every `sync_every` steps) or
     /// `ema` (decay `ema_decay` per step).

@@ -99,15 +99,15 @@ where
     tokenizer
         .train(&mut trainer, texts)
         .map_err(|e| anyhow!("cannot train the tokenizer: {e}"))?;
-    let tmp = out.with_extension("json.tmp");
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    tokenizer
-        .save(&tmp, false)
-        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(())
+    let json = tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow!("cannot serialize the tokenizer for {}: {e}", out.display()))?;
+    // Runs sharing a cold cache may train the same tokenizer at once: each writes its own
+    // temporary file, and the (identical) results replace each other whole.
+    sipt_experiment::rundir::write_atomic(out, json.as_bytes())
 }
 
 #[cfg(test)]
@@ -129,5 +129,25 @@ mod tests {
         assert_eq!(tok.decode(&ids), text);
         assert_eq!(tok.eos, tok.inner.token_to_id(EOS_TOKEN));
         assert!(tok.eos.is_some());
+    }
+
+    #[test]
+    fn runs_training_the_same_tokenizer_at_once_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("shared.json");
+        let texts: Vec<String> = (0..50)
+            .map(|i| format!("a shared corpus, line {i}\n"))
+            .collect();
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| train_bpe(texts.clone().into_iter(), 280, &out)))
+                .collect();
+            for w in workers {
+                w.join().unwrap().unwrap();
+            }
+        });
+        assert!(Tokenizer::load(&out).unwrap().vocab_size() > 256);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "temporary files were left behind: {left:?}");
     }
 }

@@ -2,12 +2,18 @@
 
 use std::path::{Path, PathBuf};
 
-/// `$SIPT_CACHE`, else `$XDG_CACHE_HOME/sipt`, else `~/.cache/sipt`.
+/// A set, non-empty environment variable.
+fn var(name: &str) -> Option<std::ffi::OsString> {
+    std::env::var_os(name).filter(|v| !v.is_empty())
+}
+
+/// `$SIPT_CACHE`, else `$XDG_CACHE_HOME/sipt`, else `~/.cache/sipt` (unset and empty variables
+/// alike skipped; scripts/fetch-assets.sh, scripts/llm-server.py and sipt-gguf use this rule).
 pub fn cache_root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SIPT_CACHE") {
+    if let Some(dir) = var("SIPT_CACHE") {
         return PathBuf::from(dir);
     }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+    if let Some(dir) = var("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("sipt");
     }
     let home = std::env::var_os("HOME")
@@ -19,7 +25,7 @@ pub fn cache_root() -> PathBuf {
 /// Downloaded models, corpora and word lists (scripts/fetch-assets.sh fills it):
 /// `$SIPT_ASSETS`, else `<cache root>/assets`.
 pub fn assets_dir() -> PathBuf {
-    std::env::var_os("SIPT_ASSETS")
+    var("SIPT_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| cache_root().join("assets"))
 }

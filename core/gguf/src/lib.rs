@@ -42,15 +42,21 @@ pub use types::GgmlType;
 /// depending on a matching `tokenizers` version themselves.
 pub use tokenizers;
 
-/// The assets folder of `scripts/fetch-assets.sh`: `$SIPT_ASSETS`, else
-/// `$HOME/.cache/sipt/assets`.
+/// The assets folder of `scripts/fetch-assets.sh`, found by the rule every part of sipt uses:
+/// `$SIPT_ASSETS`, else `<cache root>/assets`, the cache root being `$SIPT_CACHE`, else
+/// `$XDG_CACHE_HOME/sipt`, else `$HOME/.cache/sipt` (unset and empty variables alike skipped).
 pub fn default_assets_dir() -> Option<std::path::PathBuf> {
-    if let Some(dir) = std::env::var_os("SIPT_ASSETS").filter(|d| !d.is_empty()) {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("SIPT_ASSETS") {
         return Some(dir.into());
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(|h| std::path::PathBuf::from(h).join(".cache/sipt/assets"))
+    let root = match (var("SIPT_CACHE"), var("XDG_CACHE_HOME"), var("HOME")) {
+        (Some(cache), _, _) => std::path::PathBuf::from(cache),
+        (None, Some(xdg), _) => std::path::PathBuf::from(xdg).join("sipt"),
+        (None, None, Some(home)) => std::path::PathBuf::from(home).join(".cache/sipt"),
+        (None, None, None) => return None,
+    };
+    Some(root.join("assets"))
 }
 
 /// Where `scripts/fetch-assets.sh` puts the SmolLM2-135M-Instruct GGUF file.

@@ -4,7 +4,7 @@
 
 use super::{Exit, FileArgs};
 use crate::data::{prepare_corpus, train_files};
-use crate::eval::{unsafe_prompts, validation_prompts, Evaluator};
+use crate::eval::{prompt_budget, unsafe_prompts, validation_prompts, Evaluator};
 use crate::model::{select_device, Policy, CONFIG_JSON, TOKENIZER_JSON};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint;
@@ -84,10 +84,12 @@ fn evaluate(
         (e.data.prefix_min_tokens, e.data.prefix_max_tokens),
         e.data.suffix_tokens,
     )?];
+    let budget = prompt_budget(&policy, e.eval.max_new_tokens)?;
     sets.extend(unsafe_prompts(
         &e.eval.unsafe_prefixes,
         &tokenizer,
         e.eval.prefixes,
+        budget,
     )?);
     let win_judge = (!e.eval.judge.is_empty()).then_some(e.eval.judge.as_str());
     if baseline.is_some() && win_judge.is_none() {

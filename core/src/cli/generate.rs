@@ -68,6 +68,16 @@ pub(super) fn generate(args: GenerateArgs) -> Result<(), Exit> {
     if prompt.is_empty() {
         return Err(Exit::invalid("the prompt has no tokens"));
     }
+    let positions = policy.model.config.max_position_embeddings;
+    if prompt.len() + args.max_new_tokens > positions {
+        return Err(Exit::invalid(format!(
+            "the prompt ({} tokens) and --max-new-tokens {} need {} positions, but the model in {} has {positions} (max_position_embeddings in its config.json)",
+            prompt.len(),
+            args.max_new_tokens,
+            prompt.len() + args.max_new_tokens,
+            args.model.display()
+        )));
+    }
     let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

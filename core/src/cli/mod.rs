@@ -52,7 +52,10 @@ enum Command {
         dir: PathBuf,
     },
     /// Check an experiment file; print every problem; exit 1 if there is any.
-    Validate(FileArgs),
+    ///
+    /// Experiment files are code: the plugin libraries they name are loaded (and so run) to
+    /// check their tables; --no-plugins checks the rest without them.
+    Validate(files::ValidateArgs),
     /// Inspect experiment configuration.
     #[command(subcommand)]
     Config(files::ConfigCommand),

@@ -68,6 +68,7 @@ pub fn train(
         corpus,
         policy,
         resume,
+        resuming,
     } = prepared;
     let t = &e.train;
     let base = base_plan(e);
@@ -84,8 +85,16 @@ pub fn train(
     let mut windows = Windows::new(&corpus.train, d.seq_len + 1, seed, d.shuffle)?;
     let (optimizer, state) = crate::train::start(e, &policy, &mut windows, &resume)?;
     let (learner, averages) = restore(e, &policy, objective.needs(), optimizer, &resume)?;
-    let resumed_at = resume.as_ref().map(|(_, s)| s);
-    let mut end = StepEnd::open(e, run, plugins, &corpus, &tokenizer, &policy, resumed_at)?;
+    let continue_after = resuming.then_some(state.step);
+    let mut end = StepEnd::open(
+        e,
+        run,
+        plugins,
+        &corpus,
+        &tokenizer,
+        &policy,
+        continue_after,
+    )?;
     let mut samples = record::open_samples(run, state.step)?;
     let maker = BatchMaker {
         tokens: &corpus.tokens,

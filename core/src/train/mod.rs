@@ -61,6 +61,8 @@ pub struct Prepared {
     pub policy: Policy,
     /// The checkpoint to resume from, with its state.
     pub resume: Option<(PathBuf, TrainState)>,
+    /// Whether the run continues an earlier process (`--resume`), with or without a checkpoint.
+    pub resuming: bool,
 }
 
 /// Set up the device, tokenizer, data and policy (from the latest checkpoint when resuming).
@@ -129,6 +131,7 @@ pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepar
         corpus,
         policy,
         resume: resume_from,
+        resuming: resume,
     })
 }
 
@@ -151,4 +154,31 @@ pub fn scratch_config(e: &Experiment, vocab: usize, eos: Option<u32>) -> LlamaCo
         bos_token_id: None,
         eos_token_id: eos.map(|id| model::llama::EosIds::One(id as i64)),
     }
+}
+
+/// Every sequence the run will make fits the policy's positions (its rotary tables cover that
+/// many): checked before any work, naming the settings. From-scratch sizes are checked when the
+/// file is validated; this catches a pretrained model with fewer positions than the file needs.
+pub fn check_lengths(e: &Experiment, policy: &Policy, candidates: bool) -> Result<()> {
+    let positions = policy.model.config.max_position_embeddings;
+    let d = &e.data;
+    let evaluates = e.train.eval_every > 0 && !e.judges.is_empty();
+    for (used, what, len) in [
+        (true, "data.seq_len", d.seq_len),
+        (
+            candidates,
+            "data.prefix_max_tokens + data.suffix_tokens",
+            d.prefix_max_tokens + d.suffix_tokens,
+        ),
+        (
+            evaluates,
+            "data.prefix_max_tokens + eval.max_new_tokens",
+            d.prefix_max_tokens + e.eval.max_new_tokens,
+        ),
+    ] {
+        if used && len > positions {
+            bail!("{what} = {len} tokens do not fit the model's {positions} positions (max_position_embeddings)");
+        }
+    }
+    Ok(())
 }

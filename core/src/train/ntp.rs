@@ -21,8 +21,8 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
     let len = e.data.seq_len + 1;
     let mut windows = Windows::new(&corpus.train, len, e.experiment.seed, e.data.shuffle)?;
     let (mut optimizer, mut state) = start(e, policy, &mut windows, resume)?;
-    let resumed_at = resume.as_ref().map(|(_, s)| s);
-    let mut end = StepEnd::open(e, run, plugins, corpus, tokenizer, policy, resumed_at)?;
+    let continue_after = prepared.resuming.then_some(state.step);
+    let mut end = StepEnd::open(e, run, plugins, corpus, tokenizer, policy, continue_after)?;
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     tracing::info!(
         "next-token training: {} steps of {} sequences x {} tokens ({} windows per epoch)",

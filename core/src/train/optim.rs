@@ -3,7 +3,7 @@
 //! The optimizer is written on tensors here, rather than taken from tch, because its state
 //! (moments and step count) must go into checkpoints for an exact resume.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -152,6 +152,15 @@ impl AdamW {
                     let src = tensors
                         .get(&key)
                         .ok_or_else(|| anyhow!("{}: no {key}", path.display()))?;
+                    if src.size() != slot.size() {
+                        bail!(
+                            "{}: {key} has shape {:?} but the model's {} has shape {:?}: this optimizer state belongs to another model",
+                            path.display(),
+                            src.size(),
+                            p.name,
+                            slot.size()
+                        );
+                    }
                     slot.copy_(src);
                 }
             }
@@ -189,6 +198,23 @@ mod tests {
         opt.step(0.1);
         let after = x.double_value(&[0]);
         assert!((after - 0.9).abs() < 1e-6, "{after}");
+    }
+
+    #[test]
+    fn a_state_of_other_shapes_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optimizer.safetensors");
+        let x = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        AdamW::new(vec![("x".into(), x)], 0.9, 0.999, 0.0)
+            .save(&path)
+            .unwrap();
+        let y = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let mut other = AdamW::new(vec![("x".into(), y)], 0.9, 0.999, 0.0);
+        let err = other.load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("optimizer.safetensors") && err.contains("[2]") && err.contains("[3]"),
+            "{err}"
+        );
     }
 
     #[test]

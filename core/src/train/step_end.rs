@@ -27,8 +27,10 @@ pub struct StepEnd<'a> {
 }
 
 impl<'a> StepEnd<'a> {
-    /// Open the run's sinks (continuing them after `state.step` when resuming) and prepare the
-    /// periodic evaluation (which saves the starting model of a fresh from-scratch run).
+    /// Open the run's sinks and prepare the periodic evaluation (which saves the starting model
+    /// of a from-scratch run that has no checkpoint yet). `continue_after`: the step a resumed
+    /// run continues after (0 when it was stopped before its first checkpoint); rows logged
+    /// past it are dropped, since the run logs them again, and W&B continues the same run.
     pub fn open(
         e: &'a Experiment,
         run: &RunDir,
@@ -36,21 +38,13 @@ impl<'a> StepEnd<'a> {
         corpus: &'a Corpus,
         tokenizer: &'a Tokenizer,
         policy: &Policy,
-        resumed_at: Option<&TrainState>,
+        continue_after: Option<u64>,
     ) -> Result<StepEnd<'a>> {
-        let tracker = Tracker::open(e, run, resumed_at.map(|s| s.step))?;
-        let start = resumed_at.map(|s| s.step).unwrap_or(0);
+        let tracker = Tracker::open(e, run, continue_after)?;
+        let start = continue_after.unwrap_or(0);
         let reporter =
             Reporter::new(e.train.steps, start, e.train.log_every).with_status_file(run.path());
-        let periodic = Periodic::new(
-            e,
-            plugins,
-            corpus,
-            tokenizer,
-            policy,
-            run,
-            resumed_at.is_some(),
-        )?;
+        let periodic = Periodic::new(e, plugins, corpus, tokenizer, policy, run, start > 0)?;
         Ok(StepEnd {
             e,
             periodic,

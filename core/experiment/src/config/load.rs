@@ -36,8 +36,26 @@ pub fn load(
     sets: &[SetOverride],
     libraries: &[PathBuf],
 ) -> Result<(Resolved, Registry), LoadError> {
+    let registry = registry_with(libraries).map_err(LoadError::Registry)?;
+    load_into(file, sets, registry)
+}
+
+/// [`load`] without loading any plugin library (the file's or the command line's): everything
+/// is checked except the tables of plugins that are not built in.
+pub fn load_without_libraries(
+    file: &Path,
+    sets: &[SetOverride],
+) -> Result<(Resolved, Registry), LoadError> {
+    let registry = Registry::without_libraries().map_err(LoadError::Registry)?;
+    load_into(file, sets, registry)
+}
+
+fn load_into(
+    file: &Path,
+    sets: &[SetOverride],
+    mut registry: Registry,
+) -> Result<(Resolved, Registry), LoadError> {
     let (resolved, mut problems) = resolve_lenient(file, sets).map_err(LoadError::Invalid)?;
-    let mut registry = registry_with(libraries).map_err(LoadError::Registry)?;
     for (i, lib) in resolved.experiment.plugins.iter().enumerate() {
         if let Err(e) = registry.load_library(Path::new(lib)) {
             problems.push(resolved.problem(&["plugins".into(), i.to_string()], e.0));

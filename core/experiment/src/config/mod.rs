@@ -12,7 +12,7 @@ mod problems;
 pub mod schema;
 mod validate;
 
-pub use load::{load, registry_with, LoadError};
+pub use load::{load, load_without_libraries, registry_with, LoadError};
 pub use problems::{Origin, Problem, Problems};
 pub use schema::*;
 pub use validate::{check_choice, validate_plugins};

@@ -150,6 +150,10 @@ pub fn check_choice(
     }
 }
 
+/// The longest `experiment.name`: folder names are at most 255 bytes on common file systems,
+/// and a run's folder may add a suffix.
+pub const MAX_NAME_BYTES: usize = 200;
+
 /// Checks that need more than a type: names from fixed sets, ranges, consistency.
 pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
     let e = &resolved.experiment;
@@ -170,14 +174,15 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
             "expected auto, cpu, cuda or cuda:N".into(),
         ));
     }
-    if e.experiment.name.is_empty()
-        || e.experiment
-            .name
-            .contains(|c: char| c == '/' || c == '\\' || c.is_control())
+    let name = &e.experiment.name;
+    if name.is_empty()
+        || name.len() > MAX_NAME_BYTES
+        || name.chars().all(|c| c == '.')
+        || name.contains(|c: char| c == '/' || c == '\\' || c.is_control())
     {
         out.push(problem(
             "experiment.name",
-            "expected a non-empty name usable as a folder name (no slashes)".into(),
+            format!("expected a non-empty name usable as a folder name (no slashes, not . or .., at most {MAX_NAME_BYTES} bytes)"),
         ));
     }
     let m = &e.model;
@@ -417,6 +422,10 @@ pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem
     }
     for (path, kinds, table) in tables {
         let entry = kinds.iter().find_map(|k| registry.find(*k, &table.name));
+        if entry.is_none() && registry.skips_libraries() {
+            // Perhaps a library's plugin; its table is checked when libraries are loaded.
+            continue;
+        }
         let Some(entry) = entry else {
             let names: Vec<&str> = kinds.iter().flat_map(|k| registry.names(*k)).collect();
             let what = if kinds.len() > 1 {

@@ -74,6 +74,9 @@ pub struct RegistryError(pub String);
 #[derive(Default)]
 pub struct Registry {
     entries: Vec<Entry>,
+    /// Set by [`Registry::without_libraries`]: libraries are not loaded, and a plugin name the
+    /// registry does not know may be one of theirs.
+    without_libraries: bool,
 }
 
 impl Registry {
@@ -106,6 +109,19 @@ impl Registry {
         Ok(registry)
     }
 
+    /// The built-in plugins only, for checking a file without running any library's code
+    /// (`sipt validate --no-plugins`): [`Registry::load_library`] then loads nothing.
+    pub fn without_libraries() -> Result<Self, RegistryError> {
+        let mut registry = Registry::builtin()?;
+        registry.without_libraries = true;
+        Ok(registry)
+    }
+
+    /// Whether names it does not know may belong to libraries it did not load.
+    pub fn skips_libraries(&self) -> bool {
+        self.without_libraries
+    }
+
     fn sort(&mut self) {
         self.entries
             .sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
@@ -133,6 +149,9 @@ impl Registry {
 
     /// Load an external plugin library and register what it exports.
     pub fn load_library(&mut self, path: &Path) -> Result<(), RegistryError> {
+        if self.without_libraries {
+            return Ok(());
+        }
         let library = Library::open(path).map_err(RegistryError)?;
         let manifest = library.manifest().map_err(RegistryError)?;
         for m in manifest {

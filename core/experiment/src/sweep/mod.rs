@@ -53,18 +53,36 @@ fn short(value: &toml::Value) -> String {
         .collect()
 }
 
+/// The longest trial folder name; longer ones are cut and keep a fingerprint of the whole.
+const MAX_TRIAL_NAME: usize = 120;
+
 pub(crate) fn trial_name(overrides: &[(String, toml::Value)]) -> String {
     // A sweep that names its trials (experiment.name) is taken at its word.
-    if let Some((_, toml::Value::String(name))) =
-        overrides.iter().find(|(k, _)| k == "experiment.name")
-    {
-        return short(&toml::Value::String(name.clone()));
+    let name = match overrides.iter().find(|(k, _)| k == "experiment.name") {
+        Some((_, toml::Value::String(name))) => short(&toml::Value::String(name.clone())),
+        _ => overrides
+            .iter()
+            .map(|(k, v)| format!("{}-{}", k.rsplit('.').next().unwrap_or(k), short(v)))
+            .collect::<Vec<_>>()
+            .join("_"),
+    };
+    folder_name(name)
+}
+
+/// `name` as one folder inside the sweep's: never `.` or `..` (`short` already removed
+/// separators), and not longer than [`MAX_TRIAL_NAME`] characters.
+fn folder_name(name: String) -> String {
+    let name = if name.chars().all(|c| c == '.') {
+        name.replace('.', "_")
+    } else {
+        name
+    };
+    if name.chars().count() <= MAX_TRIAL_NAME {
+        return name;
     }
-    overrides
-        .iter()
-        .map(|(k, v)| format!("{}-{}", k.rsplit('.').next().unwrap_or(k), short(v)))
-        .collect::<Vec<_>>()
-        .join("_")
+    let hash = crate::paths::fingerprint(&[], &name);
+    let head: String = name.chars().take(MAX_TRIAL_NAME - 17).collect();
+    format!("{head}-{hash:016x}")
 }
 
 /// Expand a sweep into its trials: grid × zip, plus `samples` random draws.
@@ -401,6 +419,28 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trial_names_stay_inside_the_sweep_folder() {
+        let named = |n: &str| vec![("experiment.name".to_string(), toml::Value::String(n.into()))];
+        for escape in ["..", ".", "../up", "a/../../b", "/abs"] {
+            let name = trial_name(&named(escape));
+            assert!(
+                !name.contains('/') && name != ".." && name != "." && !name.is_empty(),
+                "{escape} -> {name}"
+            );
+        }
+        let long = trial_name(&[(
+            "data.train".to_string(),
+            toml::Value::String("x".repeat(500)),
+        )]);
+        assert!(long.chars().count() <= MAX_TRIAL_NAME, "{long}");
+        let other = trial_name(&[(
+            "data.train".to_string(),
+            toml::Value::String("x".repeat(501)),
+        )]);
+        assert_ne!(long, other, "cut names must stay distinct");
+    }
 
     fn v(i: i64) -> toml::Value {
         toml::Value::Integer(i)
