@@ -182,3 +182,56 @@ fn validate_without_plugins_loads_no_library_and_checks_the_rest() {
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stderr.contains("train.stepz"), "{}", out.stderr);
 }
+
+#[test]
+fn plugin_tables_name_criteria_kinds_and_options_that_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "tables.toml",
+        r#"[judges.safety]
+type = "safety-words"
+
+[judges.style]
+type = "weighted-sum"
+
+[reward]
+type = "weighted-sum"
+weights = { safty = 5.0 }
+
+[curriculum]
+type = "constant"
+speed = 2
+"#,
+    );
+    let out = run(sipt().arg("validate").arg(&file));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "tables.toml:5: judges.style.type = \"weighted-sum\": 'weighted-sum' is a reward plugin, not a judge"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("curriculum.speed = 2: unknown key 'speed': this table takes no options"),
+        "{}",
+        out.stderr
+    );
+    // Once the tables are right, a weight must name a criterion some judge gives.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text.replace(
+        "type = \"weighted-sum\"\n\n[reward]",
+        "type = \"quality-proxy\"\n\n[reward]",
+    );
+    let text = text.replace("speed = 2\n", "");
+    let file = write(dir.path(), "weights.toml", &text);
+    let out = run(sipt().arg("validate").arg(&file));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("weights.toml:9: reward.weights.safty = 5.0: no judge gives a criterion named 'safty' (the judges give: quality, safety); did you mean 'safety'?"),
+        "{}",
+        out.stderr
+    );
+}

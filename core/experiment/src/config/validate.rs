@@ -7,7 +7,7 @@ use super::{value_at, Problem, Resolved};
 use crate::registry::{Registry, JUDGE_KINDS};
 use crate::suggest;
 use serde_json::Value;
-use sipt_api::{ConfigProblem, PluginKind};
+use sipt_api::{ConfigProblem, Instance, PluginKind};
 
 /// Check `value` with `check` repeatedly, collecting `(key path, message)` for every problem.
 /// Returns the value with the offending keys removed when what is left passes.
@@ -74,7 +74,9 @@ fn explain(value: &Value, problem: ConfigProblem) -> (Vec<String>, String) {
                 path.push(unknown.to_string());
             }
             let hint = suggest::hint(unknown, expected.iter().copied());
-            let message = if hint.is_empty() {
+            let message = if expected.is_empty() {
+                format!("unknown key '{unknown}': this table takes no options")
+            } else if hint.is_empty() {
                 format!(
                     "unknown key '{unknown}' (valid keys: {})",
                     expected.join(", ")
@@ -384,6 +386,14 @@ pub fn slurm_mem_ok(text: &str) -> bool {
 /// Check every plugin table against the registry: the `type` names a registered plugin of the
 /// right kind, and the plugin accepts the rest of the table.
 pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem> {
+    let mut problems = check_tables(resolved, registry);
+    if problems.is_empty() {
+        problems.extend(check_reward_criteria(resolved, registry));
+    }
+    problems
+}
+
+fn check_tables(resolved: &Resolved, registry: &Registry) -> Vec<Problem> {
     let e = &resolved.experiment;
     let mut tables: Vec<(Vec<String>, &[PluginKind], &super::PluginTable)> = Vec::new();
     for (name, table) in &e.judges {
@@ -434,7 +444,18 @@ pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem
                 kinds[0].to_string()
             };
             let hint = suggest::hint(&table.name, names.iter().copied());
-            let message = if hint.is_empty() {
+            let other_kind = registry
+                .entries()
+                .iter()
+                .find(|entry| entry.name == table.name)
+                .map(|entry| entry.kind);
+            let message = if let Some(kind) = other_kind {
+                format!(
+                    "'{}' is a {kind} plugin, not a {what} (known: {})",
+                    table.name,
+                    names.join(", ")
+                )
+            } else if hint.is_empty() {
                 format!(
                     "unknown {what} type '{}' (known: {})",
                     table.name,
@@ -456,4 +477,78 @@ pub fn validate_plugins(resolved: &Resolved, registry: &Registry) -> Vec<Problem
         }
     }
     problems
+}
+
+/// The criteria the experiment's judges give, or `None` when a judge cannot be built here
+/// (building may need what only the run has, such as an API key or a word list; the run then
+/// reports it) or its library was not loaded.
+fn judge_criteria(resolved: &Resolved, registry: &Registry) -> Option<Vec<String>> {
+    let context = crate::paths::plugin_context(resolved);
+    let mut criteria = Vec::new();
+    for table in resolved.experiment.judges.values() {
+        let entry = registry.find_judge(&table.name)?;
+        match registry
+            .build(entry, table.options_value(), &context)
+            .ok()?
+        {
+            Instance::PointwiseJudge(j) => criteria.extend(j.criteria()),
+            Instance::PairwiseJudge(j) => criteria.push(j.criterion()),
+            _ => return None,
+        }
+    }
+    criteria.sort();
+    criteria.dedup();
+    Some(criteria)
+}
+
+/// A reward's `weights` (keys), `optional` (list) and `gate` options name judge criteria: each
+/// must be one the judges give, or the reward would silently ignore it.
+fn check_reward_criteria(resolved: &Resolved, registry: &Registry) -> Vec<Problem> {
+    let Some(reward) = &resolved.experiment.reward else {
+        return Vec::new();
+    };
+    let mut named: Vec<(Vec<String>, String)> = Vec::new();
+    let key = |parts: &[&str]| -> Vec<String> {
+        std::iter::once("reward")
+            .chain(parts.iter().copied())
+            .map(String::from)
+            .collect()
+    };
+    if let Some(Value::Object(weights)) = reward.options.get("weights") {
+        for name in weights.keys() {
+            named.push((key(&["weights", name]), name.clone()));
+        }
+    }
+    if let Some(Value::Array(optional)) = reward.options.get("optional") {
+        for (i, name) in optional.iter().enumerate() {
+            if let Some(name) = name.as_str() {
+                named.push((key(&["optional", &i.to_string()]), name.to_string()));
+            }
+        }
+    }
+    if let Some(Value::String(gate)) = reward.options.get("gate") {
+        named.push((key(&["gate"]), gate.clone()));
+    }
+    if named.is_empty() {
+        return Vec::new();
+    }
+    let Some(criteria) = judge_criteria(resolved, registry) else {
+        return Vec::new();
+    };
+    named
+        .into_iter()
+        .filter(|(_, name)| !criteria.contains(name))
+        .map(|(path, name)| {
+            let hint = suggest::hint(&name, criteria.iter().map(String::as_str));
+            let given = if criteria.is_empty() {
+                "there are no [judges]".to_string()
+            } else {
+                format!("the judges give: {}", criteria.join(", "))
+            };
+            resolved.problem(
+                &path,
+                format!("no judge gives a criterion named '{name}' ({given}){hint}"),
+            )
+        })
+        .collect()
 }
