@@ -106,7 +106,7 @@ impl RunDir {
     /// Create the directory and write the resolved configuration into it. With `resume`, the
     /// directory must exist and hold the same configuration.
     pub fn create(path: &Path, resolved: &Resolved, resume: bool) -> Result<RunDir> {
-        let config = resolved.to_toml();
+        let config = resolved.to_record();
         let config_path = path.join(CONFIG_FILE);
         if resume && !path.is_dir() {
             bail!("cannot resume: {} does not exist", path.display());

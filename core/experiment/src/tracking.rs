@@ -55,7 +55,8 @@ impl Tracker {
                 _ => (sipt_wandb::new_run_id(), false),
             };
             write_atomic(&id_file, run_id.as_bytes())?;
-            let config = serde_json::to_value(e).unwrap_or_default();
+            let mut config = serde_json::to_value(e).unwrap_or_default();
+            crate::config::redact_value(&mut config);
             let offline = sipt_wandb::OfflineRun::create(
                 run.path(),
                 sipt_wandb::RunOptions {

@@ -9,11 +9,13 @@
 mod load;
 pub mod locate;
 mod problems;
+mod redact;
 pub mod schema;
 mod validate;
 
 pub use load::{load, load_without_libraries, registry_with, LoadError};
 pub use problems::{Origin, Problem, Problems};
+pub use redact::{redact_value, redacted};
 pub use schema::*;
 pub use validate::{check_choice, validate_plugins};
 
@@ -194,9 +196,15 @@ impl Resolved {
         }
     }
 
-    /// The resolved configuration as TOML, as written into every run directory.
+    /// The resolved configuration as TOML (what `sipt config show` prints).
     pub fn to_toml(&self) -> String {
         to_toml(&self.experiment)
+    }
+
+    /// The resolved configuration as a run directory records it: TOML without credentials
+    /// (see [`redacted`]).
+    pub fn to_record(&self) -> String {
+        to_toml(&redacted(&self.experiment))
     }
 }
 
