@@ -330,6 +330,92 @@ pub fn resolve(file: &Path, sets: &[SetOverride]) -> Result<Resolved, Problems> 
     }
 }
 
+/// Key paths of the plugin tables of a merged configuration.
+fn plugin_tables(raw: &Value) -> Vec<Vec<String>> {
+    let mut paths: Vec<Vec<String>> = [
+        &["rewriter"][..],
+        &["reward"],
+        &["curriculum"],
+        &["train", "objective"],
+    ]
+    .iter()
+    .map(|p| p.iter().map(|s| s.to_string()).collect())
+    .collect();
+    if let Some(Value::Object(judges)) = raw.get("judges") {
+        paths.extend(
+            judges
+                .keys()
+                .map(|name| vec!["judges".to_string(), name.clone()]),
+        );
+    }
+    paths
+}
+
+/// Merge `top` into `base`: tables key by key, anything else replaced (as figment merges).
+fn merge_into(base: &mut Value, top: Value) {
+    match (base, top) {
+        (Value::Object(base), Value::Object(top)) => {
+            for (k, v) in top {
+                match base.get_mut(&k) {
+                    Some(slot) => merge_into(slot, v),
+                    None => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (base, top) => *base = top,
+    }
+}
+
+/// A file that changes a plugin table's `type` from the one its bases chose starts that table
+/// afresh: the base plugin's options would not fit the new plugin (e.g. a reward's `weights`
+/// under a reward that has none). The table is then what that file and the files after it
+/// say; environment variables and `--set` still apply on top.
+fn restart_switched_tables(raw: &mut Value, files: &[PathBuf], texts: &HashMap<PathBuf, String>) {
+    let layers: Vec<Value> = files
+        .iter()
+        .map(|f| {
+            texts
+                .get(f)
+                .and_then(|t| toml::from_str::<toml::Table>(t).ok())
+                .and_then(|t| serde_json::to_value(t).ok())
+                .unwrap_or(Value::Null)
+        })
+        .collect();
+    for path in plugin_tables(raw) {
+        let types: Vec<(usize, &str)> = layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, layer)| {
+                let t = value_at(layer, &path)?.get("type")?.as_str()?;
+                Some((i, t))
+            })
+            .collect();
+        let Some(switch) = types
+            .windows(2)
+            .filter(|w| w[0].1 != w[1].1)
+            .map(|w| w[1].0)
+            .last()
+        else {
+            continue;
+        };
+        let mut table = Value::Object(Default::default());
+        for layer in &layers[switch..] {
+            if let Some(part) = value_at(layer, &path) {
+                merge_into(&mut table, part.clone());
+            }
+        }
+        let (last, parents) = path.split_last().expect("plugin table paths are not empty");
+        if let Some(Value::Object(parent)) = parents
+            .iter()
+            .try_fold(&mut *raw, |v, seg| v.get_mut(seg.as_str()))
+        {
+            parent.insert(last.clone(), table);
+        }
+    }
+}
+
 /// Like [`resolve`], but schema problems come back beside the configuration (whose offending
 /// keys fell back to defaults), so that later checks can still run and report theirs too.
 /// Only problems that leave nothing to check (unreadable files, bad TOML) are errors.
@@ -364,6 +450,7 @@ pub fn resolve_lenient(
     if let Value::Object(map) = &mut raw {
         map.remove("extends");
     }
+    restart_switched_tables(&mut raw, &files, &texts);
     let env_sets: Vec<SetOverride> = env.iter().map(|(s, _)| s.clone()).collect();
     apply_sets(&mut raw, &env_sets);
     apply_sets(&mut raw, sets);

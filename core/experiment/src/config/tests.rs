@@ -197,3 +197,34 @@ fn slurm_settings_are_checked() {
         assert!(!super::validate::slurm_time_ok(bad), "{bad}");
     }
 }
+
+#[test]
+fn a_file_that_switches_a_plugin_type_starts_that_table_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.toml",
+        "[reward]\ntype = \"weighted-sum\"\nweights = { safety = 1.0 }\n\n[judges.q]\ntype = \"quality-proxy\"\nmin_words = 3\n",
+    );
+    // Same type: options merge. Another type: the base's options are gone.
+    let file = write(
+        dir.path(),
+        "child.toml",
+        "extends = \"base.toml\"\n[reward]\ntype = \"gated\"\ngate = \"safety\"\n\n[judges.q]\nmin_words = 5\n",
+    );
+    let r = resolve(&file, &[]).unwrap();
+    let reward = r.experiment.reward.as_ref().unwrap();
+    assert_eq!(reward.name, "gated");
+    assert!(!reward.options.contains_key("weights"), "{reward:?}");
+    assert_eq!(reward.options["gate"], "safety");
+    let q = &r.experiment.judges["q"];
+    assert_eq!(
+        (q.name.as_str(), &q.options["min_words"]),
+        ("quality-proxy", &serde_json::json!(5))
+    );
+    // --set still applies on top of a restarted table.
+    let r = resolve(&file, &[set("reward.threshold=0.5")]).unwrap();
+    let reward = r.experiment.reward.as_ref().unwrap();
+    assert_eq!(reward.options["threshold"], 0.5);
+    assert!(!reward.options.contains_key("weights"));
+}
