@@ -4,3 +4,4 @@
 pub mod factuality;
 pub mod quality;
 pub mod safety;
+pub mod similarity;

@@ -394,9 +394,9 @@ fn restart_switched_tables(raw: &mut Value, files: &[PathBuf], texts: &HashMap<P
             .collect();
         let Some(switch) = types
             .windows(2)
-            .filter(|w| w[0].1 != w[1].1)
+            .rev()
+            .find(|w| w[0].1 != w[1].1)
             .map(|w| w[1].0)
-            .last()
         else {
             continue;
         };
