@@ -289,3 +289,79 @@ fn rows_name_every_step_metric_of_a_sip_run() {
         assert!(row[key].is_number(), "{key} missing in {row}");
     }
 }
+
+#[test]
+fn health_monitors_catch_a_dominant_source_and_can_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // Fixed roles make the rollout the chosen candidate of every pool: dominance.
+    let tables = "[train.objective]\ntype = \"online-dpo\"\nchosen_source = \"rollout\"\nrejected_source = \"original\"\n\n[health]\nwindow = 2\n";
+    let file = experiment(dir.path(), "dominated", tables);
+    let out_dir = dir.path().join("run-dominated");
+    let done = run(sipt().arg("run").arg(&file).arg("--out").arg(&out_dir));
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert!(
+        done.stderr.contains("health: source dominance: the rollout chosen in a share of selected pools is 1.000 over the last 2 steps, above 0.9 (health/chosen_share/rollout), since step 2"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(
+        series(&out_dir, "health/chosen_share/rollout/alarm"),
+        vec![0.0, 1.0, 1.0, 1.0]
+    );
+    assert_eq!(series(&out_dir, "health/alarms")[1], 1.0);
+    // The other monitors are measured every step.
+    for key in [
+        "health/distinct_ratio",
+        "health/length_ratio",
+        "health/kl",
+        "health/judge_failure_rate",
+        "health/reward_spread",
+        "health/reward_gap",
+    ] {
+        assert_eq!(series(&out_dir, key).len(), STEPS as usize, "{key}");
+    }
+
+    // With action = "stop", the run stops at a checkpoint of the alarm's step; --resume goes on.
+    let stopping = experiment(
+        dir.path(),
+        "stopping",
+        &format!("{tables}action = \"stop\"\n"),
+    );
+    let out_dir = dir.path().join("run-stopping");
+    let stopped = run(sipt().arg("run").arg(&stopping).arg("--out").arg(&out_dir));
+    assert_eq!(stopped.code, 1, "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("stopped at step 2 by [health]")
+            && stopped
+                .stderr
+                .contains("health/chosen_share/rollout since step 2"),
+        "{}",
+        stopped.stderr
+    );
+    assert!(checkpoint(&out_dir, 2).join("model.safetensors").exists());
+    assert_eq!(logged_steps(&out_dir), vec![1, 2]);
+    let resumed = run(sipt()
+        .arg("run")
+        .arg(&stopping)
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--resume"));
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert_eq!(logged_steps(&out_dir), (1..=STEPS).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_judge_that_prefers_the_data_trips_no_rollout_monitor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(
+        dir.path(),
+        "anchored",
+        "[train.objective]\ntype = \"rf-nll\"\n\n[health]\nwindow = 2\n",
+    );
+    // The original wins everywhere (dominance of the data, which is what this judge asks);
+    // rollouts are never chosen and the reward gap is negative.
+    assert!(series(&out, "health/chosen_share/rollout/alarm")
+        .iter()
+        .all(|a| *a == 0.0));
+    assert!(series(&out, "health/reward_gap").iter().all(|g| *g < 0.0));
+}

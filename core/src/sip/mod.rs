@@ -12,11 +12,13 @@
 //! 7. [`select`]: the objective picks DPO pairs or NLL targets from each pool;
 //! 8. [`update`]: log-probs, the weighted loss (in micro-batches: `micro`), one optimizer step,
 //!    the reference follows;
-//! 9. [`observe`]: the curriculum's moving averages;
+//! 9. [`observe`]: the curriculum's moving averages; [`health`]: the monitors that catch a
+//!    gamed or broken judge;
 //! 10. step end: [`record`] makes the metrics row and samples; evaluation, logging and
 //!     checkpoints are the [`StepEnd`] shared with the next-token loop.
 
 pub mod batch;
+pub mod health;
 pub mod judge;
 mod micro;
 pub mod observe;
@@ -123,6 +125,7 @@ pub fn train(
         },
         learner,
         averages,
+        health: health::Health::new(&e.health),
         windows,
         base,
         state,
@@ -147,6 +150,20 @@ pub fn train(
             let (learner, state) = (&trainer.learner, &trainer.state);
             let reference = learner.reference.as_ref();
             end.finish_step(state, row, summary, &policy, &learner.optimizer, reference)?;
+            if trainer.health.stop() && trainer.state.step < t.steps {
+                end.checkpoint(state, &policy, &learner.optimizer, reference)?;
+                let alarms: Vec<String> = trainer
+                    .health
+                    .alarming()
+                    .iter()
+                    .map(|(name, since)| format!("health/{name} since step {since}"))
+                    .collect();
+                bail!(
+                    "stopped at step {} by [health] (action = \"stop\"): {}; the checkpoint is written, --resume continues",
+                    state.step,
+                    alarms.join(", ")
+                );
+            }
         }
         prefetch.finish();
         Ok(())
@@ -167,6 +184,7 @@ struct Trainer<'a> {
     rollouts: Rollouts<'a>,
     learner: Learner,
     averages: Averages,
+    health: health::Health,
     windows: Windows,
     base: StepPlan,
     state: TrainState,
@@ -252,7 +270,23 @@ impl Trainer<'_> {
                 step: started.elapsed().as_secs_f64(),
             },
         };
-        let row = record.row(self.plugins);
+        let mut row = record.row(self.plugins);
+        if e.health.enabled {
+            let originals: Vec<&[u32]> = batch.cuts.iter().map(|c| c.suffix.as_slice()).collect();
+            let counters = self.plugins.counters();
+            let values = health::measure(
+                &pools,
+                &originals,
+                &batch.suffixes,
+                &selection,
+                &judging.stats,
+                &counters,
+                &updated,
+            );
+            for change in self.health.observe(self.state.step, values, &mut row) {
+                tracing::warn!("{}", change.text);
+            }
+        }
         let targets = selection.targets;
         Ok((row, pools, targets))
     }

@@ -109,8 +109,12 @@ pub fn summary(row: &Row, seconds: f64) -> String {
         .get("reward/rollout/mean")
         .map(|r| format!(", rollout reward {r:.3}"))
         .unwrap_or_default();
+    let alarms = match row.get("health/alarms") {
+        Some(n) if n > 0.0 => format!(", {n} health alarm(s)"),
+        _ => String::new(),
+    };
     format!(
-        "loss {:.4}{rollout_reward}, {seconds:.1}s/step",
+        "loss {:.4}{rollout_reward}, {seconds:.1}s/step{alarms}",
         row.get("loss/total").unwrap_or(f64::NAN)
     )
 }

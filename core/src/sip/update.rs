@@ -39,6 +39,9 @@ pub struct Updated {
     pub ntp_tokens: u64,
     /// The objective's own terms (`loss/dpo`, rewards margins, ...).
     pub metrics: Vec<(String, f64)>,
+    /// Per-token estimate of KL(policy || reference) on the chosen continuations: their summed
+    /// log-prob difference over their tokens (when there is a reference and a pair).
+    pub kl: Option<f64>,
 }
 
 impl Learner {
@@ -65,6 +68,14 @@ impl Learner {
             (rows * (len - 1)) as u64
         });
         let mut inputs = self.logprobs(&mut micro, policy, selection);
+        let chosen_tokens: usize = selection.pairs.iter().map(|p| p.chosen.len()).sum();
+        let kl = match (&inputs.policy_chosen, &inputs.reference_chosen) {
+            (Some(pc), Some(rc)) if chosen_tokens > 0 => {
+                let gap = (pc.detach() - rc).sum(tch::Kind::Float).double_value(&[]);
+                Some(gap / chosen_tokens as f64)
+            }
+            _ => None,
+        };
         inputs.ntp = ntp.map(|batch| micro.ntp(&policy.model, batch));
         let terms = objective.loss(&inputs);
         let mut loss = terms.loss * plan.sip_weight;
@@ -90,6 +101,7 @@ impl Learner {
             ntp_loss: inputs.ntp.as_ref().map(|t| t.double_value(&[])),
             ntp_tokens,
             metrics: terms.metrics,
+            kl,
         }
     }
 

@@ -85,17 +85,33 @@ impl<'a> StepEnd<'a> {
         self.tracker.log(&row)?;
         self.reporter.step(state.step, &summary(&row));
         if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
-            let dir = checkpoint::save(
-                &self.checkpoints,
-                policy,
-                Some(optimizer),
-                reference,
-                self.tokenizer.path(),
-                state,
-                t.keep_checkpoints,
-            )?;
-            self.reporter.note(&format!("checkpoint {}", dir.display()));
+            self.checkpoint(state, policy, optimizer, reference)?;
         }
+        Ok(())
+    }
+
+    /// Write a checkpoint of step `state.step` now (unless that step's is the latest already).
+    pub fn checkpoint(
+        &self,
+        state: &TrainState,
+        policy: &Policy,
+        optimizer: &AdamW,
+        reference: Option<&Policy>,
+    ) -> Result<()> {
+        let this_step = checkpoint::step_dir(&self.checkpoints, state.step);
+        if checkpoint::latest(&self.checkpoints)? == Some(this_step) {
+            return Ok(());
+        }
+        let dir = checkpoint::save(
+            &self.checkpoints,
+            policy,
+            Some(optimizer),
+            reference,
+            self.tokenizer.path(),
+            state,
+            self.e.train.keep_checkpoints,
+        )?;
+        self.reporter.note(&format!("checkpoint {}", dir.display()));
         Ok(())
     }
 

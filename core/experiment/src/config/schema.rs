@@ -77,6 +77,16 @@ choice! {
 }
 
 choice! {
+    /// What a health monitor does when its threshold is crossed.
+    HealthAction {
+        /// Log one warning (and keep the alarm in the metrics).
+        Warn = "warn",
+        /// Warn, write a checkpoint and stop the run (resumable with `--resume`).
+        Stop = "stop",
+    }
+}
+
+choice! {
     /// Whether and how a run is tracked in Weights & Biases.
     WandbMode {
         Off = "off",
@@ -108,6 +118,8 @@ pub struct Experiment {
     pub curriculum: Option<PluginTable>,
     pub eval: EvalSection,
     pub tracking: TrackingSection,
+    /// Judge-health and reward-hacking monitors of SIP runs.
+    pub health: HealthSection,
     pub sweep: Option<SweepSection>,
 }
 
@@ -356,6 +368,53 @@ impl Default for EvalSection {
             unsafe_prefixes: Vec::new(),
             baseline: String::new(),
             judge: String::new(),
+        }
+    }
+}
+
+/// `[health]`: monitors computed every SIP step from what the step already has, each over the
+/// last `window` steps; crossing a threshold logs one warning (and with `action = "stop"` stops
+/// the run at a checkpoint). Values are logged under `health/` whether or not they alarm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub enabled: bool,
+    /// Steps each monitor averages over; an alarm needs a full window.
+    pub window: u64,
+    pub action: HealthAction,
+    /// Source dominance: one source chosen in more than this share of selected pools.
+    pub max_source_share: f64,
+    /// Rollout degeneration: rollouts' distinct bigram share below this fraction of the
+    /// original suffixes'.
+    pub min_distinct_ratio: f64,
+    /// Rollout degeneration: rollouts' decoded length outside [1/x, x] times the originals'.
+    pub max_length_ratio: f64,
+    /// Divergence: per-token KL estimate (nats) of chosen continuations, policy vs reference.
+    pub max_kl: f64,
+    /// Judge failures per judge call.
+    pub max_judge_failure_rate: f64,
+    /// Position bias: disagreement between the two orders of pairwise judgments.
+    pub max_order_disagreement: f64,
+    /// Reward collapse: mean spread (standard deviation) of rewards within a pool below this.
+    pub min_reward_spread: f64,
+    /// Reward gap: rollouts' mean reward above the originals' by more than this.
+    pub max_reward_gap: f64,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            enabled: true,
+            window: 20,
+            action: HealthAction::Warn,
+            max_source_share: 0.9,
+            min_distinct_ratio: 0.5,
+            max_length_ratio: 2.0,
+            max_kl: 1.0,
+            max_judge_failure_rate: 0.2,
+            max_order_disagreement: 0.3,
+            min_reward_spread: 1e-3,
+            max_reward_gap: 1.0,
         }
     }
 }

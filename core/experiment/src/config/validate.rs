@@ -240,6 +240,30 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
         ),
         ("sip.top_p", e.sip.top_p > 0.0 && e.sip.top_p <= 1.0),
         ("sip.temperature", e.sip.temperature >= 0.0),
+        ("health.window", e.health.window > 0),
+        (
+            "health.max_source_share",
+            (0.0..=1.0).contains(&e.health.max_source_share),
+        ),
+        (
+            "health.min_distinct_ratio",
+            e.health.min_distinct_ratio >= 0.0,
+        ),
+        ("health.max_length_ratio", e.health.max_length_ratio >= 1.0),
+        ("health.max_kl", e.health.max_kl >= 0.0),
+        (
+            "health.max_judge_failure_rate",
+            (0.0..=1.0).contains(&e.health.max_judge_failure_rate),
+        ),
+        (
+            "health.max_order_disagreement",
+            (0.0..=1.0).contains(&e.health.max_order_disagreement),
+        ),
+        (
+            "health.min_reward_spread",
+            e.health.min_reward_spread >= 0.0,
+        ),
+        ("health.max_reward_gap", e.health.max_reward_gap.is_finite()),
     ] {
         if !ok {
             let what = match key {
@@ -248,6 +272,14 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
                     "expected a number in [0, 1)"
                 }
                 "sip.top_p" => "expected a number in (0, 1]",
+                "health.max_source_share"
+                | "health.max_judge_failure_rate"
+                | "health.max_order_disagreement" => "expected a number between 0 and 1",
+                "health.max_length_ratio" => "expected a number >= 1",
+                "health.min_distinct_ratio" | "health.max_kl" | "health.min_reward_spread" => {
+                    "expected a number >= 0"
+                }
+                "health.max_reward_gap" => "expected a finite number",
                 "data.seq_len" => "expected at least 2",
                 "train.weight_decay" | "train.grad_clip" | "sip.temperature" => {
                     "expected a number >= 0"

@@ -29,6 +29,21 @@ fn summarize(rows: &[metrics::Row]) -> BTreeMap<String, f64> {
         .collect();
     keys.sort();
     keys.dedup();
+    // Health monitors: how many steps each alarmed (listed only when it did).
+    let mut alarms: BTreeMap<&str, f64> = BTreeMap::new();
+    for row in rows {
+        for (key, value) in &row.values {
+            if let Some(name) = key
+                .strip_prefix("health/")
+                .and_then(|k| k.strip_suffix("/alarm"))
+            {
+                *alarms.entry(name).or_default() += *value;
+            }
+        }
+    }
+    for (name, steps) in alarms.into_iter().filter(|(_, steps)| *steps > 0.0) {
+        out.insert(format!("health/{name} (alarm steps)"), steps);
+    }
     for key in keys {
         let values: Vec<f64> = rows.iter().filter_map(|r| r.get(key)).collect();
         if let Some(last) = values.last() {
