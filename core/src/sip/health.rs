@@ -5,8 +5,8 @@
 //! gives every candidate the same reward teaches nothing. Each monitor averages over the last
 //! `health.window` steps and alarms when the average crosses its threshold.
 
+use super::observe::SourceStats;
 use super::pool::Pool;
-use super::select::Selection;
 use super::update::Updated;
 use sipt_api::Source;
 use sipt_experiment::config::{HealthAction, HealthSection};
@@ -92,22 +92,14 @@ pub fn measure(
     pools: &[Pool],
     originals: &[&[u32]],
     original_texts: &[String],
-    selection: &Selection,
+    stats: &SourceStats,
     judges: &JudgeStats,
     counters: &[(String, f64)],
     updated: &Updated,
 ) -> Values {
     let mut v = Values::new();
-    if selection.selected_pools > 0 {
-        for source in Source::ALL {
-            if pools.iter().any(|p| p.iter().any(|c| c.source == source)) {
-                let chosen = selection.chosen.get(&source).copied().unwrap_or(0.0);
-                v.push((
-                    format!("chosen_share/{source}"),
-                    chosen / selection.selected_pools as f64,
-                ));
-            }
-        }
+    for (source, share) in &stats.chosen_rate {
+        v.push((format!("chosen_share/{source}"), *share));
     }
     let rollout_tokens: Vec<&[u32]> = pools
         .iter()
@@ -165,16 +157,10 @@ pub fn measure(
     if let Some(spread) = mean(&spreads) {
         v.push(("reward_spread".into(), spread));
     }
-    let by_source = |source: Source| {
-        let rewards: Vec<f64> = pools
-            .iter()
-            .flatten()
-            .filter(|c| c.source == source)
-            .filter_map(|c| c.reward)
-            .collect();
-        mean(&rewards)
-    };
-    if let (Some(r), Some(o)) = (by_source(Source::Rollout), by_source(Source::Original)) {
+    if let (Some((r, _)), Some((o, _))) = (
+        stats.reward.get(&Source::Rollout),
+        stats.reward.get(&Source::Original),
+    ) {
         v.push(("reward_gap".into(), r - o));
     }
     v

@@ -278,7 +278,7 @@ impl Trainer<'_> {
                 &pools,
                 &originals,
                 &batch.suffixes,
-                &selection,
+                &stats,
                 &judging.stats,
                 &counters,
                 &updated,
