@@ -32,18 +32,23 @@ fn smollm2_dir() -> PathBuf {
     .clone()
 }
 
-#[test]
-fn smollm2_says_paris() {
-    let out = run(sipt()
+/// `sipt generate` with SmolLM2 continuing "The capital of France is".
+fn paris(max_new_tokens: &str, extra: &[&str]) -> Run {
+    run(sipt()
         .args(["generate", "--model"])
         .arg(smollm2_dir())
         .args([
             "--prompt",
             "The capital of France is",
             "--max-new-tokens",
-            "8",
-            "--logprobs",
-        ]));
+            max_new_tokens,
+        ])
+        .args(extra))
+}
+
+#[test]
+fn smollm2_says_paris() {
+    let out = paris("8", &["--logprobs"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let first: serde_json::Value =
         serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
@@ -51,15 +56,7 @@ fn smollm2_says_paris() {
     let logprob = first["logprob"].as_f64().unwrap();
     assert!((logprob - -0.258).abs() < 0.01, "{logprob}");
 
-    let out = run(sipt()
-        .args(["generate", "--model"])
-        .arg(smollm2_dir())
-        .args([
-            "--prompt",
-            "The capital of France is",
-            "--max-new-tokens",
-            "8",
-        ]));
+    let out = paris("8", &[]);
     assert_eq!(
         out.stdout.trim_end_matches('\n'),
         " Paris.\n\nThe answer is:"
@@ -68,15 +65,7 @@ fn smollm2_says_paris() {
 
 #[test]
 fn a_prompt_past_the_models_positions_is_refused_not_a_panic() {
-    let out = run(sipt()
-        .args(["generate", "--model"])
-        .arg(smollm2_dir())
-        .args([
-            "--prompt",
-            "The capital of France is",
-            "--max-new-tokens",
-            "9000",
-        ]));
+    let out = paris("9000", &[]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
         out.stderr.starts_with("error: ")
