@@ -16,7 +16,7 @@ pub fn run(resolved: &Resolved, registry: &Registry, run: &RunDir, resume: bool)
     let objective = objective::build(&e.train.objective.name, e.train.objective.options_value())
         .map_err(|err| anyhow!("train.objective: {err}"))?;
     let prepared = train::prepare(resolved, run, resume)?;
-    train::check_lengths(e, &prepared.policy, objective.needs().candidates)?;
+    train::check_lengths(e, &prepared.policy)?;
     let plugins = Plugins::build(e, registry, &paths::plugin_context(resolved))?;
     if objective.needs().candidates {
         sip::train(e, run, prepared, &plugins, objective)

@@ -5,7 +5,8 @@
 //! gives every candidate the same reward teaches nothing. Each monitor averages over the last
 //! `health.window` steps and alarms when the average crosses its threshold.
 
-use super::observe::SourceStats;
+use super::batch::Batch;
+use super::observe::{mean_std, SourceStats};
 use super::pool::Pool;
 use super::update::Updated;
 use sipt_api::Source;
@@ -50,11 +51,6 @@ struct Monitor {
     since: Option<u64>,
 }
 
-/// A monitor that started or stopped alarming at a step.
-pub struct Change {
-    pub text: String,
-}
-
 /// The monitors of a run.
 pub struct Health {
     config: HealthSection,
@@ -82,21 +78,16 @@ fn mean(xs: &[f64]) -> Option<f64> {
     (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
 }
 
-fn std(xs: &[f64]) -> f64 {
-    let m = mean(xs).unwrap_or(0.0);
-    (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len().max(1) as f64).sqrt()
-}
-
 /// This step's values of every monitor that has one.
 pub fn measure(
     pools: &[Pool],
-    originals: &[&[u32]],
-    original_texts: &[String],
+    batch: &Batch,
     stats: &SourceStats,
     judges: &JudgeStats,
     counters: &[(String, f64)],
     updated: &Updated,
 ) -> Values {
+    let originals: Vec<&[u32]> = batch.cuts.iter().map(|c| c.suffix.as_slice()).collect();
     let mut v = Values::new();
     for (source, share) in &stats.chosen_rate {
         v.push((format!("chosen_share/{source}"), *share));
@@ -113,7 +104,7 @@ pub fn measure(
         .filter(|c| c.source == Source::Rollout)
         .map(|c| c.text.chars().count() as f64)
         .collect();
-    if let (Some(ours), Some(theirs)) = (distinct(&rollout_tokens, 2), distinct(originals, 2)) {
+    if let (Some(ours), Some(theirs)) = (distinct(&rollout_tokens, 2), distinct(&originals, 2)) {
         v.push(("rollout_distinct2".into(), ours));
         if theirs > 0.0 {
             v.push(("distinct_ratio".into(), ours / theirs));
@@ -122,7 +113,8 @@ pub fn measure(
     if let Some(d1) = distinct(&rollout_tokens, 1) {
         v.push(("rollout_repetition".into(), 1.0 - d1));
     }
-    let original_chars: Vec<f64> = original_texts
+    let original_chars: Vec<f64> = batch
+        .suffixes
         .iter()
         .map(|t| t.chars().count() as f64)
         .collect();
@@ -152,7 +144,7 @@ pub fn measure(
         .iter()
         .map(|p| p.iter().filter_map(|c| c.reward).collect::<Vec<f64>>())
         .filter(|r| r.len() >= 2)
-        .map(|r| std(&r))
+        .map(|r| mean_std(&r).1)
         .collect();
     if let Some(spread) = mean(&spreads) {
         v.push(("reward_spread".into(), spread));
@@ -218,19 +210,25 @@ impl Health {
     }
 
     /// Fold in step `step`'s values: log each under `health/` with its alarm flag, count the
-    /// alarms, and return what started or stopped alarming.
-    pub fn observe(&mut self, step: u64, values: Values, row: &mut Row) -> Vec<Change> {
+    /// alarms, and return a line for each monitor that started or stopped alarming.
+    pub fn observe(&mut self, step: u64, values: Values, row: &mut Row) -> Vec<String> {
         let window = self.config.window.max(1) as usize;
         let mut changes = Vec::new();
         for (name, value) in values {
-            let (what, bad) = self.rule(&name);
-            let m = self.monitors.entry(name.clone()).or_insert(Monitor {
-                name,
-                what,
-                bad,
-                values: VecDeque::new(),
-                since: None,
-            });
+            if !self.monitors.contains_key(&name) {
+                let (what, bad) = self.rule(&name);
+                let monitor = Monitor {
+                    name: name.clone(),
+                    what,
+                    bad,
+                    values: VecDeque::new(),
+                    since: None,
+                };
+                self.monitors.insert(name.clone(), monitor);
+            }
+            let Some(m) = self.monitors.get_mut(&name) else {
+                continue;
+            };
             m.values.push_back(value);
             if m.values.len() > window {
                 m.values.pop_front();
@@ -242,23 +240,19 @@ impl Health {
             match (alarm, m.since) {
                 (true, None) => {
                     m.since = Some(step);
-                    changes.push(Change {
-                        text: format!(
+                    changes.push(format!(
                             "health: {} is {average:.3} over the last {window} steps, {} (health/{}), since step {step}",
                             m.what,
                             bad.describe(),
                             m.name
-                        ),
-                    });
+                        ));
                 }
                 (false, Some(since)) => {
                     m.since = None;
-                    changes.push(Change {
-                        text: format!(
+                    changes.push(format!(
                             "health: {} is back within its threshold at step {step} ({average:.3}; it alarmed from step {since})",
                             m.what
-                        ),
-                    });
+                        ));
                 }
                 _ => {}
             }
@@ -309,11 +303,7 @@ mod tests {
             alarms.push(row.get("health/chosen_share/rollout/alarm").unwrap());
             if step == 2 {
                 assert_eq!(changes.len(), 1);
-                assert!(
-                    changes[0].text.contains("since step 3"),
-                    "{}",
-                    changes[0].text
-                );
+                assert!(changes[0].contains("since step 3"), "{}", changes[0]);
             }
         }
         // Steps 1-2: window not full; 3-4: mean 1.0 > 0.9; 5: mean 2/3; 6: 1/3.

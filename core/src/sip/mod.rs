@@ -250,6 +250,7 @@ impl Trainer<'_> {
         self.state.tokens += trained_tokens;
         self.state.data = self.windows.position;
         self.state.extra = serde_json::to_value(&self.averages).unwrap_or_default();
+        let counters = self.plugins.counters();
         let record = StepRecord {
             step: self.state.step,
             lr,
@@ -262,6 +263,7 @@ impl Trainer<'_> {
             judging: &judging,
             updated: &updated,
             stats: &stats,
+            counters: &counters,
             selected_pools: selection.selected_pools,
             timings: Timings {
                 sample: seconds_sample,
@@ -270,21 +272,12 @@ impl Trainer<'_> {
                 step: started.elapsed().as_secs_f64(),
             },
         };
-        let mut row = record.row(self.plugins);
+        let mut row = record.row();
         if e.health.enabled {
-            let originals: Vec<&[u32]> = batch.cuts.iter().map(|c| c.suffix.as_slice()).collect();
-            let counters = self.plugins.counters();
-            let values = health::measure(
-                &pools,
-                &originals,
-                &batch.suffixes,
-                &stats,
-                &judging.stats,
-                &counters,
-                &updated,
-            );
+            let values =
+                health::measure(&pools, batch, &stats, &judging.stats, &counters, &updated);
             for change in self.health.observe(self.state.step, values, &mut row) {
-                tracing::warn!("{}", change.text);
+                tracing::warn!("{change}");
             }
         }
         let targets = selection.targets;

@@ -42,7 +42,8 @@ impl SourceStats {
     }
 }
 
-fn mean_std(xs: &[f64]) -> (f64, f64) {
+/// Mean and (population) standard deviation of a non-empty list.
+pub(super) fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;

@@ -10,7 +10,6 @@ use crate::objective::Target;
 use anyhow::{Context, Result};
 use sipt_api::StepPlan;
 use sipt_experiment::metrics::{drop_rows_after, Row};
-use sipt_experiment::plugins::Plugins;
 use sipt_experiment::rundir::RunDir;
 use std::io::Write;
 
@@ -37,13 +36,15 @@ pub struct StepRecord<'a> {
     pub judging: &'a Judging,
     pub updated: &'a Updated,
     pub stats: &'a SourceStats,
+    /// The plugins' own counters (`Plugins::counters`).
+    pub counters: &'a [(String, f64)],
     pub selected_pools: usize,
     pub timings: Timings,
 }
 
 impl StepRecord<'_> {
     /// The step's metrics row.
-    pub fn row(&self, plugins: &Plugins) -> Row {
+    pub fn row(&self) -> Row {
         let (u, t) = (self.updated, &self.timings);
         let mut row = Row::new(self.step);
         row.set("lr", self.lr)
@@ -88,8 +89,8 @@ impl StepRecord<'_> {
                 self.judging.pairwise_calls as f64 / prefixes,
             );
         // Cumulative, not per step: the prefetch thread works on the next step concurrently.
-        for (key, value) in plugins.counters() {
-            row.set(key, value);
+        for (key, value) in self.counters {
+            row.set(key.clone(), *value);
         }
         for (source, (mean, std)) in &self.stats.reward {
             row.set(format!("reward/{source}/mean"), *mean)

@@ -156,28 +156,18 @@ pub fn scratch_config(e: &Experiment, vocab: usize, eos: Option<u32>) -> LlamaCo
     }
 }
 
-/// Every sequence the run will make fits the policy's positions (its rotary tables cover that
-/// many): checked before any work, naming the settings. From-scratch sizes are checked when the
-/// file is validated; this catches a pretrained model with fewer positions than the file needs.
-pub fn check_lengths(e: &Experiment, policy: &Policy, candidates: bool) -> Result<()> {
+/// Every sequence the run will make fits the policy's positions: checked before any work,
+/// naming the settings. From-scratch sizes are checked when the file is validated (by the same
+/// `Experiment::sequence_lengths`); this catches a pretrained model with fewer positions.
+pub fn check_lengths(e: &Experiment, policy: &Policy) -> Result<()> {
     let positions = policy.model.config.max_position_embeddings;
-    let d = &e.data;
-    let evaluates = e.train.eval_every > 0 && !e.judges.is_empty();
-    for (used, what, len) in [
-        (true, "data.seq_len", d.seq_len),
-        (
-            candidates,
-            "data.prefix_max_tokens + data.suffix_tokens",
-            d.prefix_max_tokens + d.suffix_tokens,
-        ),
-        (
-            evaluates,
-            "data.prefix_max_tokens + eval.max_new_tokens",
-            d.prefix_max_tokens + e.eval.max_new_tokens,
-        ),
-    ] {
-        if used && len > positions {
-            bail!("{what} = {len} tokens do not fit the model's {positions} positions (max_position_embeddings)");
+    for seq in e.sequence_lengths() {
+        if seq.tokens > positions {
+            bail!(
+                "{} = {} tokens do not fit the model's {positions} positions (max_position_embeddings)",
+                seq.what,
+                seq.tokens
+            );
         }
     }
     Ok(())

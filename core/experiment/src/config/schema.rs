@@ -123,6 +123,45 @@ pub struct Experiment {
     pub sweep: Option<SweepSection>,
 }
 
+/// One kind of sequence a run makes; every one must fit the model's positions (rotary tables
+/// cover only that many).
+pub struct SequenceLength {
+    /// The key that sets it, where a problem is reported.
+    pub key: &'static str,
+    /// How it is made up, for messages.
+    pub what: &'static str,
+    pub tokens: usize,
+}
+
+impl Experiment {
+    /// The longest sequences the run makes: next-token windows; prefix + suffix when it learns
+    /// from candidates (any objective but `ntp`); prefix + continuation when its periodic
+    /// evaluation is judged.
+    pub fn sequence_lengths(&self) -> Vec<SequenceLength> {
+        let d = &self.data;
+        let mut out = vec![SequenceLength {
+            key: "data.seq_len",
+            what: "data.seq_len",
+            tokens: d.seq_len,
+        }];
+        if self.train.objective.name != "ntp" {
+            out.push(SequenceLength {
+                key: "data.prefix_max_tokens",
+                what: "data.prefix_max_tokens + data.suffix_tokens",
+                tokens: d.prefix_max_tokens + d.suffix_tokens,
+            });
+        }
+        if !self.judges.is_empty() && self.train.eval_every > 0 {
+            out.push(SequenceLength {
+                key: "eval.max_new_tokens",
+                what: "data.prefix_max_tokens + eval.max_new_tokens",
+                tokens: d.prefix_max_tokens + self.eval.max_new_tokens,
+            });
+        }
+        out
+    }
+}
+
 /// `extends = "base.toml"` or `extends = ["a.toml", "b.toml"]` (later ones win).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -302,28 +302,13 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
         ));
     }
     if m.path.is_empty() && m.max_position > 0 {
-        // Rotary tables cover max_position positions; every sequence must fit.
-        let candidates = e.train.objective.name != "ntp";
-        let judged_eval = !e.judges.is_empty() && e.train.eval_every > 0;
-        for (key, len, used) in [
-            ("data.seq_len", e.data.seq_len, true),
-            (
-                "data.prefix_max_tokens",
-                e.data.prefix_max_tokens + e.data.suffix_tokens,
-                candidates,
-            ),
-            (
-                "eval.max_new_tokens",
-                e.data.prefix_max_tokens + e.eval.max_new_tokens,
-                judged_eval,
-            ),
-        ] {
-            if used && len > m.max_position {
+        for seq in e.sequence_lengths() {
+            if seq.tokens > m.max_position {
                 out.push(problem(
-                    key,
+                    seq.key,
                     format!(
-                        "sequences of {len} tokens do not fit model.max_position = {}",
-                        m.max_position
+                        "sequences of {} tokens do not fit model.max_position = {}",
+                        seq.tokens, m.max_position
                     ),
                 ));
             }
