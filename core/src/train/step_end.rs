@@ -55,11 +55,6 @@ impl<'a> StepEnd<'a> {
         })
     }
 
-    /// The progress display, for notes from inside a step.
-    pub fn reporter(&self) -> &Reporter {
-        &self.reporter
-    }
-
     /// Close step `state.step`: evaluation metrics join `row` when due, the row is logged,
     /// `summary(row)` is shown as progress, and a checkpoint (with the optimizer and the DPO
     /// reference, if any) is written every `train.checkpoint_every` steps and at the end.

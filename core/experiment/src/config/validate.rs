@@ -129,6 +129,14 @@ fn plain_types(message: &str) -> String {
     ] {
         out = out.replace(serde_name, plain);
     }
+    // Any other section: its Rust type name means nothing in an experiment file.
+    if let Some(at) = out.find("expected struct ") {
+        let rest = &out[at + "expected struct ".len()..];
+        let name_len = rest
+            .find(|c: char| !c.is_alphanumeric() && c != '_')
+            .unwrap_or(rest.len());
+        out = format!("{}expected a table{}", &out[..at], &rest[name_len..]);
+    }
     out
 }
 
