@@ -70,20 +70,51 @@ impl Format {
     }
 
     /// Parse, then refine from log-probs when they are given and line up with the text.
+    /// An answer cut off inside its deciding word (a one-token answer whose token spells only
+    /// part of it, as `" Y"` does for SmolLM2's tokenizer) has no text value but can still be
+    /// read from the log-probs of that token.
     pub fn decide(self, text: &str, logprobs: Option<&[TokenLogprobs]>) -> Option<Decision> {
-        let parsed = self.parse(text)?;
-        if let Some(tokens) = logprobs {
-            if let Some(value) = self.from_logprobs(text, tokens, parsed.offset) {
+        let parsed = self.parse(text);
+        let offset = parsed.map(|p| p.offset).or_else(|| self.cut_answer(text));
+        if let (Some(tokens), Some(offset)) = (logprobs, offset) {
+            if let Some(value) = self.from_logprobs(text, tokens, offset) {
                 return Some(Decision {
                     value,
                     from_logprobs: true,
                 });
             }
         }
-        Some(Decision {
-            value: parsed.value,
+        parsed.map(|p| Decision {
+            value: p.value,
             from_logprobs: false,
         })
+    }
+
+    /// Where a cut-off answer starts: the text ends, after the last marker, with the beginning
+    /// of exactly one choice word (`FINAL DECISION: Y`).
+    fn cut_answer(self, text: &str) -> Option<usize> {
+        let (markers, words): (&[&str], &[&str]) = match self {
+            Format::Decision => (&["final decision"], &[]),
+            Format::Conclusion => (&["conclusion"], &["option"]),
+            Format::HallucinationLabel => return None,
+        };
+        let end = markers
+            .iter()
+            .filter_map(|m| find_all(text, m).last().map(|i| i + m.len()))
+            .max()?;
+        let mut at = end;
+        loop {
+            let rest = text[at..].trim_start_matches(is_filler);
+            at = text.len() - rest.len();
+            let lower = rest.to_lowercase();
+            match words.iter().find(|w| lower.starts_with(*w)) {
+                Some(w) => at += w.len(),
+                None => break,
+            }
+        }
+        let rest = &text[at..];
+        let cut = !rest.is_empty() && !rest.contains(char::is_whitespace);
+        (cut && self.classify_start(rest).is_some()).then_some(at)
     }
 
     /// Expected value of the choice at byte `offset` of `text`, from the alternatives of the
@@ -293,6 +324,22 @@ mod tests {
 
     fn value(f: Format, text: &str) -> Option<f64> {
         f.parse(text).map(|p| p.value)
+    }
+
+    #[test]
+    fn a_cut_off_answer_is_read_from_log_probs_only() {
+        let d = Format::Decision;
+        let toks = tokens(&[
+            ("FINAL DECISION:", &[]),
+            (" Y", &[(" Y", 0.6), (" N", 0.2), (" Maybe", 0.2)]),
+        ]);
+        let got = d.decide("FINAL DECISION: Y", Some(&toks)).unwrap();
+        assert!(got.from_logprobs);
+        assert!((got.value - 0.75).abs() < 1e-9, "{got:?}");
+        // Without log-probs a cut-off word decides nothing; nor does a word of no choice.
+        assert!(d.decide("FINAL DECISION: Y", None).is_none());
+        let toks = tokens(&[("FINAL DECISION:", &[]), (" M", &[(" M", 0.9)])]);
+        assert!(d.decide("FINAL DECISION: M", Some(&toks)).is_none());
     }
 
     #[test]
