@@ -49,6 +49,12 @@ sharpness = 10.0
 [rewriter]
 type = "redact"
 
+[health]
+# Short windows and a source-share threshold every step crosses: the monitors alarm before the
+# first checkpoint, so a resumed run must carry their windows to log the same rows.
+window = 2
+max_source_share = 0.01
+
 [train]
 steps = {steps}
 batch_size = 4
@@ -100,9 +106,15 @@ fn overlap_changes_nothing_and_resume_is_exact() {
         "chosen/original",
         "judge/quality/calls",
         "judge/safety/calls",
+        "health/alarms",
     ] {
         assert!(last.contains_key(key), "no {key} in {last:?}");
     }
+    assert!(
+        reference[2]["health/alarms"].as_f64() > Some(0.0),
+        "no monitor alarms by the first checkpoint: {:?}",
+        reference[2]
+    );
     assert!(std::fs::read_to_string(overlapped.join("samples.jsonl"))
         .unwrap()
         .contains("\"role\":\"chosen\""));

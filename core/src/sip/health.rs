@@ -9,6 +9,7 @@ use super::batch::Batch;
 use super::observe::{mean_std, SourceStats};
 use super::pool::Pool;
 use super::update::Updated;
+use serde::{Deserialize, Serialize};
 use sipt_api::Source;
 use sipt_experiment::config::{HealthAction, HealthSection};
 use sipt_experiment::metrics::Row;
@@ -48,6 +49,14 @@ struct Monitor {
     bad: Option<Bad>,
     values: VecDeque<f64>,
     /// The step since which it is alarming.
+    since: Option<u64>,
+}
+
+/// A monitor's window and alarm as a checkpoint keeps them, so that a resumed run alarms (and
+/// stops) exactly where the uninterrupted one would.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    values: Vec<f64>,
     since: Option<u64>,
 }
 
@@ -160,10 +169,44 @@ pub fn measure(
 
 impl Health {
     pub fn new(config: &HealthSection) -> Health {
-        Health {
+        Health::restore(config, &BTreeMap::new())
+    }
+
+    /// Monitors with the windows a checkpoint kept ([`Health::windows`]). A window longer than
+    /// `health.window` (the file changed between runs) keeps its newest values.
+    pub fn restore(config: &HealthSection, windows: &BTreeMap<String, Window>) -> Health {
+        let mut health = Health {
             config: config.clone(),
             monitors: BTreeMap::new(),
+        };
+        let keep = config.window.max(1) as usize;
+        for (name, w) in windows {
+            let (what, bad) = health.rule(name);
+            let skip = w.values.len().saturating_sub(keep);
+            let monitor = Monitor {
+                name: name.clone(),
+                what,
+                bad,
+                values: w.values[skip..].iter().copied().collect(),
+                since: w.since.filter(|_| bad.is_some()),
+            };
+            health.monitors.insert(name.clone(), monitor);
         }
+        health
+    }
+
+    /// Every monitor's window and alarm, for a checkpoint.
+    pub fn windows(&self) -> BTreeMap<String, Window> {
+        self.monitors
+            .iter()
+            .map(|(name, m)| {
+                let w = Window {
+                    values: m.values.iter().copied().collect(),
+                    since: m.since,
+                };
+                (name.clone(), w)
+            })
+            .collect()
     }
 
     /// What a metric means and which side of which threshold is bad.
@@ -331,5 +374,31 @@ mod tests {
         }
         assert!(!warn.stop());
         assert!(stop.stop());
+    }
+
+    #[test]
+    fn restored_windows_alarm_where_the_uninterrupted_run_does() {
+        let values = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0];
+        let feed = |h: &mut Health, from: usize, to: usize| -> Vec<Vec<String>> {
+            (from..to)
+                .map(|i| {
+                    let mut row = Row::new(i as u64 + 1);
+                    let v = vec![("chosen_share/rollout".to_string(), values[i])];
+                    h.observe(i as u64 + 1, v, &mut row)
+                })
+                .collect()
+        };
+        let whole = feed(&mut Health::new(&config(3)), 0, values.len());
+        let mut first = Health::new(&config(3));
+        let mut resumed = feed(&mut first, 0, 5);
+        let json = serde_json::to_value(first.windows()).unwrap();
+        let mut second = Health::restore(&config(3), &serde_json::from_value(json).unwrap());
+        assert_eq!(second.alarming(), first.alarming());
+        resumed.extend(feed(&mut second, 5, values.len()));
+        assert_eq!(resumed, whole);
+        assert!(
+            whole.iter().any(|c| !c.is_empty()),
+            "the series alarms somewhere"
+        );
     }
 }

@@ -32,21 +32,23 @@ use crate::data::{Cutter, Windows};
 use crate::model::{eos_tokens, Policy, Sampler};
 use crate::objective::{Needs, Objective, Target};
 use crate::tokenizer::Tokenizer;
-use crate::train::checkpoint::{TrainState, REFERENCE_DIR};
+use crate::train::checkpoint::{TrainState, REFERENCE_DIR, STATE};
 use crate::train::optim::{cosine_lr, AdamW};
 use crate::train::{Prepared, StepEnd};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use batch::{Batch, BatchMaker, Prefetch};
 use observe::{Averages, SourceStats};
 use pool::Pool;
 use record::{StepRecord, Timings, SAMPLES_FILE};
 use rollouts::Rollouts;
 use select::Selection;
+use serde::{Deserialize, Serialize};
 use sipt_api::StepPlan;
 use sipt_experiment::config::Experiment;
 use sipt_experiment::metrics::Row;
 use sipt_experiment::plugins::Plugins;
 use sipt_experiment::rundir::RunDir;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 use update::Learner;
@@ -86,7 +88,7 @@ pub fn train(
     )?;
     let mut windows = Windows::new(&corpus.train, d.seq_len + 1, seed, d.shuffle)?;
     let (optimizer, state) = crate::train::start(e, &policy, &mut windows, &resume)?;
-    let (learner, averages) = restore(e, &policy, objective.needs(), optimizer, &resume)?;
+    let (learner, carried) = restore(e, &policy, objective.needs(), optimizer, &resume)?;
     let continue_after = resuming.then_some(state.step);
     let mut end = StepEnd::open(
         e,
@@ -124,8 +126,8 @@ pub fn train(
             eos: eos_tokens(&policy.model.config, &tokenizer),
         },
         learner,
-        averages,
-        health: health::Health::new(&e.health),
+        averages: carried.averages,
+        health: health::Health::restore(&e.health, &carried.health),
         windows,
         base,
         state,
@@ -249,7 +251,6 @@ impl Trainer<'_> {
         self.state.step += 1;
         self.state.tokens += trained_tokens;
         self.state.data = self.windows.position;
-        self.state.extra = serde_json::to_value(&self.averages).unwrap_or_default();
         let counters = self.plugins.counters();
         let record = StepRecord {
             step: self.state.step,
@@ -280,6 +281,10 @@ impl Trainer<'_> {
                 tracing::warn!("{change}");
             }
         }
+        self.state.extra = serde_json::to_value(Carried {
+            averages: self.averages.clone(),
+            health: self.health.windows(),
+        })?;
         let targets = selection.targets;
         Ok((row, pools, targets))
     }
@@ -298,20 +303,31 @@ fn base_plan(e: &Experiment) -> StepPlan {
     }
 }
 
-/// The update phase's state (optimizer, DPO reference) and the curriculum's averages, as the
-/// checkpoint being resumed left them (or fresh).
+/// What the SIP loop carries from step to step besides tensors, in `state.json`'s `extra`: the
+/// curriculum's averages (at the top level, as checkpoints before the health windows have
+/// them) and the health monitors' windows.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Carried {
+    #[serde(flatten)]
+    averages: Averages,
+    #[serde(default)]
+    health: BTreeMap<String, health::Window>,
+}
+
+/// The update phase's state (optimizer, DPO reference), the curriculum's averages and the
+/// health monitors, as the checkpoint being resumed left them (or fresh).
 fn restore(
     e: &Experiment,
     policy: &Policy,
     needs: Needs,
     optimizer: AdamW,
     resume: &Option<(PathBuf, TrainState)>,
-) -> Result<(Learner, Averages)> {
+) -> Result<(Learner, Carried)> {
     let mut reference = match needs.reference {
         Some(_) => Some(update::reference_of(policy)?),
         None => None,
     };
-    let mut averages = Averages::default();
+    let mut carried = Carried::default();
     if let Some((dir, saved)) = resume {
         if let Some(r) = reference.as_mut() {
             let ref_dir = dir.join(REFERENCE_DIR);
@@ -319,7 +335,14 @@ fn restore(
                 r.load_weights(&ref_dir)?;
             }
         }
-        averages = serde_json::from_value(saved.extra.clone()).unwrap_or_default();
+        if !saved.extra.is_null() {
+            carried = serde_json::from_value(saved.extra.clone()).with_context(|| {
+                format!(
+                    "{}: `extra` is not the SIP loop's state",
+                    dir.join(STATE).display()
+                )
+            })?;
+        }
     }
     let learner = Learner {
         needs,
@@ -330,5 +353,5 @@ fn restore(
         dtype: e.model.dtype,
         grad_clip: e.train.grad_clip,
     };
-    Ok((learner, averages))
+    Ok((learner, carried))
 }
