@@ -125,3 +125,41 @@ fn the_module_scan_sees_grouped_and_plain_paths() {
     );
     assert_eq!(found, ["objective", "sip", "train", "eval"]);
 }
+
+/// Every test that needs something a machine may lack goes through tests/common/needs.rs: no
+/// test reads a skip variable of its own or prints a skip line of its own.
+#[test]
+fn tests_skip_by_one_rule() {
+    let needs = root().join("tests/common/needs.rs");
+    let mut files = Vec::new();
+    for dir in [
+        "tests",
+        "core/tests",
+        "plugins/tests",
+        "core/wandb/tests",
+        "core/experiment/tests",
+    ] {
+        if root().join(dir).is_dir() {
+            files.extend(sources(&root().join(dir)));
+        }
+    }
+    assert!(files.len() > 10, "found only {files:?}");
+    let this = root().join("tests/layout.rs");
+    let mut offenders = Vec::new();
+    for file in files.iter().filter(|f| **f != needs && **f != this) {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let own_variable =
+                line.contains("env::var") && (line.contains("SKIP") || line.contains("REQUIRE"));
+            let own_line = line.contains("eprintln!(\"skipped") || line.contains("skipped:");
+            if own_variable || own_line {
+                offenders.push(format!("{}:{}: {}", file.display(), i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "skips outside tests/common/needs.rs:\n{}",
+        offenders.join("\n")
+    );
+}

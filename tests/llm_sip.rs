@@ -31,11 +31,17 @@ impl Drop for Server {
 }
 
 fn start_server() -> Option<Server> {
-    if std::env::var_os("SIPT_SKIP_LLM_SERVER").is_some() {
-        eprintln!("SIPT_SKIP_LLM_SERVER is set: skipping the real-server SIP run");
+    let python = python();
+    if !needs::check("llm-server", || {
+        if python.exists() {
+            Ok(())
+        } else {
+            Err(format!("no Python at {}", python.display()))
+        }
+    }) {
         return None;
     }
-    let mut child = Command::new(python())
+    let mut child = Command::new(&python)
         .arg(root().join("scripts/llm-server.py"))
         .args(["--port", "0", "--exit-on-stdin-eof"])
         .stdin(Stdio::piped())
@@ -45,7 +51,7 @@ fn start_server() -> Option<Server> {
         .unwrap_or_else(|e| {
             panic!(
                 "cannot start {} scripts/llm-server.py ({e}); run scripts/setup.sh --test",
-                python().display()
+                python.display()
             )
         });
     let stdout = child.stdout.take().unwrap();

@@ -3,8 +3,8 @@
 //! a sweep as one job array with the file's resources, exit statuses and failures, a detached
 //! sweep followed by `sipt status`, a trial killed by `scancel` and resumed from its checkpoint.
 //!
-//! Without Slurm (no `SLURM_CONF`), the tests say so and pass, unless `SIPT_REQUIRE_SLURM=1`
-//! (as `scripts/test.sh` sets), where a missing Slurm is a failure.
+//! They need Slurm (tests/common/needs.rs: absent, they fail with how to start it;
+//! `SIPT_SKIP=slurm` skips them).
 
 mod common;
 use common::*;
@@ -12,19 +12,19 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn slurm_available() -> bool {
-    let up = std::env::var_os("SLURM_CONF").is_some()
-        && std::process::Command::new("sinfo")
-            .arg("-h")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !up {
-        assert!(
-            std::env::var("SIPT_REQUIRE_SLURM").as_deref() != Ok("1"),
-            "SIPT_REQUIRE_SLURM=1 but no Slurm answers: run `scripts/slurm-local.sh start` and export the SLURM_CONF it prints"
-        );
-        eprintln!("skipped: no Slurm here (scripts/slurm-local.sh start sets one up)");
-    }
-    up
+    needs::check("slurm", || {
+        if std::env::var_os("SLURM_CONF").is_none() {
+            return Err("SLURM_CONF is not set".into());
+        }
+        match std::process::Command::new("sinfo").arg("-h").output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!(
+                "sinfo failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run sinfo: {e}")),
+        }
+    })
 }
 
 fn experiment(

@@ -4,8 +4,9 @@
 //! one cache (each row caches only its own new tokens), never recomputing or copying it.
 //! Decoding is a plain Rust loop over libtorch calls, one batched forward per token.
 
-use crate::model::{Batch, KvCache, Llama};
+use crate::model::{Batch, KvCache, Llama, Packed};
 use sipt_experiment::rng::SplitMix;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use tch::{Device, Kind, Tensor};
 
 /// Sampling calls of at least this many new tokens decode with repacked weights.
@@ -140,6 +141,25 @@ pub fn generate(
     tch::no_grad(|| generate_inner(model, prefixes, per_prefix, s, eos, seed))
 }
 
+/// [`generate`] decoding with the given packed weights (from [`Llama::pack`]), or without any.
+/// Should a packed kernel fail, the call decodes again without them, with one warning, and
+/// later calls no longer pack.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_packed(
+    model: &Llama,
+    prefixes: &[Vec<u32>],
+    per_prefix: usize,
+    s: &Sampling,
+    eos: &[u32],
+    seed: u64,
+    packed: Option<&Packed>,
+) -> Generated {
+    if prefixes.is_empty() || per_prefix == 0 || s.max_new_tokens == 0 {
+        return generate(model, prefixes, per_prefix, s, eos, seed);
+    }
+    tch::no_grad(|| decode_or_fall_back(model, prefixes, per_prefix, s, eos, seed, packed))
+}
+
 /// [`generate`] in calls of at most `per_call` prefixes (0 = all in one call), each call
 /// holding the KV cache of its own rows only. The first call uses `seed` (so one call is exactly
 /// `generate`), later ones seeds derived from it.
@@ -173,6 +193,9 @@ pub fn generate_in_calls(
     all
 }
 
+/// Set once a packed kernel has failed during decoding: later calls do not pack again.
+static PACKING_FAILED: AtomicBool = AtomicBool::new(false);
+
 fn generate_inner(
     model: &Llama,
     prefixes: &[Vec<u32>],
@@ -188,15 +211,55 @@ fn generate_inner(
             logprobs: vec![Vec::new(); rows],
         };
     }
-    let mut rng = SplitMix::derive(seed, 0x5A3F1E, 0);
     // Repacking the weights takes about as long as two decode steps and saves a quarter or more
     // of every step on a CPU (see `model::packed`), so it pays for all but the shortest calls.
-    let packed = if s.max_new_tokens >= PACK_MIN_NEW_TOKENS {
+    let packed = if s.max_new_tokens >= PACK_MIN_NEW_TOKENS && !PACKING_FAILED.load(Relaxed) {
         model.pack(rows as i64)
     } else {
         None
     };
-    let packed = packed.as_ref();
+    decode_or_fall_back(model, prefixes, per_prefix, s, eos, seed, packed.as_ref())
+}
+
+/// [`decode`] with `packed` weights, and again without them if a packed kernel fails (the
+/// products are the same, so the result is too; only the speed differs).
+#[allow(clippy::too_many_arguments)]
+fn decode_or_fall_back(
+    model: &Llama,
+    prefixes: &[Vec<u32>],
+    per_prefix: usize,
+    s: &Sampling,
+    eos: &[u32],
+    seed: u64,
+    packed: Option<&Packed>,
+) -> Generated {
+    match decode(model, prefixes, per_prefix, s, eos, seed, packed) {
+        Ok(g) => g,
+        Err(e) => {
+            if !PACKING_FAILED.swap(true, Relaxed) {
+                tracing::warn!("{e}; decoding without packed weights from now on");
+            }
+            match decode(model, prefixes, per_prefix, s, eos, seed, None) {
+                Ok(g) => g,
+                Err(e) => unreachable!("unpacked decoding failed: {e}"),
+            }
+        }
+    }
+}
+
+/// One sampling call: prefill, then one batched forward per new token.
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    model: &Llama,
+    prefixes: &[Vec<u32>],
+    per_prefix: usize,
+    s: &Sampling,
+    eos: &[u32],
+    seed: u64,
+    packed: Option<&Packed>,
+) -> Result<Generated, String> {
+    let rows = prefixes.len() * per_prefix;
+    let mut rng = SplitMix::derive(seed, 0x5A3F1E, 0);
     let device = model.device();
     let kind = model.kind();
     let (ids, valid, positions, padded) = left_pad(prefixes, device);
@@ -229,10 +292,10 @@ fn generate_inner(
         },
         Some(&mut cache),
         packed,
-    );
+    )?;
     let last = hidden.narrow(1, len - 1, 1).squeeze_dim(1);
     let mut logits = model
-        .logits_with(&last, packed)
+        .logits_with(&last, packed)?
         .repeat_interleave_self_int(k, 0, None);
     // K rollouts of a prefix share its prefilled keys and values (read once per prefix at
     // every step); each row caches only its own new tokens.
@@ -297,8 +360,8 @@ fn generate_inner(
             },
             Some(&mut cache),
             packed,
-        );
-        logits = model.logits_with(&hidden.squeeze_dim(1), packed);
+        )?;
+        logits = model.logits_with(&hidden.squeeze_dim(1), packed)?;
     }
 
     let tokens = Tensor::stack(&tokens, 1).to_device(Device::Cpu);
@@ -325,7 +388,7 @@ fn generate_inner(
         out.tokens.push(t);
         out.logprobs.push(l);
     }
-    out
+    Ok(out)
 }
 
 /// Summed log-probability of each continuation given its prefix, and its token count.

@@ -1,8 +1,11 @@
 //! Sampling and scoring on a small random model: padding, prefix sharing, reproducibility, and
 //! agreement between the sampler's log-probs and the scorer's.
 
+#[path = "../../tests/common/needs.rs"]
+mod needs;
+
 use sipt_core::model::{Batch, KvCache, Llama, LlamaConfig, Packed, Policy};
-use sipt_core::sample::{continuation_logprobs, generate, Sampling};
+use sipt_core::sample::{continuation_logprobs, generate, generate_packed, Sampling};
 use tch::{Device, Kind, Tensor};
 
 fn policy() -> Policy {
@@ -149,8 +152,8 @@ fn prefill_and_decode(model: &Llama, packed: Option<&Packed>) -> Vec<Tensor> {
             positions: Some(&positions),
             mask: Some(&mask),
         };
-        let hidden = model.hidden_with(&batch, Some(&mut cache), packed);
-        let mut out = vec![model.logits_with(&hidden, packed)];
+        let hidden = model.hidden_with(&batch, Some(&mut cache), packed).unwrap();
+        let mut out = vec![model.logits_with(&hidden, packed).unwrap()];
         let mut keys = valid;
         for step in 0..2i64 {
             let next = Tensor::from_slice(&[7i64 + step, 60 + step]).view([2, 1]);
@@ -163,8 +166,8 @@ fn prefill_and_decode(model: &Llama, packed: Option<&Packed>) -> Vec<Tensor> {
                 positions: Some(&positions),
                 mask: Some(&mask),
             };
-            let hidden = model.hidden_with(&batch, Some(&mut cache), packed);
-            out.push(model.logits_with(&hidden, packed));
+            let hidden = model.hidden_with(&batch, Some(&mut cache), packed).unwrap();
+            out.push(model.logits_with(&hidden, packed).unwrap());
         }
         out
     })
@@ -178,10 +181,21 @@ fn packed_weights_decode_like_the_model() {
         // Sampling works whether or not this CPU can pack weights of this type.
         let out = generate(&model.model, &[vec![1u32, 2, 3]], 2, &greedy(20), &[], 0);
         assert!(out.tokens.iter().all(|t| t.len() == 20));
-        // f32 packing needs only oneDNN; 16-bit types also need CPU support (bf16 here has it
-        // with AVX-512 BF16, f16 needs AVX512-FP16), so those are compared where they pack.
+        // f32 packing needs only oneDNN; 16-bit types also need CPU support: bf16 AVX512-BF16
+        // or AMX (every machine this project runs on has it, so it is a need), f16 AVX512-FP16
+        // (Intel only), compared where the CPU has it and said so where not.
         let Some(packed) = model.model.pack(2) else {
-            assert_ne!(kind, Kind::Float, "f32 weights could not be packed");
+            match kind {
+                Kind::Float => panic!("f32 weights could not be packed"),
+                Kind::BFloat16 => {
+                    needs::check("cpu-bf16", || {
+                        Err("bf16 weights do not pack on this CPU".into())
+                    });
+                }
+                _ => eprintln!(
+                    "not compared: {kind:?} weights do not pack on this CPU (AVX512-FP16)"
+                ),
+            }
             continue;
         };
         let plain = prefill_and_decode(&model.model, None);
@@ -209,6 +223,36 @@ fn packed_weights_decode_like_the_model() {
             );
         }
     }
+}
+
+#[test]
+fn a_failing_packed_kernel_is_an_error_and_sampling_falls_back() {
+    let p = policy();
+    // Weights packed for another model: their products refuse this model's activations.
+    let other = Policy::from_scratch(
+        LlamaConfig {
+            hidden_size: 48,
+            intermediate_size: 96,
+            ..p.model.config.clone()
+        },
+        Device::Cpu,
+    );
+    let packed = other.model.pack(2).expect("f32 weights pack on every CPU");
+    let w = sipt_core::model::packed::repack(&Tensor::ones([4, 8], (Kind::Float, Device::Cpu)), 2);
+    let x = Tensor::ones([2, 5], (Kind::Float, Device::Cpu));
+    let err = sipt_core::model::packed::linear(&x, &w.unwrap()).unwrap_err();
+    assert!(err.contains("packed linear layer failed"), "{err}");
+    let fallback = generate_packed(
+        &p.model,
+        &[vec![1, 2, 3]],
+        2,
+        &greedy(20),
+        &[],
+        0,
+        Some(&packed),
+    );
+    let plain = generate_packed(&p.model, &[vec![1, 2, 3]], 2, &greedy(20), &[], 0, None);
+    assert_eq!(fallback, plain);
 }
 
 #[test]

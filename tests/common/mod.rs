@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests of the `sipt` binary.
 #![allow(dead_code)]
 
+pub mod needs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -369,13 +369,13 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<LayerCache>,
         packed: Option<&PackedBlock>,
-    ) -> Tensor {
+    ) -> Result<Tensor, String> {
         let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = match (packed, rope) {
             (Some(p), Rotary::Pairs(turn)) => {
                 // One product for q, k and v; q and k (paired rows) rotate together in f32.
-                let qkv = packed::linear(xs, &p.qkv);
+                let qkv = packed::linear(xs, &p.qkv)?;
                 let v = qkv.narrow(-1, (heads + kv_heads) * hd, kv_heads * hd);
                 let qk = qkv
                     .narrow(-1, 0, (heads + kv_heads) * hd)
@@ -410,7 +410,7 @@ impl Attention {
         };
         let o = |y: &Tensor| match packed {
             Some(p) => packed::linear(y, &p.o),
-            None => self.o.forward(y),
+            None => Ok(self.o.forward(y)),
         };
         if let Some(LayerCache {
             kv: (ck, cv),
@@ -542,17 +542,17 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, xs: &Tensor, packed: Option<&PackedBlock>) -> Tensor {
+    fn forward(&self, xs: &Tensor, packed: Option<&PackedBlock>) -> Result<Tensor, String> {
         match packed {
             Some(p) => {
-                let gate_up = packed::linear(xs, &p.gate_up);
+                let gate_up = packed::linear(xs, &p.gate_up)?;
                 let i = gate_up.size().last().copied().unwrap_or(0) / 2;
                 let h = gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i);
                 packed::linear(&h, &p.down)
             }
-            None => self
+            None => Ok(self
                 .down
-                .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs))),
+                .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs)))),
         }
     }
 }
@@ -656,17 +656,22 @@ impl Llama {
     /// Final hidden states `(B, T, hidden)`. With a cache, the batch continues after the
     /// cache's filled positions and fills them further.
     pub fn hidden(&self, batch: &Batch, cache: Option<&mut KvCache>) -> Tensor {
-        self.hidden_with(batch, cache, None)
+        match self.hidden_with(batch, cache, None) {
+            Ok(h) => h,
+            // Only the packed kernels report errors; libtorch's own ops panic through tch.
+            Err(e) => unreachable!("unpacked forward failed: {e}"),
+        }
     }
 
     /// [`Llama::hidden`], with the weight matrices of [`Llama::pack`] when given (inference
-    /// only: no gradient reaches the variables through them).
+    /// only: no gradient reaches the variables through them). Fails only where a packed kernel
+    /// refuses its input.
     pub fn hidden_with(
         &self,
         batch: &Batch,
         mut cache: Option<&mut KvCache>,
         packed: Option<&Packed>,
-    ) -> Tensor {
+    ) -> Result<Tensor, String> {
         let (b, t) = batch.ids.size2().unwrap_or((1, 1));
         let start = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let default_positions;
@@ -698,30 +703,30 @@ impl Llama {
                 batch.mask,
                 layer_cache,
                 block_packed,
-            );
+            )?;
             // Residual adds must not be in place: autograd keeps `x` for the backward pass.
             x = &x + h;
             x = &x
                 + block
                     .mlp
-                    .forward(&block.post_norm.forward(&x), block_packed);
+                    .forward(&block.post_norm.forward(&x), block_packed)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
         }
-        self.norm.forward(&x)
+        Ok(self.norm.forward(&x))
     }
 
     /// Logits for hidden states of any shape `(..., hidden)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        self.logits_with(hidden, None)
+        hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr())
     }
 
     /// [`Llama::logits`], with the packed output matrix of [`Llama::pack`] when given.
-    pub fn logits_with(&self, hidden: &Tensor, packed: Option<&Packed>) -> Tensor {
+    pub fn logits_with(&self, hidden: &Tensor, packed: Option<&Packed>) -> Result<Tensor, String> {
         match packed {
             Some(p) => packed::linear(hidden, &p.lm_head),
-            None => hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr()),
+            None => Ok(self.logits(hidden)),
         }
     }
 

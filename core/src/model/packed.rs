@@ -62,9 +62,11 @@ fn try_linear(input: &Tensor, packed: &Tensor) -> Result<Tensor, String> {
 }
 
 /// `input (..., in)` times a [`repack`]ed weight, transposed: `(..., out)`. Inference only.
-pub fn linear(input: &Tensor, packed: &Tensor) -> Tensor {
-    // `kernels_work` checked the kernel before anything was packed; failing later is a bug.
-    try_linear(input, packed).unwrap_or_else(|e| panic!("packed linear layer failed: {e}"))
+/// `kernels_work` checked the kernel before anything was packed, but oneDNN can still refuse
+/// an input (a shape or type it has no kernel for); that is an error for the caller to handle,
+/// which sampling does by decoding again without packed weights.
+pub fn linear(input: &Tensor, packed: &Tensor) -> Result<Tensor, String> {
+    try_linear(input, packed).map_err(|e| format!("packed linear layer failed: {e}"))
 }
 
 /// Whether libtorch's packed linear kernels work here for weights of `kind`, checked once per

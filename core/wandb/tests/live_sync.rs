@@ -13,7 +13,7 @@ use sipt_wandb::{spawn_live_sync, OfflineRun, RunOptions};
 
 #[test]
 fn live_sync_streams_rows_before_the_run_finishes() {
-    let Some(wandb) = require_wandb("live_sync_streams_rows_before_the_run_finishes") else {
+    let Some(wandb) = require_wandb() else {
         return;
     };
     let backend = Backend::start(&common::python_for(&wandb));

@@ -8,18 +8,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{find_wandb, python_for, run_bounded};
+use common::{python_for, require_wandb, run_bounded};
 use sipt_wandb::format::{read_run_file, RecordKind};
 use sipt_wandb::{OfflineRun, RunOptions};
 
 #[test]
 fn official_sdk_offline_file_reads_back() {
-    let Some(wandb) = find_wandb() else {
-        eprintln!(
-            "note: official_sdk_offline_file_reads_back skipped: no wandb venv found \
-             (set SIPT_WANDB or SIPT_VENV, or pip install {})",
-            common::WANDB_REQUIREMENT
-        );
+    let Some(wandb) = require_wandb() else {
         return;
     };
     let root = tempfile::tempdir().unwrap();

@@ -47,8 +47,7 @@ fn assert_config(run: &Value) {
 
 #[test]
 fn finished_runs_sync_history_summary_config_and_exit_code() {
-    let Some(wandb) = require_wandb("finished_runs_sync_history_summary_config_and_exit_code")
-    else {
+    let Some(wandb) = require_wandb() else {
         return;
     };
     let backend = Backend::start(&common::python_for(&wandb));
@@ -137,7 +136,7 @@ fn finished_runs_sync_history_summary_config_and_exit_code() {
 
 #[test]
 fn crashed_run_syncs_with_exit_code_1() {
-    let Some(wandb) = require_wandb("crashed_run_syncs_with_exit_code_1") else {
+    let Some(wandb) = require_wandb() else {
         return;
     };
     let backend = Backend::start(&common::python_for(&wandb));
@@ -165,7 +164,7 @@ fn crashed_run_syncs_with_exit_code_1() {
 
 #[test]
 fn resumed_run_continues_the_same_wandb_run() {
-    let Some(wandb) = require_wandb("resumed_run_continues_the_same_wandb_run") else {
+    let Some(wandb) = require_wandb() else {
         return;
     };
     let backend = Backend::start(&common::python_for(&wandb));
@@ -254,7 +253,7 @@ fn resumed_run_continues_the_same_wandb_run() {
 
 #[test]
 fn resumed_segments_synced_together_form_one_run() {
-    let Some(wandb) = require_wandb("resumed_segments_synced_together_form_one_run") else {
+    let Some(wandb) = require_wandb() else {
         return;
     };
     let backend = Backend::start(&common::python_for(&wandb));

@@ -34,7 +34,8 @@ const FONT_PATHS: &[&str] = &[
     "C:\\Windows\\Fonts\\arial.ttf",
 ];
 
-fn find_font() -> Option<PathBuf> {
+/// The font plot text uses, if this machine has one (see the module docs).
+pub fn find_font() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SIPT_PLOT_FONT") {
         return Some(PathBuf::from(p));
     }

@@ -2,6 +2,9 @@
 //! loopback stand-in for the W&B backend, and running `wandb sync` against it.
 #![allow(dead_code)]
 
+#[path = "../../../../tests/common/needs.rs"]
+mod needs;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -24,23 +27,27 @@ pub fn find_wandb() -> Option<PathBuf> {
     })
 }
 
-/// The `wandb` CLI, or `None` when it is missing and `SIPT_SKIP_WANDB=1` allows
-/// skipping. Without that variable a missing CLI fails the test: CI installs wandb, so a
-/// silent skip would hide breakage.
-pub fn require_wandb(test: &str) -> Option<PathBuf> {
-    if let Some(path) = find_wandb() {
-        return Some(path);
+/// The `wandb` CLI, under the workspace's one rule for needs (tests/common/needs.rs): a
+/// missing CLI fails the test, `SIPT_SKIP=wandb` skips it. CI installs wandb, so a silent skip
+/// would hide breakage.
+pub fn require_wandb() -> Option<PathBuf> {
+    let mut found = None;
+    let go_on = needs::check("wandb", || {
+        found = find_wandb();
+        found.as_ref().map(|_| ()).ok_or_else(|| {
+            format!(
+                "the official W&B CLI ({WANDB_REQUIREMENT}) is not in $SIPT_WANDB, on PATH, in \
+                 $SIPT_VENV/bin or in the workspace .venv/bin (or: python3 -m venv /tmp/wandb-venv \
+                 && /tmp/wandb-venv/bin/pip install {WANDB_REQUIREMENT}, then \
+                 SIPT_WANDB=/tmp/wandb-venv/bin/wandb)"
+            )
+        })
+    });
+    if go_on {
+        found
+    } else {
+        None
     }
-    if std::env::var("SIPT_SKIP_WANDB").as_deref() == Ok("1") {
-        eprintln!("note: {test} skipped: no `wandb` CLI found and SIPT_SKIP_WANDB=1");
-        return None;
-    }
-    panic!(
-        "{test} needs the official W&B CLI ({WANDB_REQUIREMENT}): none found in $SIPT_WANDB, on PATH, \
-         in $SIPT_VENV/bin or in the workspace .venv/bin. Install it, e.g. \
-         `python3 -m venv /tmp/wandb-venv && /tmp/wandb-venv/bin/pip install {WANDB_REQUIREMENT}` \
-         and set SIPT_WANDB=/tmp/wandb-venv/bin/wandb, or set SIPT_SKIP_WANDB=1 to skip."
-    )
 }
 
 /// The Python interpreter beside the `wandb` script (its venv's), else `python3`.
