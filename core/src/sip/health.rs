@@ -64,6 +64,8 @@ pub struct Window {
 pub struct Health {
     config: HealthSection,
     monitors: BTreeMap<String, Monitor>,
+    /// Monitors that started alarming at the last step observed.
+    started: usize,
 }
 
 /// One step's monitor values, by metric name (under `health/`).
@@ -178,6 +180,7 @@ impl Health {
         let mut health = Health {
             config: config.clone(),
             monitors: BTreeMap::new(),
+            started: 0,
         };
         let keep = config.window.max(1) as usize;
         for (name, w) in windows {
@@ -257,6 +260,7 @@ impl Health {
     pub fn observe(&mut self, step: u64, values: Values, row: &mut Row) -> Vec<String> {
         let window = self.config.window.max(1) as usize;
         let mut changes = Vec::new();
+        self.started = 0;
         for (name, value) in values {
             if !self.monitors.contains_key(&name) {
                 let (what, bad) = self.rule(&name);
@@ -283,6 +287,7 @@ impl Health {
             match (alarm, m.since) {
                 (true, None) => {
                     m.since = Some(step);
+                    self.started += 1;
                     changes.push(format!(
                             "health: {} is {average:.3} over the last {window} steps, {} (health/{}), since step {step}",
                             m.what,
@@ -316,11 +321,11 @@ impl Health {
             .collect()
     }
 
-    /// Whether the run should stop now (`health.action = "stop"` and something alarms).
+    /// Whether the run should stop now: `health.action = "stop"` and a monitor started
+    /// alarming at the last step. An alarm carried over a resume does not stop the run again
+    /// (the researcher resumed it knowing); one that starts later does.
     pub fn stop(&self) -> bool {
-        self.config.enabled
-            && self.config.action == HealthAction::Stop
-            && !self.alarming().is_empty()
+        self.config.enabled && self.config.action == HealthAction::Stop && self.started > 0
     }
 }
 
@@ -374,6 +379,12 @@ mod tests {
         }
         assert!(!warn.stop());
         assert!(stop.stop());
+        // Still alarming a step later: the run stopped at the first step, and a resumed one
+        // carrying the alarm goes on.
+        let mut resumed = Health::restore(&stop.config, &stop.windows());
+        resumed.observe(2, vec![("reward_spread".into(), 0.0)], &mut Row::new(2));
+        assert!(!resumed.alarming().is_empty());
+        assert!(!resumed.stop());
     }
 
     #[test]
