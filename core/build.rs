@@ -1,4 +1,5 @@
 fn main() {
     sipt_build::link_libtorch();
     sipt_build::compile_cpp("sipt_packed_linear", &["cpp/packed_linear.cpp"]);
+    sipt_build::compile_distributed("sipt_distributed", "cpp/distributed.cpp");
 }

@@ -61,7 +61,7 @@ fn the_experiment_crate_does_not_depend_on_libtorch() {
 }
 
 /// The engine's layers, top first: a module may use the ones after it, never one before it.
-const LAYERS: &[&str] = &["cli", "engine", "sip", "train", "eval"];
+const LAYERS: &[&str] = &["cli", "engine", "sip", "train", "eval", "dist"];
 
 fn layer_of(path: &Path, src: &Path) -> Option<usize> {
     let first = path.strip_prefix(src).ok()?.components().next()?;

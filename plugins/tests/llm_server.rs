@@ -411,7 +411,10 @@ fn log_prob_decisions_parse_on_unambiguous_prompts() {
             .map(|r| r.as_ref().map(|s| s["safety"]).ok())
             .collect::<Vec<_>>()
     );
-    assert_eq!(counter(&c, "logprob_decisions"), items.len() as f64 - failures);
+    assert_eq!(
+        counter(&c, "logprob_decisions"),
+        items.len() as f64 - failures
+    );
     assert!(
         share < MAX_FAILURE_SHARE,
         "{failures} of {} judgments failed to parse (at most {MAX_FAILURE_SHARE} allowed): {v:?}",

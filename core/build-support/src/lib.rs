@@ -28,6 +28,48 @@ pub fn link_libtorch() {
 /// Compile C++ sources that call into libtorch into a static library linked into the crate,
 /// with the same headers, language level and C++ ABI as the tch bindings themselves.
 pub fn compile_cpp(name: &str, files: &[&str]) {
+    build_cpp(name, files, &[], &[]);
+}
+
+/// Where Gloo's headers are (`SIPT_GLOO_INCLUDE`, else the system's, as Debian's libgloo-dev
+/// installs them), if anywhere. The PyTorch wheel ships Gloo's library inside libtorch_cpu but
+/// not its headers, which c10d's ProcessGroupGloo.hpp includes.
+fn gloo_include() -> Option<std::path::PathBuf> {
+    println!("cargo:rerun-if-env-changed=SIPT_GLOO_INCLUDE");
+    let candidates = std::env::var_os("SIPT_GLOO_INCLUDE")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain(["/usr/include", "/usr/local/include"].map(std::path::PathBuf::from));
+    for dir in candidates {
+        let header = dir.join("gloo/context.h");
+        println!("cargo:rerun-if-changed={}", header.display());
+        if header.exists() {
+            return Some(dir);
+        }
+    }
+    None
+}
+
+/// Compile the c10d process-group shim (`cpp/distributed.cpp`): with Gloo where its headers
+/// are found, else a build whose process groups say what is missing.
+pub fn compile_distributed(name: &str, file: &str) {
+    match gloo_include() {
+        Some(dir) => build_cpp(
+            name,
+            &[file],
+            &["SIPT_GLOO", "USE_C10D_GLOO", "USE_DISTRIBUTED"],
+            &[dir],
+        ),
+        None => {
+            println!(
+                "cargo:warning=Gloo's headers were not found (Debian: libgloo-dev): sipt is built without multi-process training"
+            );
+            build_cpp(name, &[file], &[], &[]);
+        }
+    }
+}
+
+fn build_cpp(name: &str, files: &[&str], defines: &[&str], includes: &[std::path::PathBuf]) {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     for f in files {
         println!("cargo:rerun-if-changed={f}");
@@ -40,7 +82,12 @@ pub fn compile_cpp(name: &str, files: &[&str]) {
         .expect("libtorch's lib folder has a parent");
     // torch-sys compiles its own C++ with this ABI (default 1, as every current libtorch).
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    for d in defines {
+        build.define(d, None);
+    }
+    // The system's folder (Gloo) comes after libtorch's own headers.
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -49,6 +96,7 @@ pub fn compile_cpp(name: &str, files: &[&str]) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        .includes(includes)
         .files(files)
         .compile(name);
 }

@@ -53,7 +53,8 @@ pub fn new_run_path(experiment: &Experiment) -> Result<PathBuf> {
 /// e.g. a trial left running by a killed sweep and the same trial started again on resume.
 pub struct RunDir {
     path: PathBuf,
-    _lock: DirLock,
+    /// Held by the process that writes the run (`None` for the other ranks of a job).
+    _lock: Option<DirLock>,
 }
 
 pub const LOCK_FILE: &str = ".lock";
@@ -138,7 +139,22 @@ impl RunDir {
             .with_context(|| format!("cannot create {}", path.join(CHECKPOINTS_DIR).display()))?;
         Ok(RunDir {
             path: path.to_path_buf(),
-            _lock: lock,
+            _lock: Some(lock),
+        })
+    }
+
+    /// The run directory another process (rank 0 of a data-parallel job) created and writes:
+    /// read, never written, by this one.
+    pub fn follow(path: &Path) -> Result<RunDir> {
+        if !path.join(CONFIG_FILE).is_file() {
+            bail!(
+                "{} holds no run: rank 0 should have created it (do the ranks share a file system?)",
+                path.display()
+            );
+        }
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            _lock: None,
         })
     }
 

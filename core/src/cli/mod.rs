@@ -137,10 +137,11 @@ impl Exit {
         }
     }
 
-    /// The one place failures are printed.
+    /// The one place failures are printed (a rank of a job says which it is).
     fn report(&self) {
+        let rank = rank_label().map(|r| format!("{r}: ")).unwrap_or_default();
         match &self.message {
-            Message::Text(text) => eprintln!("error: {text}"),
+            Message::Text(text) => eprintln!("{rank}error: {text}"),
             Message::Problems(problems) => eprintln!("{problems}"),
         }
     }
@@ -173,11 +174,20 @@ impl From<anyhow::Error> for Exit {
     }
 }
 
+/// `rank R` when this process is one rank of a job of several.
+fn rank_label() -> Option<String> {
+    let world = crate::dist::World::from_env().ok()?;
+    (!world.is_single()).then(|| format!("rank {}", world.rank))
+}
+
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
+    // Rank 0 of a job speaks for it; the other ranks only warn.
+    let quiet = rank_label().is_some_and(|r| r != "rank 0");
+    let default = match (verbose, quiet) {
+        (0, true) => "warn",
+        (0, false) => "info",
+        (1, _) => "debug",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

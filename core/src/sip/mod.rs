@@ -73,7 +73,13 @@ pub fn train(
         policy,
         resume,
         resuming,
+        dist,
     } = prepared;
+    if dist.size() > 1 {
+        bail!(
+            "SIP training over several ranks is not available yet (next-token training is): run it with one rank"
+        );
+    }
     let t = &e.train;
     let base = base_plan(e);
     if base.rewrite && plugins.rewriter.is_none() {
@@ -98,6 +104,7 @@ pub fn train(
         &tokenizer,
         &policy,
         continue_after,
+        dist.is_writer(),
     )?;
     let mut samples = record::open_samples(run, state.step)?;
     let maker = BatchMaker {

@@ -11,6 +11,7 @@ mod step_end;
 pub use step_end::StepEnd;
 
 use crate::data::{self, Corpus, Windows};
+use crate::dist::Dist;
 use crate::model::{self, LlamaConfig, Policy};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
@@ -20,6 +21,7 @@ use sipt_experiment::config::{Experiment, Resolved};
 use sipt_experiment::paths::expand_path;
 use sipt_experiment::rundir::{RunDir, CHECKPOINTS_DIR};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use tch::Device;
 
 /// The optimizer and training state a loop starts from: fresh, or restored from the checkpoint
@@ -63,22 +65,50 @@ pub struct Prepared {
     pub resume: Option<(PathBuf, TrainState)>,
     /// Whether the run continues an earlier process (`--resume`), with or without a checkpoint.
     pub resuming: bool,
+    /// The job's ranks (one, when the run is alone).
+    pub dist: Rc<Dist>,
 }
 
 /// Set up the device, tokenizer, data and policy (from the latest checkpoint when resuming).
-pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepared> {
+/// In a job of several ranks, rank 0 prepares the tokenizer and the corpus cache and the others
+/// then read them, and every rank starts from rank 0's weights.
+pub fn prepare(
+    resolved: &Resolved,
+    run: &RunDir,
+    resume: bool,
+    dist: Rc<Dist>,
+) -> Result<Prepared> {
     let e = &resolved.experiment;
+    let alone = dist.size() == 1;
     if e.experiment.threads > 0 {
         tch::set_num_threads(e.experiment.threads as i32);
+    } else if !alone {
+        // The ranks of a machine share its cores.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tch::set_num_threads((cores / dist.world.local_size).max(1) as i32);
     }
-    let device = model::select_device(&e.experiment.device)?;
+    let device = if alone {
+        model::select_device(&e.experiment.device)?
+    } else {
+        dist.device()
+    };
     tracing::info!(
         "device: {device:?}, {} CPU thread(s)",
         tch::get_num_threads()
     );
     let files = data::train_files(e)?;
-    let tokenizer = data::prepare_tokenizer(e, run, resume, &files)?;
+    if !dist.is_writer() {
+        dist.barrier()?;
+    }
+    let tokenizer = if dist.is_writer() {
+        data::prepare_tokenizer(e, run, resume, &files)?
+    } else {
+        Tokenizer::load(&run.file(model::TOKENIZER_JSON))?
+    };
     let corpus = data::prepare_corpus(e, &files, &tokenizer)?;
+    if dist.is_writer() && !alone {
+        dist.barrier()?;
+    }
     tracing::info!(
         "data: {} train tokens, {} validation tokens, vocabulary {}",
         corpus.train_tokens(),
@@ -112,6 +142,8 @@ pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepar
             device,
         ),
     };
+    let variables: Vec<tch::Tensor> = policy.vs.trainable_variables();
+    dist.broadcast_params(&variables)?;
     if policy.model.config.vocab_size < tokenizer.vocab_size() {
         bail!(
             "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
@@ -132,6 +164,7 @@ pub fn prepare(resolved: &Resolved, run: &RunDir, resume: bool) -> Result<Prepar
         policy,
         resume: resume_from,
         resuming: resume,
+        dist,
     })
 }
 

@@ -12,6 +12,9 @@ use sipt_experiment::plugins::Plugins;
 use sipt_experiment::rundir::RunDir;
 use std::time::Instant;
 
+/// Gradients travel between ranks in flat buckets of about this many bytes.
+pub const GRADIENT_BUCKET_BYTES: usize = 25 << 20;
+
 /// Train `prepared.policy` on next-token prediction; evaluated by the same judges as SIP runs
 /// (`plugins`), so that baselines and SIP runs compare.
 pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins) -> Result<()> {
@@ -22,7 +25,23 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
     let mut windows = Windows::new(&corpus.train, len, e.experiment.seed, e.data.shuffle)?;
     let (mut optimizer, mut state) = start(e, policy, &mut windows, resume)?;
     let continue_after = prepared.resuming.then_some(state.step);
-    let mut end = StepEnd::open(e, run, plugins, corpus, tokenizer, policy, continue_after)?;
+    let dist = &prepared.dist;
+    let writer = dist.is_writer();
+    let mut end = StepEnd::open(
+        e,
+        run,
+        plugins,
+        corpus,
+        tokenizer,
+        policy,
+        continue_after,
+        writer,
+    )?;
+    let variables = policy.vs.trainable_variables();
+    // Every rank draws the whole global batch's windows (so the data position is one for the
+    // job, whatever its size) and trains on its share.
+    let (rank, ranks) = (dist.rank(), dist.size());
+    let local = t.batch_size / ranks;
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     tracing::info!(
         "next-token training: {} steps of {} sequences x {} tokens ({} windows per epoch)",
@@ -38,12 +57,22 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
         let mut loss_sum = 0.0;
         for _ in 0..t.grad_accum {
             let starts: Vec<usize> = (0..t.batch_size).map(|_| windows.next_start()).collect();
-            let ids = window_batch(&corpus.tokens, &starts, len, device);
-            let loss = autocast(device, e.model.dtype, || policy.model.ntp_loss(&ids))
+            let mine = &starts[rank * local..(rank + 1) * local];
+            let ids = window_batch(&corpus.tokens, mine, len, device);
+            // The mean over this rank's windows, weighted by its share of the global batch:
+            // summed over the ranks, the global mean.
+            let share = local as f64 / t.batch_size as f64;
+            let loss = autocast(device, e.model.dtype, || policy.model.ntp_loss(&ids)) * share
                 / t.grad_accum as f64;
             loss.backward();
             loss_sum += loss.double_value(&[]);
         }
+        let reduced = Instant::now();
+        dist.reduce_gradients(&variables, GRADIENT_BUCKET_BYTES)?;
+        let mut loss = [loss_sum];
+        dist.sum_f64(&mut loss)?;
+        let loss_sum = loss[0];
+        let seconds_reduce = reduced.elapsed().as_secs_f64();
         let grad_norm = optimizer.clip_grad_norm(t.grad_clip);
         optimizer.step(lr);
         optimizer.zero_grad();
@@ -58,6 +87,7 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
             .set("grad_norm", grad_norm)
             .set("tokens", state.tokens as f64)
             .set("time/step", seconds)
+            .set("time/all_reduce", seconds_reduce)
             .set("perf/tokens_per_second", tokens_per_step as f64 / seconds);
         let summary = |_: &Row| {
             format!(

@@ -16,14 +16,21 @@ use sipt_experiment::rundir::{RunDir, CHECKPOINTS_DIR, METRICS_FILE};
 use sipt_experiment::tracking::Tracker;
 use std::path::PathBuf;
 
-/// Evaluation, metrics sinks, progress display and checkpoints of one run.
+/// Evaluation, metrics sinks, progress display and checkpoints of one run. In a job of several
+/// ranks only rank 0 has them (the others' step ends do nothing): rank 0's metrics are the
+/// job's, reduced over the ranks by the loops.
 pub struct StepEnd<'a> {
     e: &'a Experiment,
+    sinks: Option<Sinks<'a>>,
+    checkpoints: PathBuf,
+    tokenizer: &'a Tokenizer,
+}
+
+/// What the writing rank keeps.
+struct Sinks<'a> {
     periodic: Periodic<'a>,
     tracker: Tracker,
     reporter: Reporter,
-    checkpoints: PathBuf,
-    tokenizer: &'a Tokenizer,
 }
 
 impl<'a> StepEnd<'a> {
@@ -31,6 +38,7 @@ impl<'a> StepEnd<'a> {
     /// of a from-scratch run that has no checkpoint yet). `continue_after`: the step a resumed
     /// run continues after (0 when it was stopped before its first checkpoint); rows logged
     /// past it are dropped, since the run logs them again, and W&B continues the same run.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         e: &'a Experiment,
         run: &RunDir,
@@ -39,17 +47,25 @@ impl<'a> StepEnd<'a> {
         tokenizer: &'a Tokenizer,
         policy: &Policy,
         continue_after: Option<u64>,
+        writer: bool,
     ) -> Result<StepEnd<'a>> {
-        let tracker = Tracker::open(e, run, continue_after)?;
-        let start = continue_after.unwrap_or(0);
-        let reporter =
-            Reporter::new(e.train.steps, start, e.train.log_every).with_status_file(run.path());
-        let periodic = Periodic::new(e, plugins, corpus, tokenizer, policy, run, start > 0)?;
+        let sinks = if writer {
+            let tracker = Tracker::open(e, run, continue_after)?;
+            let start = continue_after.unwrap_or(0);
+            let reporter =
+                Reporter::new(e.train.steps, start, e.train.log_every).with_status_file(run.path());
+            let periodic = Periodic::new(e, plugins, corpus, tokenizer, policy, run, start > 0)?;
+            Some(Sinks {
+                periodic,
+                tracker,
+                reporter,
+            })
+        } else {
+            None
+        };
         Ok(StepEnd {
             e,
-            periodic,
-            tracker,
-            reporter,
+            sinks,
             checkpoints: run.path().join(CHECKPOINTS_DIR),
             tokenizer,
         })
@@ -69,16 +85,19 @@ impl<'a> StepEnd<'a> {
     ) -> Result<()> {
         let t = &self.e.train;
         let last = state.step == t.steps;
-        self.periodic.maybe_run(
+        let Some(sinks) = self.sinks.as_mut() else {
+            return Ok(());
+        };
+        sinks.periodic.maybe_run(
             state.step,
             last,
             policy,
             self.tokenizer,
             &mut row,
-            &self.reporter,
+            &sinks.reporter,
         );
-        self.tracker.log(&row)?;
-        self.reporter.step(state.step, &summary(&row));
+        sinks.tracker.log(&row)?;
+        sinks.reporter.step(state.step, &summary(&row));
         if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {
             self.checkpoint(state, policy, optimizer, reference)?;
         }
@@ -93,6 +112,9 @@ impl<'a> StepEnd<'a> {
         optimizer: &AdamW,
         reference: Option<&Policy>,
     ) -> Result<()> {
+        let Some(sinks) = &self.sinks else {
+            return Ok(());
+        };
         let this_step = checkpoint::step_dir(&self.checkpoints, state.step);
         if checkpoint::latest(&self.checkpoints)? == Some(this_step) {
             return Ok(());
@@ -106,7 +128,9 @@ impl<'a> StepEnd<'a> {
             state,
             self.e.train.keep_checkpoints,
         )?;
-        self.reporter.note(&format!("checkpoint {}", dir.display()));
+        sinks
+            .reporter
+            .note(&format!("checkpoint {}", dir.display()));
         Ok(())
     }
 
@@ -118,8 +142,11 @@ impl<'a> StepEnd<'a> {
         state: &TrainState,
         also: &[(&str, PathBuf)],
     ) -> Result<()> {
-        self.reporter.finish();
-        self.tracker.finish(true)?;
+        let Some(mut sinks) = self.sinks.take() else {
+            return Ok(());
+        };
+        sinks.reporter.finish();
+        sinks.tracker.finish(true)?;
         let mut places = format!("metrics in {}", run.file(METRICS_FILE).display());
         for (what, path) in also {
             places.push_str(&format!(", {what} in {}", path.display()));

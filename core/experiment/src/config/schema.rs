@@ -120,7 +120,25 @@ pub struct Experiment {
     pub tracking: TrackingSection,
     /// Judge-health and reward-hacking monitors of SIP runs.
     pub health: HealthSection,
+    /// Data-parallel runs over several processes (`sipt run --nproc-per-node`, torchrun, srun).
+    pub distributed: DistributedSection,
     pub sweep: Option<SweepSection>,
+}
+
+/// `[distributed]`: how ranks of a data-parallel run wait for each other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedSection {
+    /// The deadline of every collective and of the rendezvous, in seconds: a rank that stops or
+    /// stalls makes the others fail within it, naming what happened. It must cover the longest
+    /// gap between two collectives (an evaluation, a checkpoint write on rank 0).
+    pub timeout_s: f64,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        DistributedSection { timeout_s: 600.0 }
+    }
 }
 
 /// One kind of sequence a run makes; every one must fit the model's positions (rotary tables

@@ -272,6 +272,10 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
             e.health.min_reward_spread >= 0.0,
         ),
         ("health.max_reward_gap", e.health.max_reward_gap.is_finite()),
+        (
+            "distributed.timeout_s",
+            e.distributed.timeout_s > 0.0 && e.distributed.timeout_s.is_finite(),
+        ),
     ] {
         if !ok {
             let what = match key {

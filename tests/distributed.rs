@@ -1,0 +1,285 @@
+//! Data-parallel training over real c10d process groups (Gloo over loopback): 2 ranks train
+//! like 1, a killed rank ends the job promptly and `--resume` completes it, and the refusals
+//! that need the world size come before any work.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The quickstart experiment made short: `steps` steps, no periodic evaluation, one thread a
+/// rank, and `extra` settings (`key=value`).
+fn quickstart(steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut sets = vec![
+        format!("train.steps={steps}"),
+        "train.eval_every=0".into(),
+        "train.checkpoint_every=2".into(),
+        "train.log_every=100".into(),
+        "experiment.threads=1".into(),
+        "experiment.device=\"cpu\"".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let mut args = vec!["run".to_string(), "experiments/quickstart.toml".into()];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s);
+    }
+    args
+}
+
+fn train(out: &Path, args: &[String], ranks: usize) -> Run {
+    let mut cmd = sipt();
+    cmd.args(args).arg("--out").arg(out);
+    if ranks > 1 {
+        cmd.args(["--nproc-per-node", &ranks.to_string()]);
+    }
+    run(&mut cmd)
+}
+
+fn final_weights(run_dir: &Path, step: u64) -> Vec<(String, tch::Tensor)> {
+    let file = run_dir
+        .join("checkpoints")
+        .join(format!("step-{step:08}"))
+        .join("model.safetensors");
+    let mut named = tch::Tensor::read_safetensors(&file).unwrap();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// max |a - b| over every weight, relative to the largest |weight|.
+fn relative_difference(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> f64 {
+    assert_eq!(
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    let mut diff = 0f64;
+    let mut scale = 0f64;
+    for ((_, x), (_, y)) in a.iter().zip(b) {
+        diff = diff.max((x - y).abs().max().double_value(&[]));
+        scale = scale.max(x.abs().max().double_value(&[]));
+    }
+    diff / scale
+}
+
+/// Each row's value of `key`, for every row.
+fn series(run_dir: &Path, key: &str) -> Vec<f64> {
+    metric_rows(run_dir)
+        .iter()
+        .map(|r| r[key].as_f64().unwrap_or_else(|| panic!("no {key} in {r}")))
+        .collect()
+}
+
+fn assert_close(what: &str, a: &[f64], b: &[f64]) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+            "{what}: {a:?} vs {b:?}"
+        );
+    }
+}
+
+#[test]
+fn next_token_training_on_two_ranks_matches_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = quickstart(4, &["train.objective={ type = \"ntp\" }"]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let out = train(&one, &args, 1);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = train(&two, &args, 2);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // One writer: rank 0 speaks, the other rank is quiet.
+    assert!(
+        out.stderr.contains("2 ranks, Some(Gloo) backend"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("rank 1"), "{}", out.stderr);
+
+    let d = relative_difference(&final_weights(&one, 4), &final_weights(&two, 4));
+    assert!(d <= 1e-4, "final weights differ by {d} of the weight scale");
+    for key in ["loss/ntp", "grad_norm", "lr", "tokens"] {
+        assert_close(key, &series(&one, key), &series(&two, key));
+    }
+    assert_eq!(logged_steps(&two), vec![1, 2, 3, 4]);
+    // The rows say how long the gradients took to travel.
+    assert!(series(&two, "time/all_reduce").iter().all(|&s| s > 0.0));
+}
+
+/// The launcher's ranks (its children), by rank.
+fn ranks_of(launcher: u32) -> Vec<(usize, u32)> {
+    let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for pid in children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+    {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        for var in environ.split(|&b| b == 0) {
+            if let Some(rank) = var.strip_prefix(b"RANK=") {
+                if let Ok(r) = String::from_utf8_lossy(rank).parse() {
+                    out.push((r, pid));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_resume_completes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 40;
+    let timeout_s = 30.0;
+    let args = quickstart(
+        steps,
+        &[
+            "train.objective={ type = \"ntp\" }",
+            &format!("distributed.timeout_s={timeout_s}"),
+        ],
+    );
+    let out = dir.path().join("killed");
+    let mut launcher = sipt()
+        .args(&args)
+        .arg("--out")
+        .arg(&out)
+        .args(["--nproc-per-node", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill rank 1 once the first checkpoint is there.
+    let started = Instant::now();
+    while !out.join("checkpoints/latest").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the job ended early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ranks = ranks_of(launcher.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    let killed_at = Instant::now();
+    Command::new("kill")
+        .args(["-9", &ranks[1].1.to_string()])
+        .status()
+        .unwrap();
+    let status = launcher.wait().unwrap();
+    let waited = killed_at.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut launcher.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        waited < Duration::from_secs_f64(timeout_s),
+        "the job took {waited:?} to end"
+    );
+    assert!(
+        stderr.contains("error: rank 1 of 2 was killed (SIGKILL)"),
+        "{stderr}"
+    );
+    let logged = logged_steps(&out).len() as u64;
+    assert!(logged < steps, "the job finished before the kill");
+
+    let resumed =
+        run(sipt()
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .args(["--resume", "--nproc-per-node", "2"]));
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert_eq!(logged_steps(&out), (1..=steps).collect::<Vec<_>>());
+}
+
+#[test]
+fn what_the_world_size_forbids_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    // A global batch that 2 ranks cannot split.
+    let out = train(
+        &dir.path().join("odd"),
+        &quickstart(2, &["train.objective={ type = \"ntp\" }", "train.batch_size=3"]),
+        2,
+    );
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "train.batch_size = 3 is not divisible by the world size 2: every rank takes an equal share of the global batch"
+        ),
+        "{}",
+        out.stderr
+    );
+
+    // A rendezvous address something else holds.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let started = Instant::now();
+    let out = run(sipt()
+        .args(quickstart(
+            2,
+            &["train.objective={ type = \"ntp\" }", "distributed.timeout_s=20"],
+        ))
+        .arg("--out")
+        .arg(dir.path().join("busy"))
+        .args(["--nproc-per-node", "2"])
+        .env("MASTER_PORT", port.to_string()));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "rank 0 cannot join the gloo group of 2 at 127.0.0.1:{port}"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(busy);
+
+    // Ranks started by hand (torchrun's contract) with different configurations.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spawn = |rank: usize, lr: &str| {
+        sipt()
+            .args(quickstart(
+                2,
+                &["train.objective={ type = \"ntp\" }", &format!("train.lr={lr}")],
+            ))
+            .arg("--out")
+            .arg(dir.path().join("disagree"))
+            .envs([
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", "2".into()),
+                ("MASTER_ADDR", "127.0.0.1".into()),
+                ("MASTER_PORT", port.to_string()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let children = [spawn(0, "1e-3"), spawn(1, "2e-3")];
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("rank(s) 1 have a different configuration than rank 0"),
+            "{stderr}"
+        );
+    }
+    assert!(
+        !dir.path().join("disagree").exists(),
+        "a run directory was made"
+    );
+}
