@@ -19,6 +19,20 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.s
   echo "setup: installing torch==$torch_version into $venv (about 4.6 GB with its CUDA libraries; a few minutes)"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version"
 fi
+# Gloo's headers (Debian's libgloo-dev) let the build compile c10d's ProcessGroupGloo, which
+# data-parallel runs use; the PyTorch wheel ships Gloo's library but not its headers. Installed
+# when missing and root; without them sipt builds and runs, on one process only.
+if [ ! -e /usr/include/gloo/context.h ] && [ -z "${SIPT_GLOO_INCLUDE:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libgloo-dev (Gloo's headers, for multi-process training)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libgloo-dev >/dev/null \
+      || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -qq --no-install-recommends libgloo-dev >/dev/null; } \
+      || echo "setup: could not install libgloo-dev; sipt will train on one process only"
+  else
+    echo "setup: no Gloo headers (Debian: apt-get install libgloo-dev); sipt will train on one process only"
+  fi
+fi
 torch_dir="$("$venv/bin/python" -c "import torch, os; print(os.path.dirname(torch.__file__))" 2>/dev/null)"
 ln -sfn "$torch_dir" "$venv/libtorch"
 if [ "${1:-}" = "--test" ]; then
