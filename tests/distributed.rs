@@ -1,6 +1,6 @@
 //! Data-parallel training over real c10d process groups (Gloo over loopback): 2 ranks train
-//! like 1, a killed rank ends the job promptly and `--resume` completes it, and the refusals
-//! that need the world size come before any work.
+//! like 1 (next-token and SIP training), a killed rank ends the job promptly and `--resume`
+//! completes it, and the refusals that need the world size come before any work.
 
 mod common;
 use common::*;
@@ -107,6 +107,68 @@ fn next_token_training_on_two_ranks_matches_one() {
     assert!(series(&two, "time/all_reduce").iter().all(|&s| s > 0.0));
 }
 
+/// Every metric row without the timing keys.
+fn untimed_rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    metric_rows(run_dir)
+        .into_iter()
+        .map(|row| {
+            let serde_json::Value::Object(mut v) = row else {
+                panic!("a metrics row is not an object: {row}")
+            };
+            v.retain(|k, _| !k.starts_with("time/") && !k.starts_with("perf/"));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn self_improving_training_on_two_ranks_matches_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // The quickstart's SIP step (online DPO with a next-token term, rewrites, 4 rollouts, an
+    // all-pairs tournament), and its swiss variant whose draws are keyed by pool.
+    for (name, extra) in [
+        ("all-pairs", vec![]),
+        (
+            "swiss",
+            vec!["sip.tournament=\"swiss\"", "train.micro_batch=5"],
+        ),
+    ] {
+        let args = quickstart(3, &extra);
+        let (one, two) = (
+            dir.path().join(format!("{name}-1")),
+            dir.path().join(format!("{name}-2")),
+        );
+        let out = train(&one, &args, 1);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let out = train(&two, &args, 2);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+
+        let d = relative_difference(&final_weights(&one, 3), &final_weights(&two, 3));
+        assert!(
+            d <= 1e-4,
+            "{name}: final weights differ by {d} of the weight scale"
+        );
+        // The same prefixes, rollouts and judgments: every metric of every step agrees.
+        let (a, b) = (untimed_rows(&one), untimed_rows(&two));
+        assert_eq!(a.len(), 3);
+        for (x, y) in a.iter().zip(&b) {
+            let keys: Vec<&String> = x.keys().collect();
+            assert_eq!(keys, y.keys().collect::<Vec<_>>(), "{name}");
+            for (k, v) in x {
+                let (v, w) = (v.as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!(
+                    (v - w).abs() <= 1e-4 * v.abs().max(1.0),
+                    "{name}: {k} = {v} vs {w}"
+                );
+            }
+        }
+        assert!(a[0]["chosen/rollout"].as_f64().is_some(), "{:?}", a[0]);
+        // Samples (written by rank 0) hold the same candidates and judgments.
+        let samples = |d: &Path| std::fs::read_to_string(d.join("samples.jsonl")).unwrap();
+        assert_eq!(samples(&one), samples(&two), "{name}");
+    }
+}
+
 /// The launcher's ranks (its children), by rank.
 fn ranks_of(launcher: u32) -> Vec<(usize, u32)> {
     let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
@@ -203,7 +265,10 @@ fn what_the_world_size_forbids_is_refused_before_any_work() {
     // A global batch that 2 ranks cannot split.
     let out = train(
         &dir.path().join("odd"),
-        &quickstart(2, &["train.objective={ type = \"ntp\" }", "train.batch_size=3"]),
+        &quickstart(
+            2,
+            &["train.objective={ type = \"ntp\" }", "train.batch_size=3"],
+        ),
         2,
     );
     assert_eq!(out.code, 1, "{}", out.stderr);
@@ -222,7 +287,10 @@ fn what_the_world_size_forbids_is_refused_before_any_work() {
     let out = run(sipt()
         .args(quickstart(
             2,
-            &["train.objective={ type = \"ntp\" }", "distributed.timeout_s=20"],
+            &[
+                "train.objective={ type = \"ntp\" }",
+                "distributed.timeout_s=20",
+            ],
         ))
         .arg("--out")
         .arg(dir.path().join("busy"))
@@ -253,7 +321,10 @@ fn what_the_world_size_forbids_is_refused_before_any_work() {
         sipt()
             .args(quickstart(
                 2,
-                &["train.objective={ type = \"ntp\" }", &format!("train.lr={lr}")],
+                &[
+                    "train.objective={ type = \"ntp\" }",
+                    &format!("train.lr={lr}"),
+                ],
             ))
             .arg("--out")
             .arg(dir.path().join("disagree"))
@@ -282,4 +353,108 @@ fn what_the_world_size_forbids_is_refused_before_any_work() {
         !dir.path().join("disagree").exists(),
         "a run directory was made"
     );
+}
+
+/// A small next-token experiment with a sweep table (`sweep` holds its keys).
+fn sweep_file(dir: &Path, sweep: &str) -> std::path::PathBuf {
+    write(
+        dir,
+        "sweep.toml",
+        &format!(
+            r#"[experiment]
+name = "dp-sweep"
+seed = 3
+device = "cpu"
+threads = 1
+
+[model]
+vocab_size = 512
+hidden_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+intermediate_size = 128
+max_position = 128
+
+[data]
+train = ["@assets/corpora/shakespeare"]
+seq_len = 32
+
+[train]
+steps = 3
+batch_size = 4
+lr = 3e-3
+warmup_steps = 1
+checkpoint_every = 3
+eval_every = 0
+
+[train.objective]
+type = "ntp"
+
+[sweep]
+grid = {{ "train.lr" = [1e-3, 3e-3] }}
+{sweep}
+"#
+        ),
+    )
+}
+
+#[test]
+fn a_sweep_gives_each_trial_its_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sweep_file(dir.path(), "ranks = 2");
+    let out_dir = dir.path().join("sweep");
+    let out = run(sipt().arg("sweep").arg(&file).arg("--out").arg(&out_dir));
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("on 2 ranks"), "{}", out.stderr);
+    let mut trials = 0;
+    for entry in std::fs::read_dir(&out_dir).unwrap() {
+        let trial = entry.unwrap().path();
+        if !trial.join("log.txt").exists() {
+            continue;
+        }
+        trials += 1;
+        let log = std::fs::read_to_string(trial.join("log.txt")).unwrap();
+        assert!(log.contains("(2 ranks, Some(Gloo) backend)"), "{log}");
+        assert_eq!(logged_steps(&trial), vec![1, 2, 3]);
+    }
+    assert_eq!(trials, 2);
+}
+
+/// torchrun from the venv that provides libtorch (it comes with PyTorch).
+fn torchrun() -> std::path::PathBuf {
+    let venv = std::env::var_os("SIPT_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv"));
+    let path = venv.join("bin/torchrun");
+    assert!(
+        path.exists(),
+        "no torchrun at {} (scripts/setup.sh installs PyTorch there)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn torchrun_starts_the_ranks_through_its_own_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = quickstart(2, &["train.objective={ type = \"ntp\" }"]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("torchrun"));
+    let out = train(&one, &args, 1);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = run(Command::new(torchrun())
+        .current_dir(root())
+        .args(["--standalone", "--nproc-per-node", "2", "--no-python"])
+        .arg(env!("CARGO_BIN_EXE_sipt"))
+        .args(&args)
+        .arg("--out")
+        .arg(&two));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("2 ranks, Some(Gloo) backend"),
+        "{}",
+        out.stderr
+    );
+    let d = relative_difference(&final_weights(&one, 2), &final_weights(&two, 2));
+    assert!(d <= 1e-4, "final weights differ by {d} of the weight scale");
 }

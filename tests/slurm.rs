@@ -259,3 +259,39 @@ fn detached_sweep_killed_by_scancel_resumes_from_its_checkpoint() {
     // Every step is in the metrics exactly once, despite the kill.
     assert_eq!(logged_steps(&trial), (1..=steps as u64).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_trial_of_two_tasks_runs_its_ranks_with_srun() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = experiment(
+        dir.path(),
+        "slurm-ranks",
+        3,
+        "ntp",
+        "grid = { \"train.lr\" = [1e-3] }",
+    );
+    let out_dir = dir.path().join("sweep");
+    let out = run(sipt()
+        .arg("sweep")
+        .arg(&file)
+        .args(["--set", "sweep.slurm.tasks_per_node=2"])
+        .arg("--out")
+        .arg(&out_dir));
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let s = state(&out_dir);
+    let script = std::fs::read_to_string(s["slurm_jobs"][0]["script"].as_str().unwrap()).unwrap();
+    assert!(script.contains("#SBATCH --ntasks-per-node=2"), "{script}");
+    assert!(script.contains("srun --kill-on-bad-exit=1 "), "{script}");
+    assert_eq!(statuses(&out_dir), ["done"]);
+    let name = s["trials"][0]["trial"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let trial = out_dir.join(&name);
+    let log = std::fs::read_to_string(trial.join("log.txt")).unwrap();
+    assert!(log.contains("(2 ranks, Some(Gloo) backend)"), "{log}");
+    assert_eq!(logged_steps(&trial), vec![1, 2, 3]);
+}

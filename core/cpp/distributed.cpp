@@ -20,6 +20,7 @@
 #include <vector>
 
 #ifdef SIPT_GLOO
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #endif
@@ -73,20 +74,23 @@ extern "C" {
 
 int sipt_dist_available() { return 1; }
 
-// Join the group: rank 0 serves the store on `port` of `host`, every rank connects to it.
-// `backend` is "gloo" or "nccl". Null on error, with the reason in `err`.
+// Join the group: rank 0 serves the store on `port` of `host` (unless `serve` is 0: another
+// process, such as torchrun's agent, serves it), every rank connects to it. Keys live under
+// "sipt/". `backend` is "gloo" or "nccl". Null on error, with the reason in `err`.
 SiptGroup* sipt_dist_init(const char* host, int port, int rank, int size, int64_t timeout_ms,
-                          const char* backend, char* err, size_t err_len) {
+                          const char* backend, int serve, char* err, size_t err_len) {
     SiptGroup* out = nullptr;
     guarded(err, err_len, [&] {
         auto timeout = std::chrono::milliseconds(timeout_ms);
         c10d::TCPStoreOptions opts;
         opts.port = static_cast<std::uint16_t>(port);
-        opts.isServer = rank == 0;
+        opts.isServer = serve != 0 && rank == 0;
         opts.numWorkers = size;
-        opts.waitWorkers = true;
+        opts.waitWorkers = serve != 0;
         opts.timeout = timeout;
-        auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+        auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+        c10::intrusive_ptr<c10d::Store> store =
+            c10::make_intrusive<c10d::PrefixStore>("sipt", tcp);
         std::string name(backend);
         c10::intrusive_ptr<c10d::Backend> group;
         if (name == "gloo") {
@@ -188,7 +192,7 @@ extern "C" {
 
 int sipt_dist_available() { return 0; }
 
-SiptGroup* sipt_dist_init(const char*, int, int, int, int64_t, const char*, char* err,
+SiptGroup* sipt_dist_init(const char*, int, int, int, int64_t, const char*, int, char* err,
                           size_t err_len) {
     set_error(err, err_len,
               "this build of sipt has no c10d process groups: Gloo's headers were missing when "

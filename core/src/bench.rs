@@ -232,6 +232,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         micro_batch: 0,
         dtype: Dtype::F32,
         grad_clip: 1.0,
+        dist: std::rc::Rc::new(crate::dist::Dist::single()),
     };
     let mut e = Experiment::default();
     e.data.suffix_tokens = b.new_tokens;
@@ -256,7 +257,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
     for i in 0..b.warmup + b.steps {
         sync(device);
         let t0 = Instant::now();
-        let generated = rollouts.sample(sampler.model(&policy)?, &prefixes, &plan, i as u64);
+        let generated = rollouts.sample(sampler.model(&policy)?, &prefixes, 0, &plan, i as u64);
         let mut pools = pool::build(&batch, &plan, &generated, &tokenizer);
         for pool in &mut pools {
             for (c, cand) in pool.iter_mut().enumerate() {
@@ -265,7 +266,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
             }
         }
         let selection = Selection::new(objective.as_ref(), &batch, &pools);
-        learner.update(&policy, objective.as_ref(), &selection, None, &plan, 1e-6);
+        learner.update(&policy, objective.as_ref(), &selection, None, &plan, 1e-6)?;
         sync(device);
         if i >= b.warmup {
             times.push(t0.elapsed().as_secs_f64());
@@ -332,7 +333,8 @@ pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
             &sizes,
             &pivots,
             &mut referee,
-            &mut sipt_experiment::rng::SplitMix::new(b.seed ^ 7),
+            &sipt_experiment::rng::SplitMix::new(b.seed ^ 7),
+            0,
         );
         if design == Design::AllPairs {
             all_pairs_scores = out.scores.clone();

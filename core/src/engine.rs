@@ -145,9 +145,13 @@ pub fn run_in(
     let e = &resolved.experiment;
     let objective = objective::build(&e.train.objective.name, e.train.objective.options_value())
         .map_err(|err| anyhow!("train.objective: {err}"))?;
-    let prepared = train::prepare(resolved, run, resume, dist)?;
+    let prepared = train::prepare(resolved, run, resume, Rc::clone(&dist))?;
     train::check_lengths(e, &prepared.policy)?;
-    let plugins = Plugins::build(e, registry, &paths::plugin_context(resolved))?;
+    let context = sipt_api::PluginContext {
+        ranks: dist.size() as u32,
+        ..paths::plugin_context(resolved)
+    };
+    let plugins = Plugins::build(e, registry, &context)?;
     if objective.needs().candidates {
         sip::train(e, run, prepared, &plugins, objective)
     } else {

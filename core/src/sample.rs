@@ -76,9 +76,10 @@ fn left_pad(prefixes: &[Vec<u32>], device: Device) -> (Tensor, Tensor, Tensor, b
 /// then sampled (or the argmax when greedy). Returns the tokens `(N,)` and the model's own
 /// log-probability of each (temperature 1, before top-k/p) `(N,)`.
 ///
-/// Uniform draws come from `rng`, not from libtorch's global generator, so that sampling is
-/// reproducible whatever else in the process draws random numbers, and on any device.
-pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut SplitMix) -> (Tensor, Tensor) {
+/// Uniform draws come from `rngs`, one stream per row, not from libtorch's global generator,
+/// so that sampling is reproducible whatever else in the process draws random numbers, on any
+/// device, and whichever other rows share the batch.
+pub fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [SplitMix]) -> (Tensor, Tensor) {
     let logp = logits.log_softmax(-1, Kind::Float);
     let token = if s.temperature <= 0.0 {
         logits.argmax(-1, false)
@@ -94,7 +95,8 @@ pub fn pick(logits: &Tensor, s: &Sampling, rng: &mut SplitMix) -> (Tensor, Tenso
         // Inverse-CDF sampling: the first token whose cumulative probability reaches u.
         let cdf = probs.cumsum(-1, Kind::Float);
         let rows = cdf.size()[0];
-        let draws: Vec<f32> = (0..rows).map(|_| rng.next_f64() as f32).collect();
+        debug_assert_eq!(rows as usize, rngs.len());
+        let draws: Vec<f32> = rngs.iter_mut().map(|r| r.next_f64() as f32).collect();
         let u = Tensor::from_slice(&draws)
             .view([rows, 1])
             .to_device(cdf.device())
@@ -129,7 +131,8 @@ fn restrict(logp: &Tensor, s: &Sampling) -> Tensor {
     logits
 }
 
-/// Sample `per_prefix` continuations of each prefix. Reproducible for a given `seed`.
+/// Sample `per_prefix` continuations of each prefix. Reproducible for a given `seed`: row `j`
+/// of prefix `i` draws from its own stream, keyed by the seed and `i * per_prefix + j`.
 pub fn generate(
     model: &Llama,
     prefixes: &[Vec<u32>],
@@ -138,7 +141,42 @@ pub fn generate(
     eos: &[u32],
     seed: u64,
 ) -> Generated {
-    tch::no_grad(|| generate_inner(model, prefixes, per_prefix, s, eos, seed))
+    generate_at(model, prefixes, 0, per_prefix, s, eos, seed)
+}
+
+/// [`generate`] for prefixes `first, first + 1, ...` of a larger batch: each row draws from the
+/// stream it would have in the whole batch, so any split of a batch (into calls, or among the
+/// ranks of a job) samples the same continuations.
+pub fn generate_at(
+    model: &Llama,
+    prefixes: &[Vec<u32>],
+    first: usize,
+    per_prefix: usize,
+    s: &Sampling,
+    eos: &[u32],
+    seed: u64,
+) -> Generated {
+    let rows = RowStreams {
+        seed,
+        first_row: first * per_prefix,
+    };
+    tch::no_grad(|| generate_inner(model, prefixes, per_prefix, s, eos, rows))
+}
+
+/// Where each row's random stream comes from.
+#[derive(Clone, Copy)]
+struct RowStreams {
+    seed: u64,
+    /// The global index of the call's first row.
+    first_row: usize,
+}
+
+impl RowStreams {
+    fn streams(self, rows: usize) -> Vec<SplitMix> {
+        (0..rows)
+            .map(|r| SplitMix::derive(self.seed, 0x5A3F1E, (self.first_row + r) as u64))
+            .collect()
+    }
 }
 
 /// [`generate`] decoding with the given packed weights (from [`Llama::pack`]), or without any.
@@ -157,15 +195,18 @@ pub fn generate_packed(
     if prefixes.is_empty() || per_prefix == 0 || s.max_new_tokens == 0 {
         return generate(model, prefixes, per_prefix, s, eos, seed);
     }
-    tch::no_grad(|| decode_or_fall_back(model, prefixes, per_prefix, s, eos, seed, packed))
+    let rows = RowStreams { seed, first_row: 0 };
+    tch::no_grad(|| decode_or_fall_back(model, prefixes, per_prefix, s, eos, rows, packed))
 }
 
-/// [`generate`] in calls of at most `per_call` prefixes (0 = all in one call), each call
-/// holding the KV cache of its own rows only. The first call uses `seed` (so one call is exactly
-/// `generate`), later ones seeds derived from it.
+/// [`generate_at`] in calls of at most `per_call` prefixes (0 = all in one call), each call
+/// holding the KV cache of its own rows only. Rows draw from their own streams, so the calls
+/// sample what one call would.
+#[allow(clippy::too_many_arguments)]
 pub fn generate_in_calls(
     model: &Llama,
     prefixes: &[Vec<u32>],
+    first: usize,
     per_prefix: usize,
     s: &Sampling,
     eos: &[u32],
@@ -182,11 +223,7 @@ pub fn generate_in_calls(
         logprobs: Vec::with_capacity(prefixes.len() * per_prefix),
     };
     for (c, part) in prefixes.chunks(per_call).enumerate() {
-        let seed = match c {
-            0 => seed,
-            c => SplitMix::derive(seed, 0x5A3F1E, c as u64).next_u64(),
-        };
-        let g = generate(model, part, per_prefix, s, eos, seed);
+        let g = generate_at(model, part, first + c * per_call, per_prefix, s, eos, seed);
         all.tokens.extend(g.tokens);
         all.logprobs.extend(g.logprobs);
     }
@@ -202,7 +239,7 @@ fn generate_inner(
     per_prefix: usize,
     s: &Sampling,
     eos: &[u32],
-    seed: u64,
+    seed: RowStreams,
 ) -> Generated {
     let rows = prefixes.len() * per_prefix;
     if rows == 0 || s.max_new_tokens == 0 {
@@ -230,7 +267,7 @@ fn decode_or_fall_back(
     per_prefix: usize,
     s: &Sampling,
     eos: &[u32],
-    seed: u64,
+    seed: RowStreams,
     packed: Option<&Packed>,
 ) -> Generated {
     match decode(model, prefixes, per_prefix, s, eos, seed, packed) {
@@ -255,11 +292,11 @@ fn decode(
     per_prefix: usize,
     s: &Sampling,
     eos: &[u32],
-    seed: u64,
+    seed: RowStreams,
     packed: Option<&Packed>,
 ) -> Result<Generated, String> {
     let rows = prefixes.len() * per_prefix;
-    let mut rng = SplitMix::derive(seed, 0x5A3F1E, 0);
+    let mut rngs = seed.streams(rows);
     let device = model.device();
     let kind = model.kind();
     let (ids, valid, positions, padded) = left_pad(prefixes, device);
@@ -329,7 +366,7 @@ fn decode(
     let mut tokens = Vec::with_capacity(s.max_new_tokens);
     let mut logps = Vec::with_capacity(s.max_new_tokens);
     for step in 0..s.max_new_tokens {
-        let (token, logp) = pick(&logits, s, &mut rng);
+        let (token, logp) = pick(&logits, s, &mut rngs);
         tokens.push(token.shallow_clone());
         logps.push(logp);
         if let Some(eos_t) = &eos_t {

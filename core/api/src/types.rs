@@ -151,6 +151,11 @@ pub struct PluginContext {
     pub config_dir: Option<String>,
     /// Folder for persistent caches shared across runs.
     pub cache_dir: Option<String>,
+    /// Ranks of the job, each building its own instance of every plugin (1, or 0 from an older
+    /// caller, when the run is one process). A plugin that limits its load on a server (requests
+    /// in flight, requests per minute) divides the limits by it, so that they hold for the job.
+    #[serde(default)]
+    pub ranks: u32,
 }
 
 impl PluginContext {

@@ -37,6 +37,7 @@ pub fn plugin_context(resolved: &crate::config::Resolved) -> sipt_api::PluginCon
         assets_dir: Some(assets_dir().display().to_string()),
         config_dir: resolved.file.parent().map(|p| p.display().to_string()),
         cache_dir: Some(cache_root().join("judgments").display().to_string()),
+        ranks: 1,
     }
 }
 

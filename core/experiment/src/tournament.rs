@@ -109,13 +109,16 @@ impl Tally {
 }
 
 /// Run `design` over pools of the given sizes. `pivots[p]` is the pivot of pool p (for `pivot`;
-/// candidate 0 when `None`). `rng` breaks ties and orders the first swiss round.
+/// candidate 0 when `None`). `rng` breaks ties and orders the first swiss round, pool by pool:
+/// pool `p` draws from its own stream, keyed by `first_pool + p`, so a pool gets the same
+/// tournament in any split of the pools (the shares of a job's ranks).
 pub fn run(
     design: Design,
     sizes: &[usize],
     pivots: &[Option<usize>],
     referee: &mut dyn Referee,
-    rng: &mut SplitMix,
+    rng: &SplitMix,
+    first_pool: usize,
 ) -> Outcome {
     let mut tally = Tally::new(sizes);
     match design {
@@ -144,7 +147,7 @@ pub fn run(
             let scores = tally.mean_scores();
             tally.outcome(scores)
         }
-        Design::Swiss => swiss(sizes, referee, rng, tally),
+        Design::Swiss => swiss(sizes, referee, rng, first_pool, tally),
         Design::Sort => merge_sort(sizes, referee, tally),
     }
 }
@@ -152,7 +155,8 @@ pub fn run(
 fn swiss(
     sizes: &[usize],
     referee: &mut dyn Referee,
-    rng: &mut SplitMix,
+    rng: &SplitMix,
+    first_pool: usize,
     mut tally: Tally,
 ) -> Outcome {
     let max_n = sizes.iter().copied().max().unwrap_or(0);
@@ -164,9 +168,14 @@ fn swiss(
     let mut met: Vec<std::collections::HashSet<(usize, usize)>> =
         sizes.iter().map(|_| Default::default()).collect();
     // Random tie-break keys, fixed for the tournament.
+    let base = rng.clone().next_u64();
     let keys: Vec<Vec<u64>> = sizes
         .iter()
-        .map(|&n| (0..n).map(|_| rng.next_u64()).collect())
+        .enumerate()
+        .map(|(p, &n)| {
+            let mut pool_rng = SplitMix::derive(base, 0x5E15, (first_pool + p) as u64);
+            (0..n).map(|_| pool_rng.next_u64()).collect()
+        })
         .collect();
     for _ in 0..rounds {
         let mut matches = Vec::new();
@@ -343,7 +352,8 @@ mod tests {
             &[8, 3],
             &[None, None],
             &mut exact(q.clone()),
-            &mut SplitMix::new(0),
+            &SplitMix::new(0),
+            0,
         );
         assert_eq!(out.calls, 28 + 3);
         assert_eq!(out.scores[1], vec![Some(0.5), Some(0.0), Some(1.0)]);
@@ -359,7 +369,8 @@ mod tests {
             &[8, 3],
             &[None, None],
             &mut exact(q.clone()),
-            &mut SplitMix::new(0),
+            &SplitMix::new(0),
+            0,
         );
         assert!(out.calls < 28 + 3, "{}", out.calls);
         let truth: Vec<Option<f64>> = q[0].iter().map(|&x| Some(x)).collect();
@@ -375,7 +386,8 @@ mod tests {
             &[8, 3],
             &[None, None],
             &mut exact(q.clone()),
-            &mut SplitMix::new(3),
+            &SplitMix::new(3),
+            0,
         );
         assert!(out.calls < 31, "{}", out.calls);
         let truth: Vec<Option<f64>> = q[0].iter().map(|&x| Some(x)).collect();
@@ -390,7 +402,8 @@ mod tests {
             &[8, 3],
             &[Some(3), None],
             &mut exact(q),
-            &mut SplitMix::new(0),
+            &SplitMix::new(0),
+            0,
         );
         assert_eq!(out.calls, 7 + 2);
         assert_eq!(out.scores[0][1], Some(1.0)); // 0.9 beats the pivot 0.5
@@ -409,7 +422,8 @@ mod tests {
             &[3],
             &[None],
             &mut failing,
-            &mut SplitMix::new(0),
+            &SplitMix::new(0),
+            0,
         );
         assert_eq!(out.failures, 2);
         assert_eq!(out.scores[0], vec![None, Some(1.0), Some(0.0)]);

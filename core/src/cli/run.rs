@@ -27,9 +27,15 @@ pub(super) struct RunArgs {
 pub(super) fn run(args: RunArgs, libraries: &[PathBuf]) -> Result<(), Exit> {
     let (resolved, registry) = args.file.load(libraries)?;
     if let Some(sweep) = &resolved.experiment.sweep {
+        let from_file = Executor::from_file(sweep);
         let executor = Executor {
             resume: args.resume,
-            ..Executor::from_file(sweep)
+            // `--nproc-per-node` on a sweep gives each trial that many ranks.
+            ranks: match args.nproc_per_node {
+                0 | 1 => from_file.ranks,
+                n => n,
+            },
+            ..from_file
         };
         return super::sweep::run_sweep(&resolved, &args.file.sets, args.out, &executor, libraries);
     }

@@ -15,7 +15,7 @@ pub(super) struct SweepArgs {
     /// Trials run at once.
     #[arg(long, default_value_t = 1)]
     jobs: usize,
-    /// CUDA devices to hand out, one per running trial (e.g. 0,1).
+    /// CUDA devices to hand out to running trials (e.g. 0,1), `[sweep] ranks` each.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<usize>,
     /// Where trials run: `local` child processes or a `slurm` job array (resources from
@@ -59,6 +59,7 @@ pub(super) fn sweep(args: SweepArgs, libraries: &[PathBuf]) -> Result<(), Exit> 
         kind,
         jobs: args.jobs,
         devices: args.devices,
+        ranks: from_file.ranks,
         fail_fast: args.fail_fast || from_file.fail_fast,
         resume: args.resume,
         detach: args.detach,

@@ -25,6 +25,7 @@ extern "C" {
         size: i32,
         timeout_ms: i64,
         backend: *const c_char,
+        serve: i32,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut c_void;
@@ -86,9 +87,11 @@ pub struct World {
     pub size: usize,
     pub local_rank: usize,
     pub local_size: usize,
-    /// The rendezvous: rank 0 serves c10d's TCPStore here.
+    /// The rendezvous: rank 0 serves c10d's TCPStore here (or torchrun's agent does, when it
+    /// says so with `TORCHELASTIC_USE_AGENT_STORE=True`).
     pub master_addr: String,
     pub master_port: u16,
+    pub agent_store: bool,
 }
 
 impl World {
@@ -101,6 +104,7 @@ impl World {
             local_size: 1,
             master_addr: "127.0.0.1".into(),
             master_port: 0,
+            agent_store: false,
         }
     }
 
@@ -133,6 +137,7 @@ impl World {
                 local_size: number("LOCAL_WORLD_SIZE")?.unwrap_or(size),
                 master_addr: var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
                 master_port: port(var("MASTER_PORT"), 29500)?,
+                agent_store: var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"),
             };
             return world.checked();
         }
@@ -155,6 +160,7 @@ impl World {
                         .unwrap_or(size),
                     master_addr: var("MASTER_ADDR").unwrap_or(first_host(&nodes)?),
                     master_port: port(var("MASTER_PORT"), 20000 + (job % 20000) as u16)?,
+                    agent_store: false,
                 };
                 return world.checked();
             }
@@ -308,6 +314,7 @@ impl Group {
                 world.size as i32,
                 timeout.as_millis() as i64,
                 name.as_ptr(),
+                i32::from(!world.agent_store),
                 err.as_mut_ptr(),
                 err.len(),
             )

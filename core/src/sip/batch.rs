@@ -16,8 +16,11 @@ use std::time::Instant;
 /// A rewrite's text and tokens.
 pub type Rewritten = (String, Vec<u32>);
 
-/// One step's prefixes with their originals and rewrites, judged.
+/// One step's prefixes with their originals and rewrites, judged: the whole batch, or in a job
+/// of several ranks one rank's share of it.
 pub struct Batch {
+    /// The index in the whole batch of the first prefix here.
+    pub first: usize,
     pub cuts: Vec<Cut>,
     /// The prefixes and original suffixes as text.
     pub prefixes: Vec<String>,
@@ -42,6 +45,7 @@ impl Batch {
     pub fn of_prefixes(prefixes: Vec<Vec<u32>>) -> Batch {
         let n = prefixes.len();
         Batch {
+            first: 0,
             cuts: prefixes
                 .into_iter()
                 .map(|prefix| Cut {
@@ -73,12 +77,18 @@ pub struct BatchMaker<'a> {
     /// Whether pools hold rewrites and originals at all (the experiment's base plan).
     pub rewrite: bool,
     pub original: bool,
+    /// The prefixes of each step's batch this process makes (all of them alone; a rank's
+    /// share in a job of several).
+    pub share: std::ops::Range<usize>,
 }
 
 impl BatchMaker<'_> {
-    /// Step `step`'s batch: a pure function of the seed and the step.
+    /// Step `step`'s batch (this process's share of it): a pure function of the seed, the step
+    /// and the share.
     pub fn make(&self, step: u64) -> Batch {
-        let cuts = self.cut(step);
+        let mut cuts = self.cut(step);
+        cuts.truncate(self.share.end);
+        let cuts = cuts.split_off(self.share.start.min(cuts.len()));
         let prefixes: Vec<String> = cuts
             .iter()
             .map(|c| self.tokenizer.decode(&c.prefix))
@@ -93,6 +103,7 @@ impl BatchMaker<'_> {
         let started = Instant::now();
         let (scores, judge_stats) = self.judge(&prefixes, &suffixes, &rewrites);
         Batch {
+            first: self.share.start,
             cuts,
             prefixes,
             suffixes,

@@ -100,7 +100,7 @@ fn tournaments(
                 .map(|r| r.ok().map(|p| p.first_wins))
                 .collect()
         };
-        let outcome = tournament::run(design, &sizes, &pivots, &mut referee, &mut rng.clone());
+        let outcome = tournament::run(design, &sizes, &pivots, &mut referee, rng, batch.first);
         let criterion = judge.criterion();
         for (p, scores) in outcome.scores.iter().enumerate() {
             for (c, s) in scores.iter().enumerate() {

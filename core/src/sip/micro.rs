@@ -1,11 +1,19 @@
-//! Micro-batched SIP updates (`train.micro_batch`). Log-probs (and the next-token loss) are
-//! first computed without a graph, micro-batch by micro-batch; the objective's loss is
-//! differentiated with respect to those values (leaves); then each micro-batch's forward pass
-//! is run again with its graph and backpropagated with its part of that gradient. The parameter
-//! gradient is that of one pass over everything, for the activation memory of one micro-batch.
+//! Micro-batched SIP updates (`train.micro_batch`), and the update's share of each rank in a job
+//! of several. Log-probs (and the next-token loss) are first computed without a graph,
+//! micro-batch by micro-batch; the objective's loss is differentiated with respect to those
+//! values (leaves); then each micro-batch's forward pass is run again with its graph and
+//! backpropagated with its part of that gradient. The parameter gradient is that of one pass
+//! over everything, for the activation memory of one micro-batch.
+//!
+//! Across ranks the same holds: each rank computes the values of its share of the sequences,
+//! the shares are gathered so that every rank differentiates the objective's loss of the whole
+//! step (any objective, however it combines the sequences), and each rank replays only its
+//! share; the gradients are then summed over the ranks.
 
+use crate::dist::Dist;
 use crate::model::{autocast, Llama};
 use crate::sample::continuation_logprobs;
+use anyhow::{anyhow, Result};
 use sipt_experiment::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
@@ -16,36 +24,88 @@ fn spans(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// A forward pass to run again with its graph once its output's gradient is known.
 enum Replay {
-    /// Summed log-probs of continuations given prefixes.
+    /// Summed log-probs of continuations given prefixes: this rank's rows `own` of them.
     Sequences {
         pre: Vec<Vec<u32>>,
         cont: Vec<Vec<u32>>,
+        own: (usize, usize),
         leaf: Tensor,
     },
-    /// The mean next-token loss over the rows of a batch.
-    Ntp { batch: Tensor, leaf: Tensor },
+    /// The mean next-token loss over the rows of a batch (this rank's rows `own`).
+    Ntp {
+        batch: Tensor,
+        own: (usize, usize),
+        leaf: Tensor,
+    },
 }
 
-/// One update's forward passes; with `size` 0 (or few enough items) they are ordinary passes.
-pub(super) struct Micro {
+/// One update's forward passes; alone with `size` 0 (or few enough items) they are ordinary
+/// passes.
+pub(super) struct Micro<'a> {
     size: usize,
     device: Device,
     dtype: Dtype,
+    dist: &'a Dist,
     replays: Vec<Replay>,
 }
 
-impl Micro {
-    pub fn new(size: usize, device: Device, dtype: Dtype) -> Self {
+impl<'a> Micro<'a> {
+    pub fn new(size: usize, device: Device, dtype: Dtype, dist: &'a Dist) -> Self {
         Micro {
             size,
             device,
             dtype,
+            dist,
             replays: Vec::new(),
         }
     }
 
     fn split(&self, n: usize) -> bool {
-        self.size > 0 && n > self.size
+        self.dist.size() > 1 || (self.size > 0 && n > self.size)
+    }
+
+    /// This rank's rows of `n`: `(start, len)`, as equal as the count allows.
+    fn own(&self, n: usize) -> (usize, usize) {
+        let (r, k) = (self.dist.rank(), self.dist.size());
+        let (start, end) = (n * r / k, n * (r + 1) / k);
+        (start, end - start)
+    }
+
+    /// The micro-batches of rows `own`, as absolute `(start, len)` spans.
+    fn spans_of(&self, (start, len): (usize, usize)) -> Vec<(usize, usize)> {
+        let size = if self.size == 0 {
+            len.max(1)
+        } else {
+            self.size
+        };
+        spans(len, size).map(|(i, n)| (start + i, n)).collect()
+    }
+
+    /// Every rank's values `(lp f32, count i64)` of its rows, in rank order.
+    fn gather(&self, lp: &Tensor, count: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.dist.size() == 1 {
+            return Ok((lp.shallow_clone(), count.shallow_clone()));
+        }
+        let lp: Vec<f32> = Vec::try_from(lp.to_device(Device::Cpu).to_kind(Kind::Float))
+            .map_err(|e| anyhow!("reading log-probs: {e}"))?;
+        let count: Vec<i64> = Vec::try_from(count.to_device(Device::Cpu).to_kind(Kind::Int64))
+            .map_err(|e| anyhow!("reading token counts: {e}"))?;
+        let mut bytes = Vec::with_capacity(lp.len() * 12);
+        for (l, c) in lp.iter().zip(&count) {
+            bytes.extend(l.to_le_bytes());
+            bytes.extend(c.to_le_bytes());
+        }
+        let (mut lps, mut counts) = (Vec::new(), Vec::new());
+        for part in self.dist.all_gather_bytes(&bytes)? {
+            for row in part.chunks_exact(12) {
+                lps.push(f32::from_le_bytes(row[..4].try_into().unwrap_or_default()));
+                counts.push(i64::from_le_bytes(row[4..].try_into().unwrap_or_default()));
+            }
+        }
+        Ok((
+            Tensor::from_slice(&lps).to_device(self.device),
+            Tensor::from_slice(&counts).to_device(self.device),
+        ))
     }
 
     /// Summed log-probs of `cont` given `pre` for rows `span`, in f32.
@@ -80,49 +140,69 @@ impl Micro {
         pre: &[&[u32]],
         cont: &[&[u32]],
         differentiable: bool,
-    ) -> (Tensor, Tensor) {
+    ) -> Result<(Tensor, Tensor)> {
         if !self.split(pre.len()) {
-            return autocast(self.device, self.dtype, || {
+            return Ok(autocast(self.device, self.dtype, || {
                 continuation_logprobs(model, pre, cont)
-            });
+            }));
         }
+        let own = self.own(pre.len());
         let (lp, count) = tch::no_grad(|| {
-            let parts: Vec<(Tensor, Tensor)> = spans(pre.len(), self.size)
+            let parts: Vec<(Tensor, Tensor)> = self
+                .spans_of(own)
+                .into_iter()
+                .filter(|&(_, n)| n > 0)
                 .map(|span| self.sequences_part(model, pre, cont, span))
                 .collect();
+            if parts.is_empty() {
+                return (
+                    Tensor::zeros([0], (Kind::Float, self.device)),
+                    Tensor::zeros([0], (Kind::Int64, self.device)),
+                );
+            }
             let lps: Vec<&Tensor> = parts.iter().map(|p| &p.0).collect();
             let counts: Vec<&Tensor> = parts.iter().map(|p| &p.1).collect();
             (Tensor::cat(&lps, 0), Tensor::cat(&counts, 0))
         });
+        let (lp, count) = self.gather(&lp, &count)?;
         if !differentiable {
-            return (lp, count);
+            return Ok((lp, count));
         }
         let leaf = lp.set_requires_grad(true);
         self.replays.push(Replay::Sequences {
             pre: pre.iter().map(|x| x.to_vec()).collect(),
             cont: cont.iter().map(|x| x.to_vec()).collect(),
+            own,
             leaf: leaf.shallow_clone(),
         });
-        (leaf, count)
+        Ok((leaf, count))
     }
 
-    /// The mean next-token loss of `batch (rows, T+1)`.
-    pub fn ntp(&mut self, model: &Llama, batch: Tensor) -> Tensor {
+    /// The mean next-token loss of `batch (rows, T+1)` (every rank holds the whole batch).
+    pub fn ntp(&mut self, model: &Llama, batch: Tensor) -> Result<Tensor> {
         let rows = batch.size()[0] as usize;
         if !self.split(rows) {
-            return autocast(self.device, self.dtype, || model.ntp_loss(&batch));
+            return Ok(autocast(self.device, self.dtype, || model.ntp_loss(&batch)));
         }
+        let own = self.own(rows);
         let value = tch::no_grad(|| {
-            spans(rows, self.size)
-                .map(|span| self.ntp_part(model, &batch, span))
-                .fold(Tensor::zeros([], (Kind::Float, self.device)), |a, b| a + b)
+            self.spans_of(own)
+                .into_iter()
+                .filter(|&(_, n)| n > 0)
+                .map(|span| self.ntp_part(model, &batch, span).double_value(&[]))
+                .sum::<f64>()
         });
-        let leaf = value.set_requires_grad(true);
+        let mut total = [value];
+        self.dist.sum_f64(&mut total)?;
+        let leaf = Tensor::from(total[0] as f32)
+            .to_device(self.device)
+            .set_requires_grad(true);
         self.replays.push(Replay::Ntp {
             batch,
+            own,
             leaf: leaf.shallow_clone(),
         });
-        leaf
+        Ok(leaf)
     }
 
     /// After the loss's backward pass: replay every split forward pass with its graph and
@@ -130,25 +210,30 @@ impl Micro {
     pub fn backward(&self, model: &Llama) {
         for replay in &self.replays {
             match replay {
-                Replay::Sequences { pre, cont, leaf } => {
+                Replay::Sequences {
+                    pre,
+                    cont,
+                    own,
+                    leaf,
+                } => {
                     let grad = leaf.grad();
                     if !grad.defined() {
                         continue;
                     }
                     let pre: Vec<&[u32]> = pre.iter().map(Vec::as_slice).collect();
                     let cont: Vec<&[u32]> = cont.iter().map(Vec::as_slice).collect();
-                    for span in spans(pre.len(), self.size) {
+                    for span in self.spans_of(*own).into_iter().filter(|&(_, n)| n > 0) {
                         let (lp, _) = self.sequences_part(model, &pre, &cont, span);
                         let g = grad.narrow(0, span.0 as i64, span.1 as i64);
                         (lp * g).sum(Kind::Float).backward();
                     }
                 }
-                Replay::Ntp { batch, leaf } => {
+                Replay::Ntp { batch, own, leaf } => {
                     let grad = leaf.grad();
                     if !grad.defined() {
                         continue;
                     }
-                    for span in spans(batch.size()[0] as usize, self.size) {
+                    for span in self.spans_of(*own).into_iter().filter(|&(_, n)| n > 0) {
                         (self.ntp_part(model, batch, span) * &grad).backward();
                     }
                 }

@@ -8,7 +8,9 @@
 //! 3. [`rollouts`]: K samples per prefix from the policy;
 //! 4. [`pool`]: per prefix, the original, the rewrite and the rollouts as candidates;
 //! 5. [`judge`]: pointwise judges score the rollouts, pairwise judges run a tournament per pool;
-//! 6. reward ([`pool::reward`]): one reward per candidate from the reward plugin;
+//! 6. reward ([`pool::reward`]): one reward per candidate from the reward plugin (in a job of
+//!    several ranks, each samples and judges its share of the batch, and the shares are joined
+//!    here: [`shard`]);
 //! 7. [`select`]: the objective picks DPO pairs or NLL targets from each pool;
 //! 8. [`update`]: log-probs, the weighted loss (in micro-batches: `micro`), one optimizer step,
 //!    the reference follows;
@@ -26,9 +28,11 @@ pub mod pool;
 pub mod record;
 pub mod rollouts;
 pub mod select;
+mod shard;
 pub mod update;
 
 use crate::data::{Cutter, Windows};
+use crate::dist::Dist;
 use crate::model::{eos_tokens, Policy, Sampler};
 use crate::objective::{Needs, Objective, Target};
 use crate::tokenizer::Tokenizer;
@@ -50,6 +54,7 @@ use sipt_experiment::plugins::Plugins;
 use sipt_experiment::rundir::RunDir;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Instant;
 use update::Learner;
 
@@ -75,11 +80,6 @@ pub fn train(
         resuming,
         dist,
     } = prepared;
-    if dist.size() > 1 {
-        bail!(
-            "SIP training over several ranks is not available yet (next-token training is): run it with one rank"
-        );
-    }
     let t = &e.train;
     let base = base_plan(e);
     if base.rewrite && plugins.rewriter.is_none() {
@@ -94,7 +94,14 @@ pub fn train(
     )?;
     let mut windows = Windows::new(&corpus.train, d.seq_len + 1, seed, d.shuffle)?;
     let (optimizer, state) = crate::train::start(e, &policy, &mut windows, &resume)?;
-    let (learner, carried) = restore(e, &policy, objective.needs(), optimizer, &resume)?;
+    let (learner, carried) = restore(
+        e,
+        &policy,
+        objective.needs(),
+        optimizer,
+        &resume,
+        Rc::clone(&dist),
+    )?;
     let continue_after = resuming.then_some(state.step);
     let mut end = StepEnd::open(
         e,
@@ -106,7 +113,10 @@ pub fn train(
         continue_after,
         dist.is_writer(),
     )?;
-    let mut samples = record::open_samples(run, state.step)?;
+    let mut samples = match dist.is_writer() {
+        true => Some(record::open_samples(run, state.step)?),
+        false => None,
+    };
     let maker = BatchMaker {
         tokens: &corpus.tokens,
         cutter: &cutter,
@@ -117,6 +127,11 @@ pub fn train(
         seed,
         rewrite: base.rewrite,
         original: base.original,
+        // Each rank makes, samples and judges its share of every batch.
+        share: {
+            let per = t.batch_size / dist.size();
+            dist.rank() * per..(dist.rank() + 1) * per
+        },
     };
     let mut trainer = Trainer {
         e,
@@ -138,6 +153,7 @@ pub fn train(
         windows,
         base,
         state,
+        dist: Rc::clone(&dist),
     };
     tracing::info!(
         "SIP training: {} steps of {} prefixes, objective {}, {} pointwise and {} pairwise judge(s), tournament {}",
@@ -150,10 +166,16 @@ pub fn train(
         while trainer.state.step < t.steps {
             let started = Instant::now();
             let batch = prefetch.take(trainer.state.step)?;
-            let (row, pools, targets) = trainer.step(&batch, started)?;
+            let StepOutput {
+                row,
+                batch,
+                pools,
+                targets,
+            } = trainer.step(batch, started)?;
             let step = trainer.state.step;
-            if e.sip.sample_every > 0 && (step % e.sip.sample_every == 0 || step == 1) {
-                record::write_samples(&mut samples, step, &batch, &pools, &targets)?;
+            let due = e.sip.sample_every > 0 && (step % e.sip.sample_every == 0 || step == 1);
+            if let (true, Some(samples)) = (due, samples.as_mut()) {
+                record::write_samples(samples, step, &batch, &pools, &targets)?;
             }
             let summary = |row: &_| record::summary(row, started.elapsed().as_secs_f64());
             let (learner, state) = (&trainer.learner, &trainer.state);
@@ -197,16 +219,16 @@ struct Trainer<'a> {
     windows: Windows,
     base: StepPlan,
     state: TrainState,
+    dist: Rc<Dist>,
 }
 
 impl Trainer<'_> {
     /// One step on `batch` after the batch phase: plan, rollouts, pools, judging, reward,
     /// selection, update, observation. Returns the step's metrics row, its pools and targets.
-    fn step(
-        &mut self,
-        batch: &Batch,
-        started: Instant,
-    ) -> Result<(Row, Vec<Pool>, Vec<Vec<Target>>)> {
+    /// In a job of several ranks, `batch` is this rank's share: sampling and judging work on
+    /// it, and from the reward on every rank holds the whole step ([`shard::gather`]); the
+    /// whole batch is returned.
+    fn step(&mut self, batch: Batch, started: Instant) -> Result<StepOutput> {
         let (e, t, step) = (self.e, &self.e.train, self.state.step);
         // Plan: the curriculum decides this step's pool and loss weights.
         let progress = self.averages.progress(step, t.steps, self.state.tokens);
@@ -214,26 +236,31 @@ impl Trainer<'_> {
         // Rollouts: K continuations per prefix from the current policy.
         let clock = Instant::now();
         let model = self.sampler.model(self.policy)?;
-        let generated = self
-            .rollouts
-            .sample(model, &batch.prefix_tokens(), &plan, step);
+        let generated =
+            self.rollouts
+                .sample(model, &batch.prefix_tokens(), batch.first, &plan, step);
         let seconds_sample = clock.elapsed().as_secs_f64();
         // Pools, judged (pointwise, then a tournament per pairwise judge) and rewarded.
-        let mut pools = pool::build(batch, &plan, &generated, self.tokenizer);
+        let pools = pool::build(&batch, &plan, &generated, self.tokenizer);
+        let generated_tokens = generated.tokens.len() * e.data.suffix_tokens * self.dist.size();
+        drop(generated);
+        let mut pools = pools;
         let clock = Instant::now();
         let judging = judge::judge(
             self.plugins,
-            batch,
+            &batch,
             &mut pools,
             e.sip.tournament,
             e.experiment.seed,
             step,
         );
         let seconds_judge = clock.elapsed().as_secs_f64() + batch.seconds_judge;
+        // The ranks' shares joined: every rank holds the whole judged step from here on.
+        let (batch, mut pools, judging) = shard::gather(&self.dist, batch, pools, judging)?;
         pool::reward(self.plugins.reward.as_ref(), &mut pools);
         // Select what to learn from; update the policy (and the reference after it).
         let clock = Instant::now();
-        let selection = Selection::new(self.objective, batch, &pools);
+        let selection = Selection::new(self.objective, &batch, &pools);
         let ntp = self.learner.wants_ntp(&plan).then(|| {
             let rows = t.batch_size;
             update::ntp_batch(
@@ -245,9 +272,9 @@ impl Trainer<'_> {
             )
         });
         let lr = cosine_lr(step, t.steps, t.warmup_steps, t.lr, t.min_lr_ratio);
-        let updated = self
-            .learner
-            .update(self.policy, self.objective, &selection, ntp, &plan, lr);
+        let updated =
+            self.learner
+                .update(self.policy, self.objective, &selection, ntp, &plan, lr)?;
         self.learner.follow(self.policy, step)?;
         let seconds_update = clock.elapsed().as_secs_f64();
         // Observe: what the curriculum plans from, computed apart from the metrics.
@@ -258,15 +285,15 @@ impl Trainer<'_> {
         self.state.step += 1;
         self.state.tokens += trained_tokens;
         self.state.data = self.windows.position;
-        let counters = self.plugins.counters();
+        let counters = shard::counters(&self.dist, self.plugins.counters())?;
         let record = StepRecord {
             step: self.state.step,
             lr,
             tokens: self.state.tokens,
             trained_tokens,
-            generated_tokens: generated.tokens.len() * e.data.suffix_tokens,
+            generated_tokens,
             plan: &plan,
-            batch,
+            batch: &batch,
             pools: &pools,
             judging: &judging,
             updated: &updated,
@@ -283,7 +310,7 @@ impl Trainer<'_> {
         let mut row = record.row();
         if e.health.enabled {
             let values =
-                health::measure(&pools, batch, &stats, &judging.stats, &counters, &updated);
+                health::measure(&pools, &batch, &stats, &judging.stats, &counters, &updated);
             for change in self.health.observe(self.state.step, values, &mut row) {
                 tracing::warn!("{change}");
             }
@@ -293,8 +320,21 @@ impl Trainer<'_> {
             health: self.health.windows(),
         })?;
         let targets = selection.targets;
-        Ok((row, pools, targets))
+        Ok(StepOutput {
+            row,
+            batch,
+            pools,
+            targets,
+        })
     }
+}
+
+/// What a step leaves for the step end: its metrics row, the whole batch, its pools and targets.
+struct StepOutput {
+    row: Row,
+    batch: Batch,
+    pools: Vec<Pool>,
+    targets: Vec<Vec<Target>>,
 }
 
 /// The plan of every step before the curriculum changes it: `[sip]` as written.
@@ -329,6 +369,7 @@ fn restore(
     needs: Needs,
     optimizer: AdamW,
     resume: &Option<(PathBuf, TrainState)>,
+    dist: Rc<Dist>,
 ) -> Result<(Learner, Carried)> {
     let mut reference = match needs.reference {
         Some(_) => Some(update::reference_of(policy)?),
@@ -359,6 +400,7 @@ fn restore(
         micro_batch: e.train.micro_batch,
         dtype: e.model.dtype,
         grad_clip: e.train.grad_clip,
+        dist,
     };
     Ok((learner, carried))
 }

@@ -21,10 +21,13 @@ pub struct Rollouts<'a> {
 impl Rollouts<'_> {
     /// `plan.rollouts` continuations of `suffix_tokens` tokens for each prefix, drawn from the
     /// step's own random stream (so a step samples the same rollouts however it is run).
+    /// `first`: the batch index of `prefixes[0]` (a rank samples its share of the batch as the
+    /// whole batch would be sampled).
     pub fn sample(
         &self,
         model: &Llama,
         prefixes: &[Vec<u32>],
+        first: usize,
         plan: &StepPlan,
         step: u64,
     ) -> Generated {
@@ -48,6 +51,7 @@ impl Rollouts<'_> {
             generate_in_calls(
                 model,
                 prefixes,
+                first,
                 k,
                 &sampling,
                 &self.eos,

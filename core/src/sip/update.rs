@@ -6,12 +6,15 @@
 use super::micro::Micro;
 use super::select::Selection;
 use crate::data::{window_batch, Windows};
+use crate::dist::Dist;
 use crate::model::Policy;
 use crate::objective::{LossInputs, Needs, Objective, ReferenceUpdate};
+use crate::train::ntp::GRADIENT_BUCKET_BYTES;
 use crate::train::optim::AdamW;
 use anyhow::Result;
 use sipt_api::StepPlan;
 use sipt_experiment::config::Dtype;
+use std::rc::Rc;
 use tch::{Device, Tensor};
 
 /// What the update phase owns and changes besides the policy: the optimizer and the reference.
@@ -25,6 +28,8 @@ pub struct Learner {
     pub micro_batch: usize,
     pub dtype: Dtype,
     pub grad_clip: f64,
+    /// The job's ranks: each computes its share of the sequences, gradients are summed.
+    pub dist: Rc<Dist>,
 }
 
 /// What one update did.
@@ -59,15 +64,17 @@ impl Learner {
         ntp: Option<Tensor>,
         plan: &StepPlan,
         lr: f64,
-    ) -> Updated {
-        // `train.micro_batch`: forward passes in micro-batches (see `micro`).
-        let mut micro = Micro::new(self.micro_batch, self.device, self.dtype);
+    ) -> Result<Updated> {
+        // `train.micro_batch`: forward passes in micro-batches, and each rank's share (see
+        // `micro`).
+        let dist = Rc::clone(&self.dist);
+        let mut micro = Micro::new(self.micro_batch, self.device, self.dtype, &dist);
         // Each window of `len` tokens trains `len - 1` next-token predictions.
         let ntp_tokens = ntp.as_ref().map_or(0, |b| {
             let (rows, len) = (b.size()[0], b.size()[1]);
             (rows * (len - 1)) as u64
         });
-        let mut inputs = self.logprobs(&mut micro, policy, selection);
+        let mut inputs = self.logprobs(&mut micro, policy, selection)?;
         let chosen_tokens: usize = selection.pairs.iter().map(|p| p.chosen.len()).sum();
         let kl = match (&inputs.policy_chosen, &inputs.reference_chosen) {
             (Some(pc), Some(rc)) if chosen_tokens > 0 => {
@@ -76,7 +83,9 @@ impl Learner {
             }
             _ => None,
         };
-        inputs.ntp = ntp.map(|batch| micro.ntp(&policy.model, batch));
+        inputs.ntp = ntp
+            .map(|batch| micro.ntp(&policy.model, batch))
+            .transpose()?;
         let terms = objective.loss(&inputs);
         let mut loss = terms.loss * plan.sip_weight;
         if plan.ntp_weight > 0.0 {
@@ -90,11 +99,12 @@ impl Learner {
         if updated {
             loss.backward();
             micro.backward(&policy.model);
+            dist.reduce_gradients(&policy.vs.trainable_variables(), GRADIENT_BUCKET_BYTES)?;
             grad_norm = self.optimizer.clip_grad_norm(self.grad_clip);
             self.optimizer.step(lr);
             self.optimizer.zero_grad();
         }
-        Updated {
+        Ok(Updated {
             loss: weighted,
             grad_norm,
             updated,
@@ -102,12 +112,17 @@ impl Learner {
             ntp_tokens,
             metrics: terms.metrics,
             kl,
-        }
+        })
     }
 
     /// Summed continuation log-probs of the pairs (policy and reference; chosen members
     /// first, then rejected, in one pass) and of the NLL targets.
-    fn logprobs(&self, micro: &mut Micro, policy: &Policy, selection: &Selection) -> LossInputs {
+    fn logprobs(
+        &self,
+        micro: &mut Micro,
+        policy: &Policy,
+        selection: &Selection,
+    ) -> Result<LossInputs> {
         let mut inputs = LossInputs {
             policy_chosen: None,
             policy_rejected: None,
@@ -126,11 +141,11 @@ impl Learner {
                 .chain(pairs.iter().map(|p| p.rejected))
                 .collect();
             let n = pairs.len() as i64;
-            let (logp, _) = micro.logprobs(&policy.model, &pre, &cont, true);
+            let (logp, _) = micro.logprobs(&policy.model, &pre, &cont, true)?;
             inputs.policy_chosen = Some(logp.narrow(0, 0, n));
             inputs.policy_rejected = Some(logp.narrow(0, n, n));
             if let Some(r) = &self.reference {
-                let (ref_logp, _) = tch::no_grad(|| micro.logprobs(&r.model, &pre, &cont, false));
+                let (ref_logp, _) = tch::no_grad(|| micro.logprobs(&r.model, &pre, &cont, false))?;
                 inputs.reference_chosen = Some(ref_logp.narrow(0, 0, n));
                 inputs.reference_rejected = Some(ref_logp.narrow(0, n, n));
             }
@@ -138,11 +153,11 @@ impl Learner {
         if !selection.nll.is_empty() {
             let pre: Vec<&[u32]> = selection.nll.iter().map(|t| t.prefix).collect();
             let cont: Vec<&[u32]> = selection.nll.iter().map(|t| t.continuation).collect();
-            let (logp, count) = micro.logprobs(&policy.model, &pre, &cont, true);
+            let (logp, count) = micro.logprobs(&policy.model, &pre, &cont, true)?;
             inputs.nll_logp = Some(logp);
             inputs.nll_tokens = Some(count);
         }
-        inputs
+        Ok(inputs)
     }
 
     /// After step `step`'s update: the reference follows the policy as configured.

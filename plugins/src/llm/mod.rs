@@ -41,10 +41,11 @@ macro_rules! llm_config {
             /// Name of an environment variable holding the API key (sent as a bearer token).
             #[serde(default)]
             pub api_key_env: Option<String>,
-            /// Requests in flight at once, over all endpoints.
+            /// Requests in flight at once, over all endpoints (for the whole job: each of N ranks
+            /// keeps 1/N, rounded up).
             #[serde(default = "crate::llm::defaults::concurrency")]
             pub concurrency: usize,
-            /// Requests started per minute, over all endpoints (0: no limit).
+            /// Requests started per minute, over all endpoints (0: no limit; for the whole job).
             #[serde(default)]
             pub requests_per_minute: f64,
             /// Limit of one request, in seconds.
@@ -275,6 +276,7 @@ impl Connection {
                 }
             },
         };
+        let ranks = context.ranks.max(1) as usize;
         let temperature = self.temperature.unwrap_or(defaults.temperature);
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(format!("temperature must be 0 or more, got {temperature}"));
@@ -310,8 +312,10 @@ impl Connection {
             model: self.model.clone(),
             api: self.api,
             api_key,
-            concurrency: self.concurrency,
-            requests_per_minute: self.requests_per_minute,
+            // The limits are the job's: in a job of N ranks (each with its own client), each
+            // rank keeps 1/N of them, so N ranks load a server as one process would.
+            concurrency: self.concurrency.div_ceil(ranks).max(1),
+            requests_per_minute: self.requests_per_minute / ranks as f64,
             request_timeout: seconds("request_timeout_s", self.request_timeout_s)?,
             connect_timeout: seconds("connect_timeout_s", self.connect_timeout_s)?,
             deadline: seconds("deadline_s", self.deadline_s)?,
@@ -548,6 +552,35 @@ mod tests {
         assert_eq!(clip_prefix("abc", 5), "abc");
         assert_eq!(clip_prefix("aébcd", 3), "...bcd");
         assert_eq!(clip_prefix("abcdé", 2), "...dé");
+    }
+
+    #[test]
+    fn a_job_of_several_ranks_shares_the_limits() {
+        let config: pointwise::Config = serde_json::from_value(serde_json::json!({
+            "endpoints": ["http://127.0.0.1:9/v1"], "model": "m", "cache": false, "criterion": "safety",
+            "concurrency": 5, "requests_per_minute": 60.0,
+        }))
+        .unwrap();
+        let defaults = || SamplingDefaults {
+            temperature: 1.0,
+            top_p: 1.0,
+            max_tokens: 8,
+        };
+        let limits = |ranks: u32| {
+            let context = PluginContext {
+                ranks,
+                ..PluginContext::default()
+            };
+            let s = config
+                .connection()
+                .settings(defaults(), None, &context)
+                .unwrap();
+            (s.concurrency, s.requests_per_minute)
+        };
+        assert_eq!(limits(0), (5, 60.0));
+        assert_eq!(limits(1), (5, 60.0));
+        assert_eq!(limits(2), (3, 30.0));
+        assert_eq!(limits(8), (1, 7.5));
     }
 
     #[test]

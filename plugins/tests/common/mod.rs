@@ -323,6 +323,7 @@ pub fn context() -> (tempfile::TempDir, PluginContext) {
         assets_dir: None,
         config_dir: Some(dir.path().display().to_string()),
         cache_dir: Some(dir.path().display().to_string()),
+        ranks: 1,
     };
     (dir, context)
 }

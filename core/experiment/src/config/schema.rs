@@ -521,6 +521,10 @@ pub struct SweepSection {
     /// Where trials run: `local` (child processes) or `slurm` (one job array).
     /// `sipt sweep --executor` overrides it.
     pub executor: ExecutorKind,
+    /// Ranks of each trial under the local executor: a data-parallel trial of N processes
+    /// (`sipt run --nproc-per-node N`), taking N of `--devices` when devices are given.
+    /// The Slurm executor asks for `[sweep.slurm] nodes` and `tasks_per_node` instead.
+    pub ranks: usize,
     /// Resources and limits of each trial under the Slurm executor.
     pub slurm: SlurmSection,
 }
@@ -535,6 +539,7 @@ impl Default for SweepSection {
             seed: 0,
             fail_fast: false,
             executor: ExecutorKind::Local,
+            ranks: 1,
             slurm: SlurmSection::default(),
         }
     }
@@ -549,10 +554,15 @@ pub struct SlurmSection {
     /// Wall-clock limit per trial (`--time`) in Slurm's notation: `MM`, `MM:SS`, `HH:MM:SS`,
     /// `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; empty: the partition's default.
     pub time: String,
-    /// GPUs per trial (`--gres=gpu:N`).
+    /// GPUs per trial and node (`--gres=gpu:N`).
     pub gpus: u32,
-    /// CPU cores per trial (`--cpus-per-task`); 0: the cluster's default.
+    /// CPU cores per trial and rank (`--cpus-per-task`); 0: the cluster's default.
     pub cpus: u32,
+    /// Nodes per trial (`--nodes`); 0: one.
+    pub nodes: u32,
+    /// Ranks per node (`--ntasks-per-node`; one per GPU on a GPU cluster); 0: one. A trial of
+    /// more than one rank in all runs its ranks with `srun`.
+    pub tasks_per_node: u32,
     /// Memory per trial (`--mem`), e.g. `16G`; empty: the cluster's default.
     pub mem: String,
     /// At most this many trials at once (`--array=...%N`); 0: no limit.

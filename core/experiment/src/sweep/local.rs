@@ -32,7 +32,14 @@ pub(super) fn run(
     }
     save_state(dir, state)?;
     let jobs = executor.jobs.max(1);
-    let mut running: Vec<(usize, Child, Instant, Option<usize>)> = Vec::new();
+    let ranks = executor.ranks.max(1);
+    if !executor.devices.is_empty() && executor.devices.len() < ranks {
+        anyhow::bail!(
+            "sweep.ranks = {ranks} but --devices gives {} device(s): a trial of {ranks} ranks needs {ranks}",
+            executor.devices.len()
+        );
+    }
+    let mut running: Vec<(usize, Child, Instant, Vec<usize>)> = Vec::new();
     let mut free_devices = executor.devices.clone();
     let mut stop_launching = false;
     monitor.event(&format!(
@@ -42,7 +49,10 @@ pub(super) fn run(
     ));
     loop {
         // Launch while there is room.
-        while !stop_launching && running.len() < jobs {
+        while !stop_launching
+            && running.len() < jobs
+            && (executor.devices.is_empty() || free_devices.len() >= ranks)
+        {
             let Some(i) = state
                 .trials
                 .iter()
@@ -52,10 +62,10 @@ pub(super) fn run(
             };
             let tdir = dir.join(&state.trials[i].trial.name);
             let resume_trial = tdir.join(crate::rundir::CONFIG_FILE).exists();
-            let device = if executor.devices.is_empty() {
-                None
+            let devices: Vec<usize> = if executor.devices.is_empty() {
+                Vec::new()
             } else {
-                free_devices.pop()
+                free_devices.split_off(free_devices.len() - ranks)
             };
             let mut cmd = Command::new(super::sipt_exe()?);
             cmd.arg("run")
@@ -68,8 +78,20 @@ pub(super) fn run(
             if resume_trial {
                 cmd.arg("--resume");
             }
-            if let Some(d) = device {
-                cmd.args(["--set", &format!("experiment.device=cuda:{d}")]);
+            match devices.as_slice() {
+                [] => {}
+                [d] => {
+                    cmd.args(["--set", &format!("experiment.device=cuda:{d}")]);
+                }
+                many => {
+                    // Rank r of the trial uses cuda:r of the devices it is shown.
+                    let list: Vec<String> = many.iter().map(|d| d.to_string()).collect();
+                    cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
+                    cmd.args(["--set", "experiment.device=cuda"]);
+                }
+            }
+            if ranks > 1 {
+                cmd.args(["--nproc-per-node", &ranks.to_string()]);
             }
             // A trial ends with the sweep: if the sweep is killed, even by SIGKILL, its trials
             // stop too, and `--resume` continues them from their checkpoints.
@@ -96,9 +118,19 @@ pub(super) fn run(
                 "trial {} started{}{}",
                 state.trials[i].trial.name,
                 if resume_trial { " (resuming)" } else { "" },
-                device.map(|d| format!(" on cuda:{d}")).unwrap_or_default()
+                match devices.as_slice() {
+                    [] if ranks > 1 => format!(" on {ranks} ranks"),
+                    [] => String::new(),
+                    ds => format!(
+                        " on cuda:{}",
+                        ds.iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                }
             ));
-            running.push((i, child, Instant::now(), device));
+            running.push((i, child, Instant::now(), devices));
         }
         monitor.update(state);
         if running.is_empty() {
@@ -111,10 +143,8 @@ pub(super) fn run(
             match finished {
                 None => k += 1,
                 Some(status) => {
-                    let (i, _, started, device) = running.swap_remove(k);
-                    if let Some(d) = device {
-                        free_devices.push(d);
-                    }
+                    let (i, _, started, devices) = running.swap_remove(k);
+                    free_devices.extend(devices);
                     let t = &mut state.trials[i];
                     t.seconds = started.elapsed().as_secs_f64();
                     if status.success() {

@@ -278,8 +278,11 @@ pub const DEFAULT_STATUS_EVERY: f64 = 30.0;
 pub struct Executor {
     pub kind: ExecutorKind,
     pub jobs: usize,
-    /// CUDA devices handed out one per running trial (`experiment.device = "cuda:N"`).
+    /// CUDA devices handed out to running trials, `ranks` each (`experiment.device = "cuda:N"`
+    /// for a trial of one rank).
     pub devices: Vec<usize>,
+    /// Ranks of each trial (local executor).
+    pub ranks: usize,
     pub fail_fast: bool,
     pub resume: bool,
     /// Slurm: submit and return without tracking the job.
@@ -296,6 +299,7 @@ impl Executor {
             kind: sweep.executor,
             jobs: 1,
             devices: Vec::new(),
+            ranks: sweep.ranks.max(1),
             fail_fast: sweep.fail_fast,
             resume: false,
             detach: false,

@@ -119,6 +119,13 @@ pub fn script(
     if slurm.cpus > 0 {
         opt(format!("--cpus-per-task={}", slurm.cpus));
     }
+    let ranks = slurm.nodes.max(1) * slurm.tasks_per_node.max(1);
+    if slurm.nodes > 0 {
+        opt(format!("--nodes={}", slurm.nodes));
+    }
+    if slurm.tasks_per_node > 0 {
+        opt(format!("--ntasks-per-node={}", slurm.tasks_per_node));
+    }
     if !slurm.mem.is_empty() {
         opt(format!("--mem={}", slurm.mem));
     }
@@ -150,8 +157,15 @@ pub fn script(
         "[ -f \"$trial_dir/{}\" ] && resume=(--resume)\n",
         crate::rundir::CONFIG_FILE
     ));
+    // A trial of several ranks: one task each, started by srun (the ranks find each other
+    // through Slurm's environment); a failing task ends the step.
+    let launcher = if ranks > 1 {
+        "srun --kill-on-bad-exit=1 "
+    } else {
+        ""
+    };
     let mut cmd = format!(
-        "{} run \"$trial_dir/{TRIAL_CONFIG}\" --out \"$trial_dir\" \"${{resume[@]}}\"",
+        "{launcher}{} run \"$trial_dir/{TRIAL_CONFIG}\" --out \"$trial_dir\" \"${{resume[@]}}\"",
         sh_quote(&exe.display().to_string())
     );
     for p in plugins {
@@ -508,6 +522,8 @@ mod tests {
             qos: String::new(),
             sbatch_args: vec!["--exclusive".into()],
             setup: vec!["module load cuda".into()],
+            nodes: 0,
+            tasks_per_node: 0,
         };
         let s = script(
             Path::new("/runs/my sweep"),
@@ -540,6 +556,27 @@ mod tests {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }
         assert!(!s.contains("--qos"));
+        // One rank: the trial runs directly, no srun, no task counts.
+        assert!(!s.contains("srun") && !s.contains("--ntasks"), "{s}");
+        // Two nodes of four ranks: srun starts them.
+        let slurm = SlurmSection {
+            nodes: 2,
+            tasks_per_node: 4,
+            ..slurm
+        };
+        let launch = Launch {
+            exe: PathBuf::from("/bin/sipt"),
+            workdir: PathBuf::from("/work"),
+            plugins: vec![],
+        };
+        let s = script(Path::new("/runs/x"), &state, &[0], &slurm, "x", &launch);
+        for want in [
+            "#SBATCH --nodes=2\n",
+            "#SBATCH --ntasks-per-node=4\n",
+            "srun --kill-on-bad-exit=1 '/bin/sipt' run",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in\n{s}");
+        }
     }
 
     #[test]
