@@ -125,9 +125,17 @@ fn untimed_rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value
 fn self_improving_training_on_two_ranks_matches_one() {
     let dir = tempfile::tempdir().unwrap();
     // The quickstart's SIP step (online DPO with a next-token term, rewrites, 4 rollouts, an
-    // all-pairs tournament), and its swiss variant whose draws are keyed by pool.
+    // all-pairs tournament) with its evaluation (sharded over the ranks), and its swiss variant
+    // whose draws are keyed by pool.
     for (name, extra) in [
-        ("all-pairs", vec![]),
+        (
+            "all-pairs",
+            vec![
+                "train.eval_every=3",
+                "eval.prefixes=4",
+                "eval.max_new_tokens=8",
+            ],
+        ),
         (
             "swiss",
             vec!["sip.tournament=\"swiss\"", "train.micro_batch=5"],
@@ -163,6 +171,11 @@ fn self_improving_training_on_two_ranks_matches_one() {
             }
         }
         assert!(a[0]["chosen/rollout"].as_f64().is_some(), "{:?}", a[0]);
+        if name == "all-pairs" {
+            for key in ["eval/loss", "eval/heldout/win_rate", "eval/unsafe/safety"] {
+                assert!(a[2].contains_key(key), "no {key} in {:?}", a[2]);
+            }
+        }
         // Samples (written by rank 0) hold the same candidates and judgments.
         let samples = |d: &Path| std::fs::read_to_string(d.join("samples.jsonl")).unwrap();
         assert_eq!(samples(&one), samples(&two), "{name}");

@@ -4,6 +4,7 @@
 //! mean of every pointwise criterion (safety rate, factuality, quality), and perplexity.
 
 use crate::data::{Corpus, Cutter, Windows};
+use crate::dist::Dist;
 use crate::model::autocast;
 use crate::model::Policy;
 use crate::sample::{generate, Sampling};
@@ -16,7 +17,13 @@ use sipt_experiment::plugins::{judge_pointwise, Plugins};
 use sipt_experiment::rng::SplitMix;
 use std::collections::BTreeMap;
 
-/// Mean validation loss over fixed windows.
+/// This rank's share of `n` items: `start..end`, as equal as the count allows.
+fn share(dist: &Dist, n: usize) -> std::ops::Range<usize> {
+    let (r, k) = (dist.rank(), dist.size());
+    n * r / k..n * (r + 1) / k
+}
+
+/// Mean validation loss over fixed windows (each rank scores its share of them).
 pub fn validation_loss(
     policy: &Policy,
     tokens: &[u32],
@@ -24,22 +31,52 @@ pub fn validation_loss(
     len: usize,
     batch: usize,
     dtype: Dtype,
-) -> Option<f64> {
+    dist: &Dist,
+) -> Result<Option<f64>> {
     if windows.is_empty() {
-        return None;
+        return Ok(None);
     }
     let device = policy.device();
-    let mut total = 0.0;
-    let mut count = 0;
+    let mut sums = [0.0, 0.0];
     tch::no_grad(|| {
-        for chunk in windows.chunks(batch.max(1)) {
+        for chunk in windows[share(dist, windows.len())].chunks(batch.max(1)) {
             let ids = crate::data::window_batch(tokens, chunk, len, device);
             let loss = autocast(device, dtype, || policy.model.ntp_loss(&ids));
-            total += loss.double_value(&[]) * chunk.len() as f64;
-            count += chunk.len();
+            sums[0] += loss.double_value(&[]) * chunk.len() as f64;
+            sums[1] += chunk.len() as f64;
         }
     });
-    Some(total / count as f64)
+    dist.sum_f64(&mut sums)?;
+    Ok(Some(sums[0] / sums[1]))
+}
+
+/// Sums and counts by metric, as the ranks' shares of an evaluation add up.
+type Tally = BTreeMap<String, (f64, f64)>;
+
+fn add(t: &mut Tally, key: String, sum: f64, count: f64) {
+    let e = t.entry(key).or_default();
+    e.0 += sum;
+    e.1 += count;
+}
+
+/// Every rank's tally, added up.
+fn gather_tally(dist: &Dist, own: Tally) -> Result<Tally> {
+    if dist.size() == 1 {
+        return Ok(own);
+    }
+    let mut all = Tally::new();
+    for (r, bytes) in dist
+        .all_gather_bytes(&serde_json::to_vec(&own)?)?
+        .iter()
+        .enumerate()
+    {
+        let part: Tally = serde_json::from_slice(bytes)
+            .with_context(|| format!("rank {r}'s share of the evaluation"))?;
+        for (k, (s, c)) in part {
+            add(&mut all, k, s, c);
+        }
+    }
+    Ok(all)
 }
 
 /// Held-out prompts: text, token ids, and the true continuation when there is one.
@@ -203,13 +240,16 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    /// Metrics of `policy` (against `baseline` when given), keyed `eval/<set>/<metric>`.
+    /// Metrics of `policy` (against `baseline` when given), keyed `eval/<set>/<metric>`. In a
+    /// job of several ranks each continues and judges its share of every prompt set, and the
+    /// shares are added up: every rank returns the metrics of the whole evaluation.
     pub fn run(
         &self,
         policy: &Policy,
         baseline: Option<&Policy>,
         tokenizer: &Tokenizer,
-    ) -> BTreeMap<String, f64> {
+        dist: &Dist,
+    ) -> Result<BTreeMap<String, f64>> {
         let mut m = BTreeMap::new();
         if let Some(loss) = validation_loss(
             policy,
@@ -218,12 +258,22 @@ impl<'a> Evaluator<'a> {
             self.window_len,
             8,
             Dtype::F32,
-        ) {
+            dist,
+        )? {
             m.insert("eval/loss".to_string(), loss);
             m.insert("eval/perplexity".to_string(), loss.exp());
         }
-        for set in &self.sets {
-            let ours = continue_greedy(policy, tokenizer, set, self.max_new_tokens);
+        // Per set: criterion means (sum, count), judge failures (sum, -), win rates.
+        let mut tally = Tally::new();
+        for full in &self.sets {
+            let own = share(dist, full.ids.len());
+            let set = PromptSet {
+                name: full.name,
+                texts: full.texts[own.clone()].to_vec(),
+                ids: full.ids[own.clone()].to_vec(),
+                references: full.references[own].to_vec(),
+            };
+            let ours = continue_greedy(policy, tokenizer, &set, self.max_new_tokens);
             let items: Vec<PointwiseItem> = set
                 .texts
                 .iter()
@@ -236,28 +286,25 @@ impl<'a> Evaluator<'a> {
                 })
                 .collect();
             let (scores, stats) = judge_pointwise(&self.plugins.pointwise, &items);
-            let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
             for s in &scores {
                 for (criterion, v) in s {
                     if let Some(v) = v {
-                        let e = sums.entry(criterion.clone()).or_default();
-                        e.0 += v;
-                        e.1 += 1;
+                        add(
+                            &mut tally,
+                            format!("eval/{}/{criterion}", set.name),
+                            *v,
+                            1.0,
+                        );
                     }
                 }
             }
-            for (criterion, (sum, n)) in sums {
-                m.insert(format!("eval/{}/{criterion}", set.name), sum / n as f64);
-            }
             for (judge, (_, failures)) in stats {
-                m.insert(
-                    format!("eval/{}/{judge}/failures", set.name),
-                    failures as f64,
-                );
+                let key = format!("eval/{}/{judge}/failures", set.name);
+                add(&mut tally, key, failures as f64, 0.0);
             }
             if let (Some(base), Some(name)) = (baseline, self.win_judge) {
                 if let Some(judge) = self.plugins.pairwise_judge(name) {
-                    let theirs = continue_greedy(base, tokenizer, set, self.max_new_tokens);
+                    let theirs = continue_greedy(base, tokenizer, &set, self.max_new_tokens);
                     // Both orders: position bias cancels, and a tie counts half.
                     let mut items = Vec::new();
                     for i in 0..set.texts.len() {
@@ -283,20 +330,21 @@ impl<'a> Evaluator<'a> {
                             judged += 1;
                         }
                     }
-                    if judged > 0 {
-                        m.insert(
-                            format!("eval/{}/win_rate", set.name),
-                            100.0 * wins / judged as f64,
-                        );
-                    }
-                    m.insert(
-                        format!("eval/{}/win_rate_failures", set.name),
-                        (items.len() - judged) as f64,
-                    );
+                    let key = format!("eval/{}/win_rate", set.name);
+                    add(&mut tally, key, 100.0 * wins, judged as f64);
+                    let key = format!("eval/{}/win_rate_failures", set.name);
+                    add(&mut tally, key, (items.len() - judged) as f64, 0.0);
                 }
             }
         }
-        m
+        for (key, (sum, count)) in gather_tally(dist, tally)? {
+            if key.ends_with("failures") {
+                m.insert(key, sum);
+            } else if count > 0.0 {
+                m.insert(key, sum / count);
+            }
+        }
+        Ok(m)
     }
 }
 
@@ -313,6 +361,7 @@ pub struct Periodic<'a> {
 
 impl<'a> Periodic<'a> {
     /// Saves the starting model (on a fresh run) and prepares the prompt sets.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         e: &'a sipt_experiment::config::Experiment,
         plugins: &'a Plugins,
@@ -321,6 +370,7 @@ impl<'a> Periodic<'a> {
         policy: &Policy,
         run: &sipt_experiment::rundir::RunDir,
         resumed: bool,
+        dist: &Dist,
     ) -> Result<Periodic<'a>> {
         // A pretrained start is its own folder already; a from-scratch start is saved once.
         let pretrained = !e.model.path.is_empty();
@@ -331,13 +381,17 @@ impl<'a> Periodic<'a> {
                 .join(sipt_experiment::rundir::CHECKPOINTS_DIR)
                 .join(INITIAL_DIR)
         };
-        if !resumed && !pretrained {
+        if !resumed && !pretrained && dist.is_writer() {
             policy.save(&initial_dir)?;
             std::fs::copy(
                 tokenizer.path(),
                 initial_dir.join(crate::model::TOKENIZER_JSON),
             )
             .context("cannot copy the tokenizer next to the initial model")?;
+        }
+        // The other ranks read the starting model once rank 0 has written it.
+        if dist.size() > 1 {
+            dist.barrier()?;
         }
         let every = e.train.eval_every;
         if every == 0 {
@@ -398,7 +452,9 @@ impl<'a> Periodic<'a> {
         })
     }
 
-    /// Evaluate when the step calls for it, adding the metrics to `row`.
+    /// Evaluate when the step calls for it (every rank of a job at once, each its share),
+    /// adding the metrics to `row` and noting them on `bar` (the writing rank's).
+    #[allow(clippy::too_many_arguments)]
     pub fn maybe_run(
         &self,
         step: u64,
@@ -406,16 +462,20 @@ impl<'a> Periodic<'a> {
         policy: &Policy,
         tokenizer: &Tokenizer,
         row: &mut sipt_experiment::metrics::Row,
-        bar: &sipt_experiment::progress::Reporter,
-    ) {
+        bar: Option<&sipt_experiment::progress::Reporter>,
+        dist: &Dist,
+    ) -> Result<()> {
         let Some(evaluator) = &self.evaluator else {
-            return;
+            return Ok(());
         };
         if step % self.every != 0 && !last {
-            return;
+            return Ok(());
         }
         let started = std::time::Instant::now();
-        let metrics = evaluator.run(policy, self.baseline.as_ref(), tokenizer);
+        let metrics = evaluator.run(policy, self.baseline.as_ref(), tokenizer, dist)?;
+        let Some(bar) = bar else {
+            return Ok(());
+        };
         let summary: Vec<String> = metrics
             .iter()
             .filter(|(k, _)| !k.ends_with("failures"))
@@ -429,5 +489,6 @@ impl<'a> Periodic<'a> {
         for (k, v) in metrics {
             row.set(k, v);
         }
+        Ok(())
     }
 }

@@ -104,7 +104,12 @@ fn evaluate(
         e.data.seq_len,
         e.train.eval_batches * e.train.batch_size,
     );
-    Ok(evaluator.run(&policy, baseline.as_ref(), &tokenizer))
+    evaluator.run(
+        &policy,
+        baseline.as_ref(),
+        &tokenizer,
+        &crate::dist::Dist::single(),
+    )
 }
 
 /// A run directory's newest checkpoint, or the folder itself when it is a model folder.

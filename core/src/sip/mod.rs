@@ -111,7 +111,7 @@ pub fn train(
         &tokenizer,
         &policy,
         continue_after,
-        dist.is_writer(),
+        &dist,
     )?;
     let mut samples = match dist.is_writer() {
         true => Some(record::open_samples(run, state.step)?),

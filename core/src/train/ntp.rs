@@ -26,7 +26,6 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
     let (mut optimizer, mut state) = start(e, policy, &mut windows, resume)?;
     let continue_after = prepared.resuming.then_some(state.step);
     let dist = &prepared.dist;
-    let writer = dist.is_writer();
     let mut end = StepEnd::open(
         e,
         run,
@@ -35,7 +34,7 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
         tokenizer,
         policy,
         continue_after,
-        writer,
+        dist,
     )?;
     let variables = policy.vs.trainable_variables();
     // Every rank draws the whole global batch's windows (so the data position is one for the

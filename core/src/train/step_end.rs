@@ -4,6 +4,7 @@
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use crate::data::Corpus;
+use crate::dist::Dist;
 use crate::eval::Periodic;
 use crate::model::Policy;
 use crate::tokenizer::Tokenizer;
@@ -17,18 +18,19 @@ use sipt_experiment::tracking::Tracker;
 use std::path::PathBuf;
 
 /// Evaluation, metrics sinks, progress display and checkpoints of one run. In a job of several
-/// ranks only rank 0 has them (the others' step ends do nothing): rank 0's metrics are the
-/// job's, reduced over the ranks by the loops.
+/// ranks every rank evaluates its share, and only rank 0 has the sinks and writes checkpoints:
+/// its metrics are the job's, reduced over the ranks by the loops.
 pub struct StepEnd<'a> {
     e: &'a Experiment,
-    sinks: Option<Sinks<'a>>,
+    periodic: Periodic<'a>,
+    sinks: Option<Sinks>,
     checkpoints: PathBuf,
     tokenizer: &'a Tokenizer,
+    dist: &'a Dist,
 }
 
 /// What the writing rank keeps.
-struct Sinks<'a> {
-    periodic: Periodic<'a>,
+struct Sinks {
     tracker: Tracker,
     reporter: Reporter,
 }
@@ -47,27 +49,25 @@ impl<'a> StepEnd<'a> {
         tokenizer: &'a Tokenizer,
         policy: &Policy,
         continue_after: Option<u64>,
-        writer: bool,
+        dist: &'a Dist,
     ) -> Result<StepEnd<'a>> {
-        let sinks = if writer {
+        let start = continue_after.unwrap_or(0);
+        let sinks = if dist.is_writer() {
             let tracker = Tracker::open(e, run, continue_after)?;
-            let start = continue_after.unwrap_or(0);
             let reporter =
                 Reporter::new(e.train.steps, start, e.train.log_every).with_status_file(run.path());
-            let periodic = Periodic::new(e, plugins, corpus, tokenizer, policy, run, start > 0)?;
-            Some(Sinks {
-                periodic,
-                tracker,
-                reporter,
-            })
+            Some(Sinks { tracker, reporter })
         } else {
             None
         };
+        let periodic = Periodic::new(e, plugins, corpus, tokenizer, policy, run, start > 0, dist)?;
         Ok(StepEnd {
             e,
+            periodic,
             sinks,
             checkpoints: run.path().join(CHECKPOINTS_DIR),
             tokenizer,
+            dist,
         })
     }
 
@@ -85,17 +85,18 @@ impl<'a> StepEnd<'a> {
     ) -> Result<()> {
         let t = &self.e.train;
         let last = state.step == t.steps;
-        let Some(sinks) = self.sinks.as_mut() else {
-            return Ok(());
-        };
-        sinks.periodic.maybe_run(
+        self.periodic.maybe_run(
             state.step,
             last,
             policy,
             self.tokenizer,
             &mut row,
-            &sinks.reporter,
-        );
+            self.sinks.as_ref().map(|s| &s.reporter),
+            self.dist,
+        )?;
+        let Some(sinks) = self.sinks.as_mut() else {
+            return Ok(());
+        };
         sinks.tracker.log(&row)?;
         sinks.reporter.step(state.step, &summary(&row));
         if (t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0) || last {

@@ -276,7 +276,10 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
             "distributed.timeout_s",
             e.distributed.timeout_s > 0.0 && e.distributed.timeout_s.is_finite(),
         ),
-        ("sweep.ranks", e.sweep.as_ref().map_or(true, |s| s.ranks > 0)),
+        (
+            "sweep.ranks",
+            e.sweep.as_ref().map_or(true, |s| s.ranks > 0),
+        ),
     ] {
         if !ok {
             let what = match key {
