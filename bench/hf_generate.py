@@ -28,17 +28,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (after a short warm-up run)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="weights' type")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (scripts/gpu-check.sh)")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(
         a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
-    model.eval()
+    model.to(a.device).eval()
     vocab = model.config.vocab_size
     rng = random.Random(1)
     ids = torch.tensor(
         [[100 + rng.randrange(vocab - 200) for _ in range(a.prefix_tokens)] for _ in range(a.prefixes)]
-    )
+    ).to(a.device)
     mask = torch.ones_like(ids)
     eos = model.config.eos_token_id
     pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
@@ -59,6 +60,8 @@ def main():
                 pad_token_id=pad,
             )
         assert out.shape == (a.prefixes * a.rollouts, a.prefix_tokens + new_tokens), out.shape
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
         return out
 
     run(4, 0)  # warm-up: allocations, first-call overheads (a short run: the full one is long)
@@ -75,6 +78,7 @@ def main():
         "generated_tokens_per_second": generated / seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
+        "device": a.device,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
     }))

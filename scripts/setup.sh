@@ -35,6 +35,16 @@ if [ ! -e /usr/include/gloo/context.h ] && [ -z "${SIPT_GLOO_INCLUDE:-}" ]; then
 fi
 torch_dir="$("$venv/bin/python" -c "import torch, os; print(os.path.dirname(torch.__file__))" 2>/dev/null)"
 ln -sfn "$torch_dir" "$venv/libtorch"
+# The NCCL backend of the c10d shim compiles against the CUDA runtime's headers beside the
+# wheel; two of them (crt/host_config.h, nv/target) come in packages the wheel does not depend
+# on. Headers only, a few MB.
+cuda="$("$venv/bin/python" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null || true)"
+if [ -n "$cuda" ] && [ ! -e "$torch_dir/../nvidia/cu${cuda%%.*}/include/crt/host_config.h" ]; then
+  echo "setup: installing the CUDA $cuda headers the NCCL backend needs (nvidia-cuda-crt, nvidia-cuda-cccl)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    "nvidia-cuda-crt==$cuda.*" "nvidia-cuda-cccl==$cuda.*" \
+    || echo "setup: could not install the CUDA headers; sipt will be built without the NCCL backend"
+fi
 if [ "${1:-}" = "--test" ]; then
   requirements="$root/scripts/requirements-test.txt"
   stamp="$venv/.sipt-test-requirements"

@@ -74,6 +74,12 @@ extern "C" {
 
 int sipt_dist_available() { return 1; }
 
+#ifdef SIPT_NCCL
+int sipt_dist_has_nccl() { return 1; }
+#else
+int sipt_dist_has_nccl() { return 0; }
+#endif
+
 // Join the group: rank 0 serves the store on `port` of `host` (unless `serve` is 0: another
 // process, such as torchrun's agent, serves it), every rank connects to it. Keys live under
 // "sipt/". `backend` is "gloo" or "nccl". Null on error, with the reason in `err`.
@@ -191,6 +197,8 @@ struct SiptGroup {};
 extern "C" {
 
 int sipt_dist_available() { return 0; }
+
+int sipt_dist_has_nccl() { return 0; }
 
 SiptGroup* sipt_dist_init(const char*, int, int, int, int64_t, const char*, int, char* err,
                           size_t err_len) {

@@ -8,7 +8,7 @@ use crate::train::optim::AdamW;
 use anyhow::Result;
 use sipt_api::StepPlan;
 use sipt_experiment::config::{Dtype, Experiment};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -355,4 +355,91 @@ pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
         }));
     }
     Ok(results)
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CollectivesBench {
+    /// Ranks on this machine, started by this command (1: a group of one, which still goes
+    /// through c10d). Under torchrun or srun the environment's world is used instead.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// `cpu` (Gloo) or `cuda` (NCCL, rank r on cuda:r).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Size of the all-reduced f32 tensor, in MiB.
+    #[arg(long, default_value_t = 16.0)]
+    pub mib: f64,
+    #[arg(long, default_value_t = 10)]
+    pub iterations: usize,
+    /// Deadline of each collective, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout_s: f64,
+}
+
+/// All-reduce time and bus bandwidth of a c10d group (Gloo on CPUs, NCCL on GPUs), measured on
+/// rank 0, and a check that the sum is right. `None` on the other ranks.
+pub fn collectives(b: &CollectivesBench) -> Result<Option<serde_json::Value>> {
+    use crate::dist::{Backend, Group, World};
+    let mut world = World::from_env()?;
+    if world.is_single() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        world.master_port = port;
+    }
+    let device = match b.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            let count = tch::Cuda::device_count() as usize;
+            if world.local_rank >= count {
+                anyhow::bail!(
+                    "local rank {} has no GPU: this machine has {count} CUDA device(s)",
+                    world.local_rank
+                );
+            }
+            Device::Cuda(world.local_rank)
+        }
+        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    };
+    let backend = Backend::for_device(device);
+    let started = Instant::now();
+    let group = Group::join(&world, backend, Duration::from_secs_f64(b.timeout_s))?;
+    let join_s = started.elapsed().as_secs_f64();
+    let n = ((b.mib * (1 << 20) as f64) / 4.0).max(1.0) as i64;
+    let mut t = Tensor::ones([n], (Kind::Float, device)) * (world.rank as f64 + 1.0);
+    // One untimed round joins the connections; then each iteration sums (rank + 1) anew.
+    group.all_reduce_sum(&mut t)?;
+    let mut times = Vec::with_capacity(b.iterations);
+    for _ in 0..b.iterations {
+        let _ = t.fill_(world.rank as f64 + 1.0);
+        sync(device);
+        let t0 = Instant::now();
+        group.all_reduce_sum(&mut t)?;
+        sync(device);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let size = world.size as f64;
+    let expected = size * (size + 1.0) / 2.0;
+    let got = t.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    if (got - expected).abs() > 1e-3 * expected {
+        anyhow::bail!("all-reduce gave {got}, expected {expected}");
+    }
+    if world.rank != 0 {
+        return Ok(None);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let bytes = n as f64 * 4.0;
+    Ok(Some(serde_json::json!({
+        "bench": "collectives",
+        "backend": format!("{backend:?}").to_lowercase(),
+        "ranks": world.size,
+        "device": format!("{device:?}"),
+        "mib": b.mib,
+        "join_seconds": join_s,
+        "all_reduce_seconds": median,
+        // The bus bandwidth of a ring all-reduce: 2 (n - 1) / n of the data crosses each link.
+        "bus_gb_per_second": bytes * 2.0 * (size - 1.0) / size / median / 1e9,
+        "sum_checked": true,
+    })))
 }

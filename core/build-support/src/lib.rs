@@ -50,23 +50,68 @@ fn gloo_include() -> Option<std::path::PathBuf> {
     None
 }
 
-/// Compile the c10d process-group shim (`cpp/distributed.cpp`): with Gloo where its headers
-/// are found, else a build whose process groups say what is missing.
-pub fn compile_distributed(name: &str, file: &str) {
-    match gloo_include() {
-        Some(dir) => build_cpp(
-            name,
-            &[file],
-            &["SIPT_GLOO", "USE_C10D_GLOO", "USE_DISTRIBUTED"],
-            &[dir],
-        ),
-        None => {
+/// The include folders of NCCL and the CUDA runtime, when this libtorch is a CUDA build and
+/// they are installed beside it (PyPI's nvidia-* packages, as the PyTorch wheel depends on, plus
+/// nvidia-cuda-crt and nvidia-cuda-cccl, which scripts/setup.sh adds: the wheel lacks
+/// `crt/host_config.h` and `nv/target`).
+fn nccl_includes(lib: &Path) -> Option<Vec<std::path::PathBuf>> {
+    println!("cargo:rerun-if-env-changed=SIPT_NO_NCCL");
+    if std::env::var_os("SIPT_NO_NCCL").is_some() || !lib.join("libtorch_cuda.so").exists() {
+        return None;
+    }
+    // <site-packages>/torch/lib → <site-packages>/nvidia (through the venv's `libtorch` link)
+    let lib = lib.canonicalize().ok()?;
+    let nvidia = lib.parent()?.parent()?.join("nvidia");
+    let nccl = nvidia.join("nccl/include");
+    let cuda = std::fs::read_dir(&nvidia)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .find(|inc| inc.join("cuda_runtime_api.h").exists())?;
+    for needed in [
+        nccl.join("nccl.h"),
+        cuda.join("crt/host_config.h"),
+        cuda.join("nv/target"),
+    ] {
+        println!("cargo:rerun-if-changed={}", needed.display());
+        if !needed.exists() {
             println!(
-                "cargo:warning=Gloo's headers were not found (Debian: libgloo-dev): sipt is built without multi-process training"
+                "cargo:warning={} is missing: sipt is built without the NCCL backend (scripts/setup.sh installs it)",
+                needed.display()
             );
-            build_cpp(name, &[file], &[], &[]);
+            return None;
         }
     }
+    Some(vec![cuda, nccl])
+}
+
+/// Compile the c10d process-group shim (`cpp/distributed.cpp`): with Gloo where its headers
+/// are found (and NCCL too where this libtorch has CUDA and the CUDA headers are there), else a
+/// build whose process groups say what is missing.
+pub fn compile_distributed(name: &str, file: &str) {
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .expect("DEP_TCH_LIBTORCH_LIB: the crate must depend on torch-sys directly");
+    let Some(gloo) = gloo_include() else {
+        println!(
+            "cargo:warning=Gloo's headers were not found (Debian: libgloo-dev): sipt is built without multi-process training"
+        );
+        build_cpp(name, &[file], &[], &[]);
+        return;
+    };
+    let mut defines = vec!["SIPT_GLOO", "USE_C10D_GLOO", "USE_DISTRIBUTED"];
+    let mut includes = vec![gloo];
+    if let Some(nccl) = nccl_includes(Path::new(&lib)) {
+        defines.extend(["SIPT_NCCL", "USE_C10D_NCCL", "USE_CUDA"]);
+        // libtorch's own headers first, then CUDA's and NCCL's, then the system's (Gloo).
+        includes.splice(0..0, nccl);
+        // ProcessGroupNCCL lives in libtorch_cuda (kept linked by `link_libtorch`), the CUDA
+        // side of c10 in libc10_cuda.
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-L{lib}");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+    build_cpp(name, &[file], &defines, &includes);
 }
 
 fn build_cpp(name: &str, files: &[&str], defines: &[&str], includes: &[std::path::PathBuf]) {

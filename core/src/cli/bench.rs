@@ -16,6 +16,9 @@ pub(super) enum BenchCommand {
     SipStep(bench::SipStepBench),
     /// Tournament designs: judge calls per pool and rank agreement with all-pairs.
     Tournaments(bench::TournamentBench),
+    /// c10d all-reduce over a process group of this machine's ranks (Gloo or NCCL): time per
+    /// all-reduce and bus bandwidth, the sum checked.
+    Collectives(bench::CollectivesBench),
 }
 
 pub(super) fn bench(command: BenchCommand) -> Result<(), Exit> {
@@ -28,6 +31,22 @@ pub(super) fn bench(command: BenchCommand) -> Result<(), Exit> {
                 println!("{line}");
             }
             return Ok(());
+        }
+        BenchCommand::Collectives(c) => {
+            let world = crate::dist::World::from_env()?;
+            if c.nproc_per_node > 1 && world.is_single() {
+                let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                crate::dist::launch::launch(
+                    c.nproc_per_node,
+                    &args,
+                    std::time::Duration::from_secs(5),
+                )?;
+                return Ok(());
+            }
+            match bench::collectives(&c)? {
+                Some(result) => result,
+                None => return Ok(()),
+            }
         }
     };
     println!("{result}");

@@ -18,6 +18,7 @@ use torch_sys::C_tensor;
 
 extern "C" {
     fn sipt_dist_available() -> i32;
+    fn sipt_dist_has_nccl() -> i32;
     fn sipt_dist_init(
         host: *const c_char,
         port: i32,
@@ -78,6 +79,12 @@ extern "C" {
 pub fn available() -> bool {
     // SAFETY: a plain function without arguments.
     unsafe { sipt_dist_available() == 1 }
+}
+
+/// Whether this build has c10d's NCCL backend (for CUDA tensors).
+pub fn has_nccl() -> bool {
+    // SAFETY: a plain function without arguments.
+    unsafe { sipt_dist_has_nccl() == 1 }
 }
 
 /// Where this process stands among the ranks of a job.
@@ -685,6 +692,51 @@ mod tests {
         );
         let err = world(&[("RANK", "x"), ("WORLD_SIZE", "4")]).unwrap_err();
         assert!(err.to_string().contains("RANK = \"x\""), "{err}");
+    }
+
+    #[test]
+    fn a_group_of_one_all_reduces_and_nccl_needs_a_gpu() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let world = World {
+            master_port: port,
+            ..World::single()
+        };
+        let g = Group::join(&world, Backend::Gloo, Duration::from_secs(30)).unwrap();
+        let mut t = Tensor::from_slice(&[1.0f32, 2.0]);
+        g.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0]);
+        let gathered = g.all_gather(&t).unwrap();
+        assert_eq!(gathered.size(), vec![1, 2]);
+        drop(g);
+        // Where this libtorch has CUDA, the build has NCCL; without a GPU, c10d itself says so.
+        if tch::utils::has_cuda() {
+            assert!(
+                has_nccl(),
+                "libtorch has CUDA but sipt was built without NCCL (run scripts/setup.sh)"
+            );
+        }
+        if has_nccl() && !tch::Cuda::is_available() {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let world = World {
+                master_port: port,
+                ..World::single()
+            };
+            let err = Group::join(&world, Backend::Nccl, Duration::from_secs(30))
+                .err()
+                .expect("an NCCL group without a GPU");
+            let text = format!("{err:#}");
+            eprintln!("{text}");
+            assert!(text.contains("GPU"), "{text}");
+            assert!(!text.contains("no NCCL backend"), "{text}");
+        }
     }
 
     #[test]

@@ -37,6 +37,13 @@ enum Replay {
         own: (usize, usize),
         leaf: Tensor,
     },
+    /// This rank's share computed with its graph in one pass (no micro-batches): nothing to
+    /// run again, only `value`'s graph to backpropagate with the leaf's gradient at `own`.
+    Kept {
+        value: Tensor,
+        own: (usize, usize),
+        leaf: Tensor,
+    },
 }
 
 /// One update's forward passes; alone with `size` 0 (or few enough items) they are ordinary
@@ -61,7 +68,12 @@ impl<'a> Micro<'a> {
     }
 
     fn split(&self, n: usize) -> bool {
-        self.dist.size() > 1 || (self.size > 0 && n > self.size)
+        self.dist.size() > 1 || self.micro(n)
+    }
+
+    /// Whether `n` rows take more than one micro-batch.
+    fn micro(&self, n: usize) -> bool {
+        self.size > 0 && n > self.size
     }
 
     /// This rank's rows of `n`: `(start, len)`, as equal as the count allows.
@@ -147,6 +159,18 @@ impl<'a> Micro<'a> {
             }));
         }
         let own = self.own(pre.len());
+        if differentiable && !self.micro(own.1) && own.1 > 0 {
+            // A share that fits one pass keeps its graph: no second forward pass.
+            let (value, count) = self.sequences_part(model, pre, cont, own);
+            let (lp, count) = self.gather(&value.detach(), &count)?;
+            let leaf = lp.set_requires_grad(true);
+            self.replays.push(Replay::Kept {
+                value,
+                own,
+                leaf: leaf.shallow_clone(),
+            });
+            return Ok((leaf, count));
+        }
         let (lp, count) = tch::no_grad(|| {
             let parts: Vec<(Tensor, Tensor)> = self
                 .spans_of(own)
@@ -185,6 +209,20 @@ impl<'a> Micro<'a> {
             return Ok(autocast(self.device, self.dtype, || model.ntp_loss(&batch)));
         }
         let own = self.own(rows);
+        if !self.micro(own.1) && own.1 > 0 {
+            let value = self.ntp_part(model, &batch, own);
+            let mut total = [value.double_value(&[])];
+            self.dist.sum_f64(&mut total)?;
+            let leaf = Tensor::from(total[0] as f32)
+                .to_device(self.device)
+                .set_requires_grad(true);
+            self.replays.push(Replay::Kept {
+                value: value.reshape([1]),
+                own: (0, 1),
+                leaf: leaf.shallow_clone(),
+            });
+            return Ok(leaf);
+        }
         let value = tch::no_grad(|| {
             self.spans_of(own)
                 .into_iter()
@@ -227,6 +265,14 @@ impl<'a> Micro<'a> {
                         let g = grad.narrow(0, span.0 as i64, span.1 as i64);
                         (lp * g).sum(Kind::Float).backward();
                     }
+                }
+                Replay::Kept { value, own, leaf } => {
+                    let grad = leaf.grad();
+                    if !grad.defined() {
+                        continue;
+                    }
+                    let g = grad.reshape([-1]).narrow(0, own.0 as i64, own.1 as i64);
+                    (value.reshape([-1]) * g).sum(Kind::Float).backward();
                 }
                 Replay::Ntp { batch, own, leaf } => {
                     let grad = leaf.grad();

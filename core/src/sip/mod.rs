@@ -256,7 +256,9 @@ impl Trainer<'_> {
         );
         let seconds_judge = clock.elapsed().as_secs_f64() + batch.seconds_judge;
         // The ranks' shares joined: every rank holds the whole judged step from here on.
+        let gathering = Instant::now();
         let (batch, mut pools, judging) = shard::gather(&self.dist, batch, pools, judging)?;
+        let seconds_gather = gathering.elapsed().as_secs_f64();
         pool::reward(self.plugins.reward.as_ref(), &mut pools);
         // Select what to learn from; update the policy (and the reference after it).
         let clock = Instant::now();
@@ -305,6 +307,8 @@ impl Trainer<'_> {
                 judge: seconds_judge,
                 update: seconds_update,
                 step: started.elapsed().as_secs_f64(),
+                gather: seconds_gather,
+                all_reduce: updated.seconds_all_reduce,
             },
         };
         let mut row = record.row();

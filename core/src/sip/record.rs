@@ -21,6 +21,10 @@ pub struct Timings {
     pub judge: f64,
     pub update: f64,
     pub step: f64,
+    /// Joining the ranks' shares of the judged step, and summing gradients over the ranks
+    /// (0 alone).
+    pub gather: f64,
+    pub all_reduce: f64,
 }
 
 /// Everything a step's row is made of.
@@ -59,6 +63,8 @@ impl StepRecord<'_> {
             .set("time/judge", t.judge)
             .set("time/update", t.update)
             .set("time/step", t.step)
+            .set("time/gather", t.gather)
+            .set("time/all_reduce", t.all_reduce)
             .set(
                 "perf/generated_tokens_per_second",
                 self.generated_tokens as f64 / t.sample.max(1e-9),

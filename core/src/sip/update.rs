@@ -47,6 +47,8 @@ pub struct Updated {
     /// Per-token estimate of KL(policy || reference) on the chosen continuations: their summed
     /// log-prob difference over their tokens (when there is a reference and a pair).
     pub kl: Option<f64>,
+    /// Seconds spent summing gradients over the ranks.
+    pub seconds_all_reduce: f64,
 }
 
 impl Learner {
@@ -95,11 +97,14 @@ impl Learner {
         }
         let weighted = loss.double_value(&[]);
         let mut grad_norm = 0.0;
+        let mut seconds_all_reduce = 0.0;
         let updated = loss.requires_grad();
         if updated {
             loss.backward();
             micro.backward(&policy.model);
+            let reducing = std::time::Instant::now();
             dist.reduce_gradients(&policy.vs.trainable_variables(), GRADIENT_BUCKET_BYTES)?;
+            seconds_all_reduce = reducing.elapsed().as_secs_f64();
             grad_norm = self.optimizer.clip_grad_norm(self.grad_clip);
             self.optimizer.step(lr);
             self.optimizer.zero_grad();
@@ -112,6 +117,7 @@ impl Learner {
             ntp_tokens,
             metrics: terms.metrics,
             kl,
+            seconds_all_reduce,
         })
     }
 
