@@ -293,6 +293,26 @@ fn what_the_world_size_forbids_is_refused_before_any_work() {
         out.stderr
     );
 
+    // A failure on one rank (rank 0 refuses an --out that holds a run): the other rank stops at
+    // its next collective and names rank 0 and its error.
+    let taken = dir.path().join("taken");
+    let args = quickstart(1, &["train.objective={ type = \"ntp\" }"]);
+    assert_eq!(train(&taken, &args, 1).code, 0);
+    let out = train(&taken, &args, 2);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("rank 1: error: rank 0 failed: ")
+            && out.stderr.contains("already holds a run"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("error: rank 0 of 2 exited with status 1"),
+        "{}",
+        out.stderr
+    );
+
     // A rendezvous address something else holds.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();

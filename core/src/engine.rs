@@ -76,9 +76,17 @@ pub fn run_experiment(
     })();
     if let Err(err) = &result {
         dist.post_error(&format!("{err:#}"));
+        if dist.is_writer() {
+            // Rank 0 serves the store the others read errors from: give them a moment to read
+            // this one before the store goes away with this process.
+            std::thread::sleep(ERROR_LINGER);
+        }
     }
     result
 }
+
+/// How long rank 0 keeps the rendezvous store up after posting its error.
+const ERROR_LINGER: Duration = Duration::from_secs(2);
 
 /// Refusals that need the world size, before any work: each in one line.
 fn check_world(e: &Experiment, world: &World) -> Result<()> {

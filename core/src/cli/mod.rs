@@ -167,8 +167,14 @@ impl From<LoadError> for Exit {
 
 impl From<anyhow::Error> for Exit {
     fn from(e: anyhow::Error) -> Self {
+        let peer = e.downcast_ref::<crate::dist::PeerFailure>().is_some();
         match e.downcast::<Problems>() {
             Ok(p) => p.into(),
+            // Another rank's failure: a status of its own, so that launchers name the cause.
+            Err(e) if peer => Exit {
+                code: crate::dist::PEER_FAILURE_EXIT,
+                message: Message::Text(format!("{e:#}")),
+            },
             Err(e) => Exit::invalid(format!("{e:#}")),
         }
     }

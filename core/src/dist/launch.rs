@@ -2,8 +2,8 @@
 //! does, and watch them. Each rank is this same program with the same arguments and torchrun's
 //! environment contract (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
 //! `MASTER_PORT`). When one rank fails or dies, the others notice at their next collective and
-//! stop; any still running after `grace` are killed, and the launcher names the rank that
-//! failed first and how.
+//! stop (with [`super::PEER_FAILURE_EXIT`]); any still running after `grace` are killed, and the
+//! launcher names the rank that failed first by itself, and how.
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -70,9 +70,9 @@ pub fn launch(nproc: usize, args: &[OsString], grace: Duration) -> Result<()> {
         }
     }
 
-    let mut first_failure: Option<(usize, String)> = None;
+    // Failed ranks in the order they ended: (rank, how, whether it only followed another).
+    let mut failures: Vec<(usize, String, bool)> = Vec::new();
     let mut failed_at: Option<Instant> = None;
-    let mut others = Vec::new();
     loop {
         let mut running = 0;
         for (rank, slot) in children.iter_mut().enumerate() {
@@ -81,13 +81,9 @@ pub fn launch(nproc: usize, args: &[OsString], grace: Duration) -> Result<()> {
                 Ok(Some(status)) => {
                     *slot = None;
                     if !status.success() {
-                        let how = describe(status);
-                        if first_failure.is_none() {
-                            first_failure = Some((rank, how));
-                            failed_at = Some(Instant::now());
-                        } else {
-                            others.push(rank);
-                        }
+                        let follower = status.code() == Some(super::PEER_FAILURE_EXIT as i32);
+                        failures.push((rank, describe(status), follower));
+                        failed_at.get_or_insert_with(Instant::now);
                     }
                 }
                 Ok(None) => running += 1,
@@ -106,7 +102,7 @@ pub fn launch(nproc: usize, args: &[OsString], grace: Duration) -> Result<()> {
                     );
                     let _ = child.kill();
                     let _ = child.wait();
-                    others.push(rank);
+                    failures.push((rank, "was killed by the launcher".into(), true));
                     *slot = None;
                 }
             }
@@ -114,11 +110,22 @@ pub fn launch(nproc: usize, args: &[OsString], grace: Duration) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if let Some((rank, how)) = first_failure {
+    // The cause: the first rank that failed by itself (not because another one did).
+    let cause = failures
+        .iter()
+        .position(|f| !f.2)
+        .or((!failures.is_empty()).then_some(0));
+    if let Some(i) = cause {
+        let (rank, how, _) = &failures[i];
+        let mut others: Vec<usize> = failures
+            .iter()
+            .filter(|f| f.0 != *rank)
+            .map(|f| f.0)
+            .collect();
+        others.sort_unstable();
         let then = if others.is_empty() {
             String::new()
         } else {
-            others.sort_unstable();
             let list: Vec<String> = others.iter().map(|r| r.to_string()).collect();
             format!("; rank(s) {} stopped after it", list.join(", "))
         };

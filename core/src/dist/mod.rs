@@ -81,6 +81,23 @@ pub fn available() -> bool {
     unsafe { sipt_dist_available() == 1 }
 }
 
+/// A collective failed because another rank failed or went away: this rank's error is a
+/// consequence. `sipt` exits with [`PEER_FAILURE_EXIT`] for it, so that a launcher can name the
+/// rank that failed first.
+#[derive(Debug)]
+pub struct PeerFailure(pub String);
+
+impl std::fmt::Display for PeerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PeerFailure {}
+
+/// The exit status of a rank that stopped because another one failed.
+pub const PEER_FAILURE_EXIT: u8 = 75;
+
 /// Whether this build has c10d's NCCL backend (for CUDA tensors).
 pub fn has_nccl() -> bool {
     // SAFETY: a plain function without arguments.
@@ -362,13 +379,14 @@ impl Group {
     fn failure(&self, what: &str, detail: String) -> anyhow::Error {
         for r in (0..self.size).filter(|&r| r != self.rank) {
             if let Some(msg) = self.posted_error(r) {
-                return anyhow!("rank {r} failed: {msg}");
+                return PeerFailure(format!("rank {r} failed: {msg}")).into();
             }
         }
-        anyhow!(
+        PeerFailure(format!(
             "{detail}: another rank stopped, or did not reach this {what} within distributed.timeout_s = {:.0}",
             self.timeout.as_secs_f64()
-        )
+        ))
+        .into()
     }
 
     fn collective(&self, what: &str, f: impl FnOnce(*mut c_char, usize) -> i64) -> Result<()> {
