@@ -17,6 +17,35 @@ use anyhow::{anyhow, Result};
 use sipt_experiment::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
+/// An order of rows whose contiguous shares among `ranks` (the sizes [`Micro::own`] gives)
+/// hold about equal costs: the costliest rows first, each to the share with the least cost so
+/// far that still has room (every rank computes the same order from the same costs).
+fn balanced_order(costs: &[usize], ranks: usize) -> Vec<usize> {
+    let n = costs.len();
+    let room: Vec<usize> = (0..ranks)
+        .map(|r| n * (r + 1) / ranks - n * r / ranks)
+        .collect();
+    let mut by_cost: Vec<usize> = (0..n).collect();
+    by_cost.sort_by(|&a, &b| costs[b].cmp(&costs[a]).then(a.cmp(&b)));
+    let mut shares: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+    let mut load = vec![0usize; ranks];
+    for i in by_cost {
+        let r = (0..ranks)
+            .filter(|&r| shares[r].len() < room[r])
+            .min_by_key(|&r| (load[r], r))
+            .unwrap_or(0);
+        shares[r].push(i);
+        load[r] += costs[i];
+    }
+    shares
+        .into_iter()
+        .flat_map(|mut s| {
+            s.sort_unstable();
+            s
+        })
+        .collect()
+}
+
 /// `(start, len)` of consecutive spans of at most `size` of `n` items.
 fn spans(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(size).map(move |i| (i, size.min(n - i)))
@@ -158,6 +187,39 @@ impl<'a> Micro<'a> {
                 continuation_logprobs(model, pre, cont)
             }));
         }
+        if self.dist.size() == 1 {
+            return self.logprobs_in_order(model, pre, cont, differentiable);
+        }
+        // Ranks take contiguous shares of the rows; order the rows so that the shares hold
+        // about as many tokens each (the slowest rank sets the pace), then restore the order.
+        let costs: Vec<usize> = pre
+            .iter()
+            .zip(cont)
+            .map(|(p, c)| p.len() + c.len())
+            .collect();
+        let order = balanced_order(&costs, self.dist.size());
+        let pre: Vec<&[u32]> = order.iter().map(|&i| pre[i]).collect();
+        let cont: Vec<&[u32]> = order.iter().map(|&i| cont[i]).collect();
+        let (lp, count) = self.logprobs_in_order(model, &pre, &cont, differentiable)?;
+        let mut inverse = vec![0i64; order.len()];
+        for (at, &i) in order.iter().enumerate() {
+            inverse[i] = at as i64;
+        }
+        let inverse = Tensor::from_slice(&inverse).to_device(self.device);
+        Ok((
+            lp.index_select(0, &inverse),
+            count.index_select(0, &inverse),
+        ))
+    }
+
+    /// [`Micro::logprobs`] with this rank's share taken from the rows as they come.
+    fn logprobs_in_order(
+        &mut self,
+        model: &Llama,
+        pre: &[&[u32]],
+        cont: &[&[u32]],
+        differentiable: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let own = self.own(pre.len());
         if differentiable && !self.micro(own.1) && own.1 > 0 {
             // A share that fits one pass keeps its graph: no second forward pass.
@@ -285,5 +347,31 @@ impl<'a> Micro<'a> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_order;
+
+    #[test]
+    fn balanced_shares_have_their_sizes_and_similar_costs() {
+        let costs = [100, 10, 90, 20, 80, 30, 70, 40];
+        let order = balanced_order(&costs, 2);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+        let (a, b): (usize, usize) = (
+            order[..4].iter().map(|&i| costs[i]).sum(),
+            order[4..].iter().map(|&i| costs[i]).sum(),
+        );
+        assert_eq!(a + b, 440);
+        assert!(a.abs_diff(b) <= 20, "{a} vs {b}: {order:?}");
+        // Contiguous halves in order would be 220 vs 220 here only by luck; a skewed list shows it.
+        let skewed = [100, 90, 80, 70, 10, 10, 10, 10];
+        let order = balanced_order(&skewed, 2);
+        let a: usize = order[..4].iter().map(|&i| skewed[i]).sum();
+        assert!(a.abs_diff(380 - a) <= 40, "{a}: {order:?}");
+        assert_eq!(balanced_order(&[5, 5, 5], 2).len(), 3);
     }
 }
