@@ -491,3 +491,31 @@ fn torchrun_starts_the_ranks_through_its_own_store() {
     let d = relative_difference(&final_weights(&one, 2), &final_weights(&two, 2));
     assert!(d <= 1e-4, "final weights differ by {d} of the weight scale");
 }
+
+#[test]
+fn a_job_resumes_on_another_number_of_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = quickstart(4, &["train.keep_checkpoints=3"]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let out = train(&one, &args, 1);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = train(&two, &args, 2);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // As if the 2-rank job had died after its step-2 checkpoint: resume it on 1 rank.
+    let checkpoints = two.join("checkpoints");
+    std::fs::remove_dir_all(checkpoints.join("step-00000004")).unwrap();
+    std::fs::write(checkpoints.join("latest"), "step-00000002").unwrap();
+    let out = run(sipt().args(&args).arg("--out").arg(&two).arg("--resume"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("resuming from"), "{}", out.stderr);
+    assert_eq!(logged_steps(&two), vec![1, 2, 3, 4]);
+    let d = relative_difference(&final_weights(&one, 4), &final_weights(&two, 4));
+    assert!(d <= 1e-4, "final weights differ by {d} of the weight scale");
+    let (a, b) = (untimed_rows(&one), untimed_rows(&two));
+    for (x, y) in a.iter().zip(&b) {
+        for (k, v) in x {
+            let (v, w) = (v.as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!((v - w).abs() <= 1e-4 * v.abs().max(1.0), "{k} = {v} vs {w}");
+        }
+    }
+}
