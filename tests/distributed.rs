@@ -107,20 +107,6 @@ fn next_token_training_on_two_ranks_matches_one() {
     assert!(series(&two, "time/all_reduce").iter().all(|&s| s > 0.0));
 }
 
-/// Every metric row without the timing keys.
-fn untimed_rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    metric_rows(run_dir)
-        .into_iter()
-        .map(|row| {
-            let serde_json::Value::Object(mut v) = row else {
-                panic!("a metrics row is not an object: {row}")
-            };
-            v.retain(|k, _| !k.starts_with("time/") && !k.starts_with("perf/"));
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn self_improving_training_on_two_ranks_matches_one() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,13 +32,7 @@ impl Drop for Server {
 
 fn start_server() -> Option<Server> {
     let python = python();
-    if !needs::check("llm-server", || {
-        if python.exists() {
-            Ok(())
-        } else {
-            Err(format!("no Python at {}", python.display()))
-        }
-    }) {
+    if !needs::check("llm-server", || needs::file(&python, "Python")) {
         return None;
     }
     let mut child = Command::new(&python)

@@ -74,20 +74,6 @@ ntp_weight = 0.5
     )
 }
 
-/// Every metric row without the timing keys, which differ from run to run.
-fn rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    metric_rows(run_dir)
-        .into_iter()
-        .map(|row| {
-            let serde_json::Value::Object(mut v) = row else {
-                panic!("a metrics row is not an object: {row}")
-            };
-            v.retain(|k, _| !k.starts_with("time/") && !k.starts_with("perf/"));
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn overlap_changes_nothing_and_resume_is_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,7 +83,7 @@ fn overlap_changes_nothing_and_resume_is_exact() {
     let overlapped = dir.path().join("overlapped");
     let out = run(sipt().arg("run").arg(&file).arg("--out").arg(&overlapped));
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let reference = rows(&overlapped);
+    let reference = untimed_rows(&overlapped);
     assert_eq!(reference.len(), steps as usize);
     let last = reference.last().unwrap();
     for key in [
@@ -127,7 +113,11 @@ fn overlap_changes_nothing_and_resume_is_exact() {
         .arg(&sequential)
         .args(["--set", "sip.overlap=false"]));
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(rows(&sequential), reference, "overlap changed the results");
+    assert_eq!(
+        untimed_rows(&sequential),
+        reference,
+        "overlap changed the results"
+    );
 
     let killed = dir.path().join("killed");
     let mut child = sipt()
@@ -153,7 +143,7 @@ fn overlap_changes_nothing_and_resume_is_exact() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
-        rows(&killed).len() < steps as usize,
+        untimed_rows(&killed).len() < steps as usize,
         "the run finished before it could be killed"
     );
     let out = run(sipt()
@@ -163,7 +153,7 @@ fn overlap_changes_nothing_and_resume_is_exact() {
         .arg(&killed)
         .arg("--resume"));
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(rows(&killed), reference, "the resumed run diverged");
+    assert_eq!(untimed_rows(&killed), reference, "the resumed run diverged");
 }
 
 #[test]
@@ -197,7 +187,7 @@ fn micro_batched_updates_match_one_pass_and_chunked_sampling_runs() {
         .args(["--set", "train.micro_batch=3", "--out"])
         .arg(&micro));
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let (a, b) = (rows(&whole), rows(&micro));
+    let (a, b) = (untimed_rows(&whole), untimed_rows(&micro));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         for key in ["loss/total", "loss/dpo", "loss/ntp", "grad_norm"] {
@@ -218,7 +208,7 @@ fn micro_batched_updates_match_one_pass_and_chunked_sampling_runs() {
             .args(["--set", "sip.rollout_prefixes=1", "--out"])
             .arg(&d));
         assert_eq!(out.code, 0, "{}", out.stderr);
-        rows(&d)
+        untimed_rows(&d)
     };
     let (c1, c2) = (chunked("chunked1"), chunked("chunked2"));
     assert_eq!(c1, c2);

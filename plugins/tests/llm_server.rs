@@ -166,13 +166,7 @@ run scripts/fetch-assets.sh smollm2, or set SIPT_SKIP=llm-server to skip these t
 fn lease() -> Option<Lease> {
     let mut guard = FIXTURE.lock().unwrap_or_else(|e| e.into_inner());
     let python = python();
-    if !needs::check("llm-server", || {
-        if python.exists() {
-            Ok(())
-        } else {
-            Err(format!("no Python at {}", python.display()))
-        }
-    }) {
+    if !needs::check("llm-server", || needs::file(&python, "Python")) {
         guard.finished += 1;
         return None;
     }

@@ -44,6 +44,20 @@ pub fn metric_rows(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every metric row of a run without the timing keys, which differ from run to run.
+pub fn untimed_rows(run_dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    metric_rows(run_dir)
+        .into_iter()
+        .map(|row| {
+            let serde_json::Value::Object(mut v) = row else {
+                panic!("a metrics row is not an object: {row}")
+            };
+            v.retain(|k, _| !k.starts_with("time/") && !k.starts_with("perf/"));
+            v
+        })
+        .collect()
+}
+
 /// The step of every row of a run's `metrics.jsonl`, in file order.
 pub fn logged_steps(run_dir: &Path) -> Vec<u64> {
     metric_rows(run_dir)

@@ -78,3 +78,12 @@ pub fn check(need: &str, present: impl FnOnce() -> Result<(), String>) -> bool {
     }
     true
 }
+
+/// `present` for a need that is a file: `Err` names what is missing where.
+pub fn file(path: &std::path::Path, what: &str) -> Result<(), String> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(format!("no {what} at {}", path.display()))
+    }
+}

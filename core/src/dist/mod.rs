@@ -661,6 +661,11 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
     fn world(vars: &[(&str, &str)]) -> Result<World> {
         let map: HashMap<String, String> = vars
             .iter()
@@ -714,13 +719,8 @@ mod tests {
 
     #[test]
     fn a_group_of_one_all_reduces_and_nccl_needs_a_gpu() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let world = World {
-            master_port: port,
+            master_port: free_port(),
             ..World::single()
         };
         let g = Group::join(&world, Backend::Gloo, Duration::from_secs(30)).unwrap();
@@ -738,13 +738,8 @@ mod tests {
             );
         }
         if has_nccl() && !tch::Cuda::is_available() {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
             let world = World {
-                master_port: port,
+                master_port: free_port(),
                 ..World::single()
             };
             let err = Group::join(&world, Backend::Nccl, Duration::from_secs(30))
