@@ -117,13 +117,15 @@ impl AdamW {
                 if p.decay && self.weight_decay > 0.0 {
                     let _ = p.tensor.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let _ = p.m.g_mul_scalar_(b1);
-                let _ = p.m.g_add_(&(&g * (1.0 - b1)));
-                let _ = p.v.g_mul_scalar_(b2);
-                let _ = p.v.g_add_(&(&g * &g * (1.0 - b2)));
-                let denom = (&p.v / bias2).sqrt() + self.eps;
-                let update = &p.m / &denom * (lr / bias1);
-                let _ = p.tensor.g_sub_(&update);
+                // In place where libtorch has the fused form (3 temporaries, not 8): every
+                // rank of a data-parallel job repeats this step, so its cost does not shrink.
+                // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g²
+                let _ = p.m.lerp_(&g, 1.0 - b1);
+                let _ = p.v.g_mul_scalar_(b2).addcmul_(&g, &(&g * (1.0 - b2)));
+                // x -= lr / bias1 · m / (sqrt(v) / sqrt(bias2) + eps)
+                let mut denom = p.v.sqrt();
+                let _ = denom.g_div_scalar_(bias2.sqrt()).g_add_scalar_(self.eps);
+                let _ = p.tensor.addcdiv_(&(&p.m * (-lr / bias1)), &denom);
             }
         });
     }
