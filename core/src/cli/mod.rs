@@ -188,10 +188,11 @@ fn rank_label() -> Option<String> {
 
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
-    // Rank 0 of a job speaks for it; the other ranks only warn.
+    // Rank 0 of a job speaks for it (the ranks compute the same metrics, monitors and warnings);
+    // the others report only errors, unless RUST_LOG or -v asks for more.
     let quiet = rank_label().is_some_and(|r| r != "rank 0");
     let default = match (verbose, quiet) {
-        (0, true) => "warn",
+        (0, true) => "error",
         (0, false) => "info",
         (1, _) => "debug",
         _ => "trace",
