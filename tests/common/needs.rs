@@ -14,6 +14,10 @@
 /// The needs a test can name, with how to provide each.
 pub const NEEDS: &[(&str, &str)] = &[
     (
+        "tensorboard",
+        "scripts/setup.sh --test installs the tensorboard package into the venv",
+    ),
+    (
         "slurm",
         "scripts/slurm-local.sh start, then export the SLURM_CONF it prints",
     ),

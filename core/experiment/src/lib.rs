@@ -14,5 +14,6 @@ pub mod rng;
 pub mod rundir;
 pub mod suggest;
 pub mod sweep;
+pub mod tensorboard;
 pub mod tournament;
 pub mod tracking;

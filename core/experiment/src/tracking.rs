@@ -1,6 +1,7 @@
 //! Where metrics go: always `metrics.jsonl` in the run directory; with `tracking.wandb.mode`,
 //! also a Weights & Biases offline run (`<run>/wandb/offline-run-*`) that the official `wandb`
-//! CLI syncs (`wandb sync`), or streams while training runs (`live`).
+//! CLI syncs (`wandb sync`), or streams while training runs (`live`); with
+//! `tracking.tensorboard`, also TensorBoard event files (`crate::tensorboard`).
 
 use crate::config::{Experiment, WandbMode};
 use crate::metrics::{JsonLines, Row, Sink};
@@ -47,6 +48,15 @@ impl Tracker {
             &run.file(METRICS_FILE),
             resume_step,
         )?)];
+        if e.tracking.tensorboard {
+            let events = crate::tensorboard::EventFile::create(run.path(), resume_step)?;
+            tracing::info!(
+                "TensorBoard events: {} (tensorboard --logdir {})",
+                events.path().display(),
+                run.path().display()
+            );
+            sinks.push(Box::new(events));
+        }
         let w = &e.tracking.wandb;
         if w.mode != WandbMode::Off {
             let id_file = run.file(WANDB_ID_FILE);

@@ -481,6 +481,8 @@ impl Default for HealthSection {
 pub struct TrackingSection {
     /// Metrics always go to `metrics.jsonl` in the run directory; this adds W&B.
     pub wandb: WandbSection,
+    /// Also write every row as TensorBoard scalars under `<run>/tensorboard/`.
+    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
