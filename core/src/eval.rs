@@ -144,8 +144,7 @@ pub fn unsafe_prompts(
     let patterns: Vec<String> = files.iter().map(|f| expand_path(f)).collect();
     let mut texts = Vec::new();
     for file in crate::data::list_files(&patterns).context("eval.unsafe_prefixes")? {
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
+        let text = crate::data::read_text(&file)?;
         texts.extend(
             text.lines()
                 .map(str::trim)

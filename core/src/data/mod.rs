@@ -13,7 +13,54 @@ use sipt_experiment::rng::SplitMix;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
-/// Expand files, folders (recursively: .txt, .md, .jsonl, .json) and globs, sorted, deduplicated.
+/// A file's extension for its contents: `x.jsonl.gz` → `jsonl` (gzip and zstd are read
+/// through), with the compression if any.
+fn kind_of(path: &Path) -> (Option<&str>, Option<&'static str>) {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let (inner, compression) = if let Some(rest) = name.strip_suffix(".gz") {
+        (rest, Some("gzip"))
+    } else if let Some(rest) = name.strip_suffix(".zst") {
+        (rest, Some("zstd"))
+    } else {
+        (name, None)
+    };
+    (
+        Path::new(inner).extension().and_then(|e| e.to_str()),
+        compression,
+    )
+}
+
+/// A file's text, decompressed when it ends in `.gz` or `.zst`.
+pub fn read_text(file: &Path) -> Result<String> {
+    use std::io::Read;
+    let (_, compression) = kind_of(file);
+    let open =
+        || std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()));
+    let mut text = String::new();
+    match compression {
+        None => {
+            return std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {} as UTF-8 text", file.display()))
+        }
+        Some("gzip") => flate2::read::MultiGzDecoder::new(open()?)
+            .read_to_string(&mut text)
+            .map(|_| ()),
+        Some(_) => zstd::stream::read::Decoder::new(open()?)
+            .and_then(|mut d| d.read_to_string(&mut text))
+            .map(|_| ()),
+    }
+    .with_context(|| {
+        format!(
+            "cannot read {} as {} of UTF-8 text",
+            file.display(),
+            compression.unwrap_or("plain")
+        )
+    })?;
+    Ok(text)
+}
+
+/// Expand files, folders (recursively: .txt, .md, .jsonl, .json, each also gzip- or
+/// zstd-compressed: .jsonl.gz, .jsonl.zst, ...) and globs, sorted, deduplicated.
 pub fn list_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for pattern in patterns {
@@ -48,29 +95,23 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             walk(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("txt" | "md" | "jsonl" | "json")
-        ) {
+        } else if matches!(kind_of(&path).0, Some("txt" | "md" | "jsonl" | "json")) {
             out.push(path);
         }
     }
     Ok(())
 }
 
-/// Read documents: a text file is one document; a JSON-lines file holds one per line.
+/// Read documents: a text file is one document; a JSON-lines file holds one per line (as Dolma
+/// and RedPajama ship them, also gzip- or zstd-compressed).
 pub fn read_documents(files: &[PathBuf], format: &str, field: &str) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {} as UTF-8 text", file.display()))?;
+        let text = read_text(file)?;
         let jsonl = match format {
             "jsonl" => true,
             "text" => false,
-            _ => matches!(
-                file.extension().and_then(|e| e.to_str()),
-                Some("jsonl" | "json")
-            ),
+            _ => matches!(kind_of(file).0, Some("jsonl" | "json")),
         };
         if jsonl {
             for (i, line) in text.lines().enumerate() {
@@ -459,5 +500,34 @@ mod tests {
         let err = read_documents(&[dir.path().join("d.jsonl")], "auto", "text").unwrap_err();
         assert!(err.to_string().contains("d.jsonl:1"), "{err}");
         assert!(list_files(&["/no/such/*.txt".into()]).is_err());
+    }
+
+    #[test]
+    fn reads_gzip_and_zstd_compressed_shards() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let lines = "{\"text\": \"one\"}\n{\"text\": \"two\"}\n";
+        // Two gzip members in one file, as concatenated shards are.
+        let mut gz = Vec::new();
+        for part in lines.split_inclusive('\n') {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(part.as_bytes()).unwrap();
+            gz.extend(e.finish().unwrap());
+        }
+        std::fs::write(dir.path().join("a.jsonl.gz"), gz).unwrap();
+        let zst = zstd::stream::encode_all("a whole document".as_bytes(), 3).unwrap();
+        std::fs::write(dir.path().join("b.txt.zst"), zst).unwrap();
+        std::fs::write(dir.path().join("c.bin.gz"), "ignored").unwrap();
+        let files = list_files(&[dir.path().display().to_string()]).unwrap();
+        assert_eq!(files.len(), 2, "{files:?}");
+        let docs = read_documents(&files, "auto", "text").unwrap();
+        assert_eq!(docs, vec!["one", "two", "a whole document"]);
+        // A file that is not what its name says: an error naming it.
+        std::fs::write(dir.path().join("d.jsonl.zst"), "not zstd").unwrap();
+        let err = read_documents(&[dir.path().join("d.jsonl.zst")], "auto", "text").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("d.jsonl.zst as zstd"),
+            "{err:#}"
+        );
     }
 }
