@@ -442,10 +442,7 @@ fn a_sweep_gives_each_trial_its_ranks() {
 
 /// torchrun from the venv that provides libtorch (it comes with PyTorch).
 fn torchrun() -> std::path::PathBuf {
-    let venv = std::env::var_os("SIPT_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv"));
-    let path = venv.join("bin/torchrun");
+    let path = venv_bin("torchrun");
     assert!(
         path.exists(),
         "no torchrun at {} (scripts/setup.sh installs PyTorch there)",

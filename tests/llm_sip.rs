@@ -8,13 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("SIPT_PYTHON") {
-        return p.into();
+    match std::env::var_os("SIPT_PYTHON") {
+        Some(p) => p.into(),
+        None => venv_bin("python"),
     }
-    let venv = std::env::var_os("SIPT_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv"));
-    venv.join("bin/python")
 }
 
 /// The server, stopped when dropped.

@@ -5,16 +5,9 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 
-fn python() -> std::path::PathBuf {
-    let venv = std::env::var_os("SIPT_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv"));
-    venv.join("bin/python")
-}
-
 #[test]
 fn tensorboard_reads_every_step_once_across_a_resume() {
-    let python = python();
+    let python = venv_bin("python");
     let has_package = || {
         let ok = std::process::Command::new(&python)
             .args(["-c", "import tensorboard"])

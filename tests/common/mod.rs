@@ -108,6 +108,15 @@ pub fn assets() -> PathBuf {
     cache.join("assets")
 }
 
+/// The project's venv (`SIPT_VENV`, else `.venv` in the project): its programs, such as
+/// `bin/python` and `bin/torchrun`.
+pub fn venv_bin(program: &str) -> PathBuf {
+    let venv = std::env::var_os("SIPT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv"));
+    venv.join("bin").join(program)
+}
+
 /// The smallest model the end-to-end tests train from scratch (an experiment file's `[model]`).
 pub const TINY_MODEL: &str = "[model]
 vocab_size = 512
