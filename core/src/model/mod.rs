@@ -113,6 +113,33 @@ impl Policy {
                 missing[0]
             );
         }
+        // Every tensor of the checkpoint is used, or named: one the model has no place for
+        // (a bias, a norm of another family) means it would compute something else.
+        let mut unused: Vec<&String> = tensors
+            .keys()
+            .filter(|name| !variables.contains_key(*name))
+            .collect();
+        unused.sort();
+        let (harmless, unused): (Vec<&String>, Vec<&String>) = unused.into_iter().partition(|n| {
+            n.ends_with("rotary_emb.inv_freq")
+                || (n.as_str() == "lm_head.weight" && self.model.config.tie_word_embeddings)
+        });
+        if !harmless.is_empty() {
+            tracing::warn!(
+                "{}: ignoring {} tensor(s) the model computes itself or ties (e.g. {})",
+                dir.display(),
+                harmless.len(),
+                harmless[0]
+            );
+        }
+        if !unused.is_empty() {
+            bail!(
+                "{}: {} tensor(s) of the checkpoint have no place in this model, e.g. {} (a family or option sipt does not implement)",
+                dir.display(),
+                unused.len(),
+                unused[0]
+            );
+        }
         Ok(())
     }
 
@@ -193,17 +220,117 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
             dir.display()
         )
     })?;
-    let value: serde_json::Value = serde_json::from_str(&text)
+    let mut value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    if let Some(t) = value.get("model_type").and_then(|v| v.as_str()) {
-        if !matches!(t, "llama" | "mistral" | "qwen2" | "smollm") {
-            bail!(
-                "{}: model_type '{t}' is not a Llama-family model",
-                path.display()
-            );
+    refuse_unimplemented(&path, &mut value)?;
+    let config: LlamaConfig = serde_json::from_value(value)
+        .with_context(|| format!("{}: not a Llama config", path.display()))?;
+    let heads = config.num_attention_heads;
+    if heads == 0 || config.kv_heads() == 0 || heads % config.kv_heads() != 0 {
+        bail!(
+            "{}: num_attention_heads = {heads} and num_key_value_heads = {}: expected positive counts, the first a multiple of the second",
+            path.display(),
+            config.kv_heads()
+        );
+    }
+    if config.head_dim.is_none() && config.hidden_size % heads != 0 {
+        bail!(
+            "{}: hidden_size = {} is not divisible by num_attention_heads = {heads} (and no head_dim is given)",
+            path.display(),
+            config.hidden_size
+        );
+    }
+    if config.vocab_size == 0 || config.hidden_size == 0 || config.num_hidden_layers == 0 {
+        bail!(
+            "{}: vocab_size, hidden_size and num_hidden_layers must be positive",
+            path.display()
+        );
+    }
+    Ok(config)
+}
+
+/// Every `config.json` field that would change the computation in a way this engine does not
+/// implement is refused, naming the file, the field and its value — a model must never load and
+/// compute something else without a word. Transformers 5's `rope_parameters` is read for its
+/// `rope_theta` (older files have it at the top level).
+fn refuse_unimplemented(path: &Path, value: &mut serde_json::Value) -> Result<()> {
+    let refuse = |field: &str, v: &serde_json::Value, why: &str| {
+        anyhow!("{}: {field} = {v}: {why}", path.display())
+    };
+    let original = value.clone();
+    let get = |k: &str| original.get(k).filter(|v| !v.is_null()).cloned();
+    if let Some(t) = get("model_type") {
+        match t.as_str() {
+            Some("llama" | "mistral" | "smollm") => {}
+            Some("qwen2" | "qwen3") => {
+                return Err(refuse(
+                    "model_type",
+                    &t,
+                    "its q/k/v biases (Qwen2) or q/k norms (Qwen3) are not implemented yet",
+                ))
+            }
+            _ => {
+                return Err(refuse(
+                    "model_type",
+                    &t,
+                    "not a Llama-family model sipt implements (llama, mistral, smollm)",
+                ))
+            }
         }
     }
-    serde_json::from_value(value).with_context(|| format!("{}: not a Llama config", path.display()))
+    if let Some(r) = get("rope_scaling") {
+        return Err(refuse(
+            "rope_scaling",
+            &r,
+            "scaled rotary embeddings are not implemented yet (only plain RoPE)",
+        ));
+    }
+    if let Some(p) = get("rope_parameters") {
+        let kind = p
+            .get("rope_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        if kind != "default" {
+            return Err(refuse(
+                "rope_parameters",
+                &p,
+                "scaled rotary embeddings are not implemented yet (only rope_type \"default\")",
+            ));
+        }
+        if get("rope_theta").is_none() {
+            if let (Some(theta), Some(map)) = (p.get("rope_theta").cloned(), value.as_object_mut())
+            {
+                map.insert("rope_theta".into(), theta);
+            }
+        }
+    }
+    for field in ["attention_bias", "mlp_bias"] {
+        if let Some(v) = get(field).filter(|v| v.as_bool() == Some(true)) {
+            return Err(refuse(
+                field,
+                &v,
+                "biases in the projections are not implemented",
+            ));
+        }
+    }
+    for field in ["attention_dropout", "hidden_dropout", "dropout"] {
+        if let Some(v) = get(field).filter(|v| v.as_f64().is_some_and(|x| x != 0.0)) {
+            return Err(refuse(field, &v, "dropout is not implemented (expected 0)"));
+        }
+    }
+    if let Some(v) = get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
+        return Err(refuse(
+            "hidden_act",
+            &v,
+            "only SwiGLU with silu is implemented",
+        ));
+    }
+    let sliding = get("sliding_window")
+        .filter(|_| original.get("use_sliding_window").and_then(|u| u.as_bool()) != Some(false));
+    if let Some(v) = sliding {
+        return Err(refuse("sliding_window", &v, "sliding-window attention is not implemented yet; sequences longer than the window would attend past it"));
+    }
+    Ok(())
 }
 
 fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
@@ -256,4 +383,134 @@ pub fn eos_tokens(config: &LlamaConfig, tokenizer: &Tokenizer) -> Vec<u32> {
     let mut eos: Vec<u32> = config.eos_ids().into_iter().map(|x| x as u32).collect();
     eos.extend(tokenizer.eos);
     eos
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_error(extra: serde_json::Value) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = serde_json::json!({
+            "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        std::fs::write(dir.path().join(CONFIG_JSON), config.to_string()).unwrap();
+        match read_config(dir.path()) {
+            Ok(_) => String::new(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn fields_that_change_the_math_are_refused_by_name() {
+        assert_eq!(
+            config_error(serde_json::json!({"rope_scaling": null, "attention_bias": false})),
+            ""
+        );
+        for (extra, want) in [
+            (
+                serde_json::json!({"rope_scaling": {"type": "llama3", "factor": 8.0}}),
+                "rope_scaling = {",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}),
+                "rope_parameters = ",
+            ),
+            (
+                serde_json::json!({"attention_bias": true}),
+                "attention_bias = true",
+            ),
+            (
+                serde_json::json!({"attention_dropout": 0.1}),
+                "attention_dropout = 0.1",
+            ),
+            (
+                serde_json::json!({"hidden_act": "gelu"}),
+                "hidden_act = \"gelu\"",
+            ),
+            (
+                serde_json::json!({"model_type": "mistral", "sliding_window": 4096}),
+                "sliding_window = 4096",
+            ),
+            (
+                serde_json::json!({"model_type": "qwen2"}),
+                "model_type = \"qwen2\"",
+            ),
+            (
+                serde_json::json!({"model_type": "gpt2"}),
+                "not a Llama-family model",
+            ),
+            (
+                serde_json::json!({"num_attention_heads": 0}),
+                "num_attention_heads = 0",
+            ),
+            (
+                serde_json::json!({"hidden_size": 30}),
+                "hidden_size = 30 is not divisible",
+            ),
+        ] {
+            let err = config_error(extra.clone());
+            assert!(err.contains(want), "{extra}: {err}");
+            assert!(err.contains("config.json"), "{err}");
+        }
+        // A Mistral file that turns its window off loads.
+        assert_eq!(
+            config_error(
+                serde_json::json!({"model_type": "mistral", "sliding_window": 4096, "use_sliding_window": false})
+            ),
+            ""
+        );
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_give_the_theta() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({
+            "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+        });
+        std::fs::write(dir.path().join(CONFIG_JSON), config.to_string()).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap().rope_theta, 500000.0);
+    }
+
+    #[test]
+    fn a_tensor_with_no_place_in_the_model_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LlamaConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 1,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        let policy = Policy::from_scratch(config, Device::Cpu);
+        policy.save(dir.path()).unwrap();
+        policy.load_weights(dir.path()).unwrap();
+        // A Qwen2-style bias the model has no place for.
+        let mut named: Vec<(String, Tensor)> = policy.vs.variables().into_iter().collect();
+        named.push((
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            Tensor::zeros([32], (Kind::Float, Device::Cpu)),
+        ));
+        Tensor::write_safetensors(&named, dir.path().join(WEIGHTS)).unwrap();
+        let err = format!("{:#}", policy.load_weights(dir.path()).unwrap_err());
+        assert!(
+            err.contains("model.layers.0.self_attn.q_proj.bias"),
+            "{err}"
+        );
+        assert!(err.contains("no place in this model"), "{err}");
+    }
 }
