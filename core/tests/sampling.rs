@@ -8,7 +8,12 @@ use sipt_core::model::{Batch, KvCache, Llama, LlamaConfig, Packed, Policy};
 use sipt_core::sample::{continuation_logprobs, generate, generate_packed, Sampling};
 use tch::{Device, Kind, Tensor};
 
+/// Tests run on parallel threads and libtorch's generator is global: a model's random
+/// initialisation holds this lock from seeding to the last draw.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn policy() -> Policy {
+    let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(11);
     let config = LlamaConfig {
         vocab_size: 97,
@@ -24,6 +29,7 @@ fn policy() -> Policy {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_id: None,
+        qkv_bias: false,
     };
     let p = Policy::from_scratch(config, Device::Cpu);
     // Sharpen the random model so that greedy choices are not near-ties.
@@ -229,6 +235,7 @@ fn packed_weights_decode_like_the_model() {
 fn a_failing_packed_kernel_is_an_error_and_sampling_falls_back() {
     let p = policy();
     // Weights packed for another model: their products refuse this model's activations.
+    let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
     let other = Policy::from_scratch(
         LlamaConfig {
             hidden_size: 48,
@@ -237,6 +244,7 @@ fn a_failing_packed_kernel_is_an_error_and_sampling_falls_back() {
         },
         Device::Cpu,
     );
+    drop(_init);
     let packed = other.model.pack(2).expect("f32 weights pack on every CPU");
     let w = sipt_core::model::packed::repack(&Tensor::ones([4, 8], (Kind::Float, Device::Cpu)), 2);
     let x = Tensor::ones([2, 5], (Kind::Float, Device::Cpu));
