@@ -65,6 +65,7 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_id: None,
+        qkv_bias: false,
     };
     let params = config.parameters();
     let policy = Policy::from_scratch(config, device);

@@ -35,6 +35,10 @@ pub struct LlamaConfig {
     /// One id or several (HF allows both).
     #[serde(default)]
     pub eos_token_id: Option<EosIds>,
+    /// Biases on the q, k and v projections (Qwen2's architecture; set from `model_type` when
+    /// the config is read, written back as `model_type = "qwen2"`).
+    #[serde(default, skip_serializing)]
+    pub qkv_bias: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,11 +92,13 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = v.as_object_mut() {
-            map.insert(
-                "architectures".into(),
-                serde_json::json!(["LlamaForCausalLM"]),
-            );
-            map.insert("model_type".into(), "llama".into());
+            let (model_type, architecture) = if self.qkv_bias {
+                ("qwen2", "Qwen2ForCausalLM")
+            } else {
+                ("llama", "LlamaForCausalLM")
+            };
+            map.insert("architectures".into(), serde_json::json!([architecture]));
+            map.insert("model_type".into(), model_type.into());
             map.insert("hidden_act".into(), "silu".into());
             map.insert("torch_dtype".into(), "float32".into());
             map.insert("head_dim".into(), self.head_dim().into());
@@ -118,14 +124,19 @@ fn normal(std: f64) -> nn::Init {
 }
 
 fn linear(p: nn::Path, input: usize, output: usize, std: f64) -> nn::Linear {
+    linear_with(p, input, output, std, false)
+}
+
+/// A linear layer, with a bias (initialised to zero) when `bias`.
+fn linear_with(p: nn::Path, input: usize, output: usize, std: f64, bias: bool) -> nn::Linear {
     nn::linear(
         p,
         input as i64,
         output as i64,
         nn::LinearConfig {
             ws_init: normal(std),
-            bs_init: None,
-            bias: false,
+            bs_init: bias.then_some(nn::Init::Const(0.0)),
+            bias,
         },
     )
 }
@@ -352,9 +363,15 @@ impl Attention {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
         Attention {
-            q: linear(&p / "q_proj", h, cfg.num_attention_heads * hd, std),
-            k: linear(&p / "k_proj", h, cfg.kv_heads() * hd, std),
-            v: linear(&p / "v_proj", h, cfg.kv_heads() * hd, std),
+            q: linear_with(
+                &p / "q_proj",
+                h,
+                cfg.num_attention_heads * hd,
+                std,
+                cfg.qkv_bias,
+            ),
+            k: linear_with(&p / "k_proj", h, cfg.kv_heads() * hd, std, cfg.qkv_bias),
+            v: linear_with(&p / "v_proj", h, cfg.kv_heads() * hd, std, cfg.qkv_bias),
             o: linear(&p / "o_proj", cfg.num_attention_heads * hd, h, out_std),
             heads: cfg.num_attention_heads as i64,
             kv_heads: cfg.kv_heads() as i64,
@@ -375,7 +392,10 @@ impl Attention {
         let (q, k, v) = match (packed, rope) {
             (Some(p), Rotary::Pairs(turn)) => {
                 // One product for q, k and v; q and k (paired rows) rotate together in f32.
-                let qkv = packed::linear(xs, &p.qkv)?;
+                let mut qkv = packed::linear(xs, &p.qkv)?;
+                if let Some(bias) = &p.qkv_bias {
+                    qkv += bias;
+                }
                 let v = qkv.narrow(-1, (heads + kv_heads) * hd, kv_heads * hd);
                 let qk = qkv
                     .narrow(-1, 0, (heads + kv_heads) * hd)

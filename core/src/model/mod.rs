@@ -262,18 +262,23 @@ fn refuse_unimplemented(path: &Path, value: &mut serde_json::Value) -> Result<()
     if let Some(t) = get("model_type") {
         match t.as_str() {
             Some("llama" | "mistral" | "smollm") => {}
-            Some("qwen2" | "qwen3") => {
+            Some("qwen2") => {
+                if let Some(map) = value.as_object_mut() {
+                    map.insert("qkv_bias".into(), true.into());
+                }
+            }
+            Some("qwen3") => {
                 return Err(refuse(
                     "model_type",
                     &t,
-                    "its q/k/v biases (Qwen2) or q/k norms (Qwen3) are not implemented yet",
+                    "its per-head q/k norms are not implemented yet",
                 ))
             }
             _ => {
                 return Err(refuse(
                     "model_type",
                     &t,
-                    "not a Llama-family model sipt implements (llama, mistral, smollm)",
+                    "not a Llama-family model sipt implements (llama, mistral, qwen2, smollm)",
                 ))
             }
         }
@@ -323,6 +328,16 @@ fn refuse_unimplemented(path: &Path, value: &mut serde_json::Value) -> Result<()
             "hidden_act",
             &v,
             "only SwiGLU with silu is implemented",
+        ));
+    }
+    if let Some(v) = get("layer_types").filter(|t| {
+        t.as_array()
+            .is_some_and(|a| a.iter().any(|x| x.as_str() != Some("full_attention")))
+    }) {
+        return Err(refuse(
+            "layer_types",
+            &v,
+            "only full attention is implemented",
         ));
     }
     let sliding = get("sliding_window")
@@ -437,8 +452,12 @@ mod tests {
                 "sliding_window = 4096",
             ),
             (
-                serde_json::json!({"model_type": "qwen2"}),
-                "model_type = \"qwen2\"",
+                serde_json::json!({"model_type": "qwen3"}),
+                "model_type = \"qwen3\"",
+            ),
+            (
+                serde_json::json!({"layer_types": ["sliding_attention"]}),
+                "layer_types = ",
             ),
             (
                 serde_json::json!({"model_type": "gpt2"}),
@@ -495,6 +514,7 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: None,
             eos_token_id: None,
+            qkv_bias: false,
         };
         let policy = Policy::from_scratch(config, Device::Cpu);
         policy.save(dir.path()).unwrap();

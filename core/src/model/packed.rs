@@ -117,6 +117,8 @@ fn pairs(w: &Tensor, heads: i64, head_dim: i64) -> Tensor {
 /// One block's projections, packed: q/k/v fused, o, gate/up fused, down.
 pub(super) struct PackedBlock {
     pub qkv: Tensor,
+    /// The q/k/v biases in the packed rows' order, when the model has them (Qwen2).
+    pub qkv_bias: Option<Tensor>,
     pub o: Tensor,
     pub gate_up: Tensor,
     pub down: Tensor,
@@ -145,9 +147,21 @@ impl Llama {
                     let q = q.index_select(0, &pairs(q, b.attn.heads, b.attn.head_dim));
                     let k = k.index_select(0, &pairs(k, b.attn.kv_heads, b.attn.head_dim));
                     let qkv = Tensor::cat(&[&q, &k, &b.attn.v.ws], 0);
+                    let qkv_bias = match (&b.attn.q.bs, &b.attn.k.bs, &b.attn.v.bs) {
+                        (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(
+                            &[
+                                bq.index_select(0, &pairs(bq, b.attn.heads, b.attn.head_dim)),
+                                bk.index_select(0, &pairs(bk, b.attn.kv_heads, b.attn.head_dim)),
+                                bv.shallow_clone(),
+                            ],
+                            0,
+                        )),
+                        _ => None,
+                    };
                     let gate_up = Tensor::cat(&[&b.mlp.gate.ws, &b.mlp.up.ws], 0);
                     Ok(PackedBlock {
                         qkv: repack(&qkv, rows)?,
+                        qkv_bias,
                         o: repack(&b.attn.o.ws, rows)?,
                         gate_up: repack(&gate_up, rows)?,
                         down: repack(&b.mlp.down.ws, rows)?,

@@ -186,6 +186,7 @@ pub fn scratch_config(e: &Experiment, vocab: usize, eos: Option<u32>) -> LlamaCo
         tie_word_embeddings: m.tie_embeddings,
         bos_token_id: None,
         eos_token_id: eos.map(|id| model::llama::EosIds::One(id as i64)),
+        qkv_bias: false,
     }
 }
 
