@@ -133,14 +133,7 @@ seed = 3
 device = "cpu"
 threads = 1
 
-[model]
-vocab_size = 512
-hidden_size = 64
-layers = 2
-heads = 4
-kv_heads = 2
-intermediate_size = 128
-max_position = 128
+{SMALL_MODEL}
 
 [data]
 train = ["@assets/corpora/shakespeare"]

@@ -133,13 +133,12 @@ fn rank_device(spec: &str, world: &World) -> Result<Device> {
 
 /// What makes two sipt programs the same build: their executables' contents.
 fn build_id() -> String {
+    use std::hash::{Hash, Hasher};
     let exe = std::env::current_exe().ok();
     let bytes = exe.and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
-    format!(
-        "{} {:016x}",
-        env!("CARGO_PKG_VERSION"),
-        paths::fingerprint(&[], &String::from_utf8_lossy(&bytes))
-    )
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    format!("{} {:016x}", env!("CARGO_PKG_VERSION"), h.finish())
 }
 
 /// Run the experiment into `run` (continuing its latest checkpoint when `resume`) over `dist`.

@@ -17,12 +17,6 @@ use sipt_experiment::plugins::{judge_pointwise, Plugins};
 use sipt_experiment::rng::SplitMix;
 use std::collections::BTreeMap;
 
-/// This rank's share of `n` items: `start..end`, as equal as the count allows.
-fn share(dist: &Dist, n: usize) -> std::ops::Range<usize> {
-    let (r, k) = (dist.rank(), dist.size());
-    n * r / k..n * (r + 1) / k
-}
-
 /// Mean validation loss over fixed windows (each rank scores its share of them).
 pub fn validation_loss(
     policy: &Policy,
@@ -39,7 +33,7 @@ pub fn validation_loss(
     let device = policy.device();
     let mut sums = [0.0, 0.0];
     tch::no_grad(|| {
-        for chunk in windows[share(dist, windows.len())].chunks(batch.max(1)) {
+        for chunk in windows[dist.share(windows.len())].chunks(batch.max(1)) {
             let ids = crate::data::window_batch(tokens, chunk, len, device);
             let loss = autocast(device, dtype, || policy.model.ntp_loss(&ids));
             sums[0] += loss.double_value(&[]) * chunk.len() as f64;
@@ -265,7 +259,7 @@ impl<'a> Evaluator<'a> {
         // Per set: criterion means (sum, count), judge failures (sum, -), win rates.
         let mut tally = Tally::new();
         for full in &self.sets {
-            let own = share(dist, full.ids.len());
+            let own = dist.share(full.ids.len());
             let set = PromptSet {
                 name: full.name,
                 texts: full.texts[own.clone()].to_vec(),

@@ -5,17 +5,12 @@
 //! packed weights on a CPU); and the checkpoint sipt then writes loads back in transformers
 //! with the same logits.
 
+mod common;
+use common::python;
 use sipt_core::model::{Batch, Policy};
 use sipt_core::sample::{generate, Sampling};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
-
-fn python() -> PathBuf {
-    let venv = std::env::var_os("SIPT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    venv.join("bin/python")
-}
 
 fn check(family: &str) {
     let dir = tempfile::tempdir().unwrap();

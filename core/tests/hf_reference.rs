@@ -1,22 +1,14 @@
 //! The Llama implementation against Hugging Face transformers on the same real weights
 //! (SmolLM2-135M-Instruct, imported from its GGUF): logits must agree within 1e-3.
 
+mod common;
+use common::python;
 use sipt_core::model::{Batch, Policy};
 use std::path::PathBuf;
 use tch::{Device, Tensor};
 
 fn assets() -> PathBuf {
     sipt_experiment::paths::assets_dir()
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("SIPT_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = std::env::var_os("SIPT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    venv.join("bin/python")
 }
 
 #[test]

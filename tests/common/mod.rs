@@ -117,6 +117,18 @@ pub fn venv_bin(program: &str) -> PathBuf {
     venv.join("bin").join(program)
 }
 
+/// A small model the end-to-end tests train from scratch, big enough that training moves its
+/// loss (an experiment file's `[model]`).
+pub const SMALL_MODEL: &str = "[model]
+vocab_size = 512
+hidden_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+intermediate_size = 128
+max_position = 128
+";
+
 /// The smallest model the end-to-end tests train from scratch (an experiment file's `[model]`).
 pub const TINY_MODEL: &str = "[model]
 vocab_size = 512

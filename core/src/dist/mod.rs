@@ -515,6 +515,13 @@ impl Dist {
         self.world.size
     }
 
+    /// This rank's share of `n` items split among the ranks in order: `start..end`, as equal as
+    /// the count allows (all of them alone).
+    pub fn share(&self, n: usize) -> std::ops::Range<usize> {
+        let (r, k) = (self.world.rank, self.world.size);
+        n * r / k..n * (r + 1) / k
+    }
+
     /// Whether this rank writes the run's files (metrics, samples, checkpoints, W&B).
     pub fn is_writer(&self) -> bool {
         self.world.rank == 0
@@ -584,11 +591,12 @@ impl Dist {
         Ok(())
     }
 
-    /// Sum the gradients of `params` over the ranks, flattened into buckets of about
-    /// `bucket_bytes` so that a model makes few collectives.
-    pub fn reduce_gradients(&self, params: &[Tensor], bucket_bytes: usize) -> Result<()> {
+    /// Sum the gradients of `vs`'s trainable variables over the ranks, flattened into buckets
+    /// of about `bucket_bytes` so that a model makes few collectives (nothing to do alone).
+    pub fn reduce_gradients(&self, vs: &tch::nn::VarStore, bucket_bytes: usize) -> Result<()> {
         let Some(g) = &self.group else { return Ok(()) };
-        let grads: Vec<Tensor> = params
+        let grads: Vec<Tensor> = vs
+            .trainable_variables()
             .iter()
             .map(|p| p.grad())
             .filter(|g| g.defined())

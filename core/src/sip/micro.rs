@@ -105,14 +105,22 @@ impl<'a> Micro<'a> {
         self.size > 0 && n > self.size
     }
 
-    /// This rank's rows of `n`: `(start, len)`, as equal as the count allows.
+    /// This rank's rows of `n`: `(start, len)` ([`Dist::share`]).
     fn own(&self, n: usize) -> (usize, usize) {
-        let (r, k) = (self.dist.rank(), self.dist.size());
-        let (start, end) = (n * r / k, n * (r + 1) / k);
-        (start, end - start)
+        let rows = self.dist.share(n);
+        (rows.start, rows.len())
     }
 
-    /// The micro-batches of rows `own`, as absolute `(start, len)` spans.
+    /// A scalar leaf holding `own` summed over the ranks (the job's value of a loss term).
+    fn summed_leaf(&self, own: f64) -> Result<Tensor> {
+        let mut total = [own];
+        self.dist.sum_f64(&mut total)?;
+        Ok(Tensor::from(total[0] as f32)
+            .to_device(self.device)
+            .set_requires_grad(true))
+    }
+
+    /// The micro-batches of rows `own`, as absolute `(start, len)` spans (none when empty).
     fn spans_of(&self, (start, len): (usize, usize)) -> Vec<(usize, usize)> {
         let size = if self.size == 0 {
             len.max(1)
@@ -237,7 +245,6 @@ impl<'a> Micro<'a> {
             let parts: Vec<(Tensor, Tensor)> = self
                 .spans_of(own)
                 .into_iter()
-                .filter(|&(_, n)| n > 0)
                 .map(|span| self.sequences_part(model, pre, cont, span))
                 .collect();
             if parts.is_empty() {
@@ -273,11 +280,7 @@ impl<'a> Micro<'a> {
         let own = self.own(rows);
         if !self.micro(own.1) && own.1 > 0 {
             let value = self.ntp_part(model, &batch, own);
-            let mut total = [value.double_value(&[])];
-            self.dist.sum_f64(&mut total)?;
-            let leaf = Tensor::from(total[0] as f32)
-                .to_device(self.device)
-                .set_requires_grad(true);
+            let leaf = self.summed_leaf(value.double_value(&[]))?;
             self.replays.push(Replay::Kept {
                 value: value.reshape([1]),
                 own: (0, 1),
@@ -288,15 +291,10 @@ impl<'a> Micro<'a> {
         let value = tch::no_grad(|| {
             self.spans_of(own)
                 .into_iter()
-                .filter(|&(_, n)| n > 0)
                 .map(|span| self.ntp_part(model, &batch, span).double_value(&[]))
                 .sum::<f64>()
         });
-        let mut total = [value];
-        self.dist.sum_f64(&mut total)?;
-        let leaf = Tensor::from(total[0] as f32)
-            .to_device(self.device)
-            .set_requires_grad(true);
+        let leaf = self.summed_leaf(value)?;
         self.replays.push(Replay::Ntp {
             batch,
             own,
@@ -322,7 +320,7 @@ impl<'a> Micro<'a> {
                     }
                     let pre: Vec<&[u32]> = pre.iter().map(Vec::as_slice).collect();
                     let cont: Vec<&[u32]> = cont.iter().map(Vec::as_slice).collect();
-                    for span in self.spans_of(*own).into_iter().filter(|&(_, n)| n > 0) {
+                    for span in self.spans_of(*own) {
                         let (lp, _) = self.sequences_part(model, &pre, &cont, span);
                         let g = grad.narrow(0, span.0 as i64, span.1 as i64);
                         (lp * g).sum(Kind::Float).backward();
@@ -341,7 +339,7 @@ impl<'a> Micro<'a> {
                     if !grad.defined() {
                         continue;
                     }
-                    for span in self.spans_of(*own).into_iter().filter(|&(_, n)| n > 0) {
+                    for span in self.spans_of(*own) {
                         (self.ntp_part(model, batch, span) * &grad).backward();
                     }
                 }

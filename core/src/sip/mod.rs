@@ -128,10 +128,7 @@ pub fn train(
         rewrite: base.rewrite,
         original: base.original,
         // Each rank makes, samples and judges its share of every batch.
-        share: {
-            let per = t.batch_size / dist.size();
-            dist.rank() * per..(dist.rank() + 1) * per
-        },
+        share: dist.share(t.batch_size),
     };
     let mut trainer = Trainer {
         e,

@@ -103,7 +103,7 @@ impl Learner {
             loss.backward();
             micro.backward(&policy.model);
             let reducing = std::time::Instant::now();
-            dist.reduce_gradients(&policy.vs.trainable_variables(), GRADIENT_BUCKET_BYTES)?;
+            dist.reduce_gradients(&policy.vs, GRADIENT_BUCKET_BYTES)?;
             seconds_all_reduce = reducing.elapsed().as_secs_f64();
             grad_norm = self.optimizer.clip_grad_norm(self.grad_clip);
             self.optimizer.step(lr);

@@ -36,11 +36,9 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
         continue_after,
         dist,
     )?;
-    let variables = policy.vs.trainable_variables();
     // Every rank draws the whole global batch's windows (so the data position is one for the
     // job, whatever its size) and trains on its share.
-    let (rank, ranks) = (dist.rank(), dist.size());
-    let local = t.batch_size / ranks;
+    let mine = dist.share(t.batch_size);
     let tokens_per_step = (t.batch_size * t.grad_accum * e.data.seq_len) as u64;
     tracing::info!(
         "next-token training: {} steps of {} sequences x {} tokens ({} windows per epoch)",
@@ -56,18 +54,17 @@ pub fn train(e: &Experiment, run: &RunDir, prepared: Prepared, plugins: &Plugins
         let mut loss_sum = 0.0;
         for _ in 0..t.grad_accum {
             let starts: Vec<usize> = (0..t.batch_size).map(|_| windows.next_start()).collect();
-            let mine = &starts[rank * local..(rank + 1) * local];
-            let ids = window_batch(&corpus.tokens, mine, len, device);
+            let ids = window_batch(&corpus.tokens, &starts[mine.clone()], len, device);
             // The mean over this rank's windows, weighted by its share of the global batch:
             // summed over the ranks, the global mean.
-            let share = local as f64 / t.batch_size as f64;
+            let share = mine.len() as f64 / t.batch_size as f64;
             let loss = autocast(device, e.model.dtype, || policy.model.ntp_loss(&ids)) * share
                 / t.grad_accum as f64;
             loss.backward();
             loss_sum += loss.double_value(&[]);
         }
         let reduced = Instant::now();
-        dist.reduce_gradients(&variables, GRADIENT_BUCKET_BYTES)?;
+        dist.reduce_gradients(&policy.vs, GRADIENT_BUCKET_BYTES)?;
         let mut loss = [loss_sum];
         dist.sum_f64(&mut loss)?;
         let loss_sum = loss[0];
