@@ -65,7 +65,9 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_id: None,
-        qkv_bias: false,
+        family: Default::default(),
+        rope_scaling: None,
+        sliding_window: None,
     };
     let params = config.parameters();
     let policy = Policy::from_scratch(config, device);

@@ -61,6 +61,30 @@ fn check(family: &str) {
         "{family}: max |diff| {diff} (logit scale {scale})"
     );
 
+    // The packed decoding path (paired q/k rows, fused products) gives the same logits.
+    let packed = policy
+        .model
+        .pack(12)
+        .expect("f32 weights pack on every CPU");
+    let packed_logits = tch::no_grad(|| {
+        let batch = Batch {
+            ids: &ids,
+            positions: None,
+            mask: None,
+        };
+        let hidden = policy
+            .model
+            .hidden_with(&batch, None, Some(&packed))
+            .unwrap();
+        policy.model.logits_with(&hidden, Some(&packed)).unwrap()
+    })
+    .squeeze_dim(0);
+    let diff = (&packed_logits - want).abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-4 * scale,
+        "{family}: packed max |diff| {diff} (logit scale {scale})"
+    );
+
     let prompt: Vec<u32> = Vec::<i64>::try_from(&reference["ids"])
         .unwrap()
         .into_iter()
@@ -71,13 +95,37 @@ fn check(family: &str) {
         temperature: 0.0,
         ..Sampling::default()
     };
-    let ours = generate(&policy.model, &[prompt], 1, &greedy, &[], 0).tokens[0].clone();
+    let ours = generate(
+        &policy.model,
+        std::slice::from_ref(&prompt),
+        1,
+        &greedy,
+        &[],
+        0,
+    )
+    .tokens[0]
+        .clone();
     let theirs: Vec<u32> = Vec::<i64>::try_from(&reference["greedy"])
         .unwrap()
         .into_iter()
         .map(|x| x as u32)
         .collect();
     assert_eq!(ours, theirs, "{family}: greedy tokens differ");
+    // Beside a shorter (left-padded) prompt, two rows per prompt sharing its prefilled cache.
+    let shared = generate(
+        &policy.model,
+        &[prompt.clone(), prompt[5..].to_vec()],
+        2,
+        &greedy,
+        &[],
+        0,
+    );
+    for row in 0..2 {
+        assert_eq!(
+            shared.tokens[row], theirs,
+            "{family}: greedy tokens differ with a shared prefix (row {row})"
+        );
+    }
 
     // A checkpoint sipt writes loads back in transformers with the same logits.
     let saved = dir.path().join("saved");
@@ -114,4 +162,35 @@ fn llama_matches_transformers() {
 #[test]
 fn qwen2_with_its_qkv_biases_matches_transformers() {
     check("qwen2");
+}
+
+#[test]
+fn llama3_rope_scaling_and_explicit_head_dim_match_transformers() {
+    check("llama3");
+}
+
+#[test]
+fn linear_rope_scaling_with_a_tied_head_matches_transformers() {
+    check("llama-linear");
+}
+
+/// The prompt (12 tokens) and the 20 greedy tokens after it run past the window of 8.
+#[test]
+fn mistral_with_a_sliding_window_shorter_than_the_prompt_matches_transformers() {
+    check("mistral");
+}
+
+#[test]
+fn qwen3_with_its_qk_norms_matches_transformers() {
+    check("qwen3");
+}
+
+#[test]
+fn bf16_weights_in_shards_with_an_index_match_transformers() {
+    check("llama-bf16-sharded");
+}
+
+#[test]
+fn f16_weights_match_transformers() {
+    check("llama-f16");
 }

@@ -29,7 +29,9 @@ fn policy() -> Policy {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_id: None,
-        qkv_bias: false,
+        family: Default::default(),
+        rope_scaling: None,
+        sliding_window: None,
     };
     let p = Policy::from_scratch(config, Device::Cpu);
     // Sharpen the random model so that greedy choices are not near-ties.

@@ -1,5 +1,11 @@
 //! A Llama-architecture decoder on tch: RMSNorm, rotary embeddings (Hugging Face's rotate-half
-//! layout), grouped-query attention and a SwiGLU MLP, optionally with tied embeddings.
+//! layout, optionally with Llama 3's or linear frequency scaling), grouped-query attention and a
+//! SwiGLU MLP, optionally with tied embeddings.
+//!
+//! The families sipt implements share this decoder; each differs from Llama by one switch of
+//! [`Family`]: Mistral's sliding-window attention, Qwen2's q/k/v biases, Qwen3's per-head q/k
+//! RMSNorms. `super::refuse_unimplemented` reads what a family's `config.json` means and refuses
+//! every field that would need more.
 //!
 //! Parameters live in a `VarStore` under Hugging Face's own names (`model.layers.0.self_attn.
 //! q_proj.weight`, ...), so checkpoints load and save as HF-layout safetensors unchanged. The KV
@@ -35,10 +41,71 @@ pub struct LlamaConfig {
     /// One id or several (HF allows both).
     #[serde(default)]
     pub eos_token_id: Option<EosIds>,
-    /// Biases on the q, k and v projections (Qwen2's architecture; set from `model_type` when
-    /// the config is read, written back as `model_type = "qwen2"`).
-    #[serde(default, skip_serializing)]
-    pub qkv_bias: bool,
+    /// The architecture's family (from `model_type` when the config is read; written back as
+    /// its `model_type`): what the families add to the Llama decoder is switched on by it.
+    #[serde(skip)]
+    pub family: Family,
+    /// Scaled rotary embeddings (Llama 3.x's `llama3`, or `linear`), read from `rope_scaling`
+    /// or transformers 5's `rope_parameters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Mistral's sliding-window attention: a query attends to itself and the `window - 1`
+    /// positions before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+}
+
+/// The decoder families sipt implements. They share one decoder; each adds at most a switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    /// Llama 1/2/3.x and SmolLM (`model_type` llama or smollm).
+    #[default]
+    Llama,
+    /// Mistral: sliding-window attention.
+    Mistral,
+    /// Qwen2 / Qwen2.5: biases on the q, k and v projections.
+    Qwen2,
+    /// Qwen3: an RMSNorm over each head of q and k before the rotation.
+    Qwen3,
+}
+
+impl Family {
+    /// The family of a `model_type`.
+    pub fn of(model_type: &str) -> Option<Family> {
+        Some(match model_type {
+            "llama" | "smollm" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => return None,
+        })
+    }
+
+    /// `model_type` and the transformers class written into a saved `config.json`.
+    pub fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Family::Llama => ("llama", "LlamaForCausalLM"),
+            Family::Mistral => ("mistral", "MistralForCausalLM"),
+            Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        }
+    }
+}
+
+/// Rotary embeddings with rescaled frequencies, as transformers computes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's: long wavelengths divided by `factor`, short ones kept, the band between
+    /// interpolated.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +143,16 @@ impl LlamaConfig {
         }
     }
 
+    /// Biases on the q, k and v projections (Qwen2).
+    pub fn qkv_bias(&self) -> bool {
+        self.family == Family::Qwen2
+    }
+
+    /// Per-head RMSNorms of q and k (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.family == Family::Qwen3
+    }
+
     /// Parameter count (embeddings counted once when tied).
     pub fn parameters(&self) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
@@ -83,20 +160,32 @@ impl LlamaConfig {
         let q = h * self.num_attention_heads * hd;
         let kv = 2 * h * self.kv_heads() * hd;
         let o = self.num_attention_heads * hd * h;
-        let layer = q + kv + o + 3 * h * i + 2 * h;
+        let bias = if self.qkv_bias() {
+            (self.num_attention_heads + 2 * self.kv_heads()) * hd
+        } else {
+            0
+        };
+        let qk_norm = if self.qk_norm() { 2 * hd } else { 0 };
+        let layer = q + kv + o + 3 * h * i + 2 * h + bias + qk_norm;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_hidden_layers * layer + h + head
     }
 
-    /// The whole `config.json` as Hugging Face writes it for LlamaForCausalLM.
+    /// The whole `config.json` as transformers writes it for the family's causal LM: the
+    /// scaling both as `rope_scaling` (older readers) and in `rope_parameters` (transformers 5).
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = v.as_object_mut() {
-            let (model_type, architecture) = if self.qkv_bias {
-                ("qwen2", "Qwen2ForCausalLM")
-            } else {
-                ("llama", "LlamaForCausalLM")
-            };
+            let (model_type, architecture) = self.family.names();
+            let mut rope = serde_json::to_value(&self.rope_scaling)
+                .ok()
+                .filter(|r| !r.is_null())
+                .unwrap_or_else(|| serde_json::json!({"rope_type": "default"}));
+            rope["rope_theta"] = self.rope_theta.into();
+            map.insert("rope_parameters".into(), rope);
+            if matches!(self.family, Family::Qwen2 | Family::Qwen3) {
+                map.insert("use_sliding_window".into(), false.into());
+            }
             map.insert("architectures".into(), serde_json::json!([architecture]));
             map.insert("model_type".into(), model_type.into());
             map.insert("hidden_act".into(), "silu".into());
@@ -141,8 +230,8 @@ fn linear_with(p: nn::Path, input: usize, output: usize, std: f64, bias: bool) -
     )
 }
 
-struct RmsNorm {
-    weight: Tensor,
+pub(super) struct RmsNorm {
+    pub(super) weight: Tensor,
     eps: f64,
 }
 
@@ -155,12 +244,17 @@ impl RmsNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Tensor {
-        // Normalise in f32 whatever the activation type (as HF does), then scale.
-        let kind = xs.kind();
-        let x = xs.to_kind(Kind::Float);
-        let rms = (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + self.eps).rsqrt();
-        (x * rms).to_kind(kind) * &self.weight
+        rms_norm(xs, &self.weight, self.eps)
     }
+}
+
+/// RMSNorm over the last dimension: normalised in f32 whatever the activation type (as HF
+/// does), back in the input's type, then scaled by `weight`.
+fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = xs.kind();
+    let x = xs.to_kind(Kind::Float);
+    let rms = (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + eps).rsqrt();
+    (x * rms).to_kind(kind) * weight
 }
 
 /// Cosine and sine tables for rotary embeddings, `(max_position, head_dim)` each.
@@ -171,11 +265,7 @@ pub struct Rope {
 
 impl Rope {
     fn new(cfg: &LlamaConfig, device: Device) -> Self {
-        let hd = cfg.head_dim() as i64;
-        let inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
-            .collect();
-        let inv_freq = Tensor::from_slice(&inv_freq).to_device(device);
+        let inv_freq = inv_freq(cfg).to_device(device);
         let t = Tensor::arange(cfg.max_position_embeddings as i64, (Kind::Float, device));
         let freqs = t.outer(&inv_freq);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
@@ -199,6 +289,43 @@ impl Rope {
             Rotary::Pairs(turn.transpose(1, 2))
         } else {
             Rotary::Halves(cos.to_kind(kind), sin.to_kind(kind))
+        }
+    }
+}
+
+/// The rotation frequencies of each pair of a head's dimensions, `(head_dim / 2,)` f32, computed
+/// with the same f32 operations as transformers (so that the tables agree to the last bit).
+fn inv_freq(cfg: &LlamaConfig) -> Tensor {
+    let hd = cfg.head_dim() as i64;
+    let exponents =
+        Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / hd;
+    let base = Tensor::from(cfg.rope_theta as f32);
+    let inv_freq = 1.0 / base.pow(&exponents);
+    match &cfg.rope_scaling {
+        None => inv_freq,
+        Some(RopeScaling::Linear { factor }) => inv_freq / *factor,
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let old = *original_max_position_embeddings as f64;
+            let low_freq_wavelen = old / low_freq_factor;
+            let high_freq_wavelen = old / high_freq_factor;
+            let wavelen = inv_freq.full_like(2.0 * std::f64::consts::PI) / &inv_freq;
+            let long = wavelen.gt(low_freq_wavelen);
+            // Long wavelengths slowed down by the factor, short ones kept.
+            let scaled = inv_freq.where_self(&long.logical_not(), &(&inv_freq / *factor));
+            // Between the two: interpolated.
+            let smooth = (wavelen.full_like(old) / &wavelen - *low_freq_factor)
+                / (high_freq_factor - low_freq_factor);
+            let smoothed = (smooth.ones_like() - &smooth) * &scaled / *factor + &smooth * &scaled;
+            let medium = wavelen
+                .lt(high_freq_wavelen)
+                .logical_not()
+                .logical_and(&long.logical_not());
+            smoothed.where_self(&medium, &scaled)
         }
     }
 }
@@ -353,30 +480,50 @@ pub(super) struct Attention {
     pub(super) k: nn::Linear,
     pub(super) v: nn::Linear,
     pub(super) o: nn::Linear,
+    /// Qwen3's RMSNorms over each head of q and of k (before the rotation).
+    pub(super) qk_norm: Option<(RmsNorm, RmsNorm)>,
     pub(super) heads: i64,
     pub(super) kv_heads: i64,
     pub(super) head_dim: i64,
+    /// Mistral's sliding window: keys more than `window - 1` positions back are not seen.
+    window: Option<i64>,
 }
 
 impl Attention {
     fn new(p: nn::Path, cfg: &LlamaConfig, std: f64, out_std: f64) -> Self {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
+        let bias = cfg.qkv_bias();
         Attention {
-            q: linear_with(
-                &p / "q_proj",
-                h,
-                cfg.num_attention_heads * hd,
-                std,
-                cfg.qkv_bias,
-            ),
-            k: linear_with(&p / "k_proj", h, cfg.kv_heads() * hd, std, cfg.qkv_bias),
-            v: linear_with(&p / "v_proj", h, cfg.kv_heads() * hd, std, cfg.qkv_bias),
+            q: linear_with(&p / "q_proj", h, cfg.num_attention_heads * hd, std, bias),
+            k: linear_with(&p / "k_proj", h, cfg.kv_heads() * hd, std, bias),
+            v: linear_with(&p / "v_proj", h, cfg.kv_heads() * hd, std, bias),
             o: linear(&p / "o_proj", cfg.num_attention_heads * hd, h, out_std),
+            qk_norm: cfg.qk_norm().then(|| {
+                (
+                    RmsNorm::new(&p / "q_norm", hd, cfg.rms_norm_eps),
+                    RmsNorm::new(&p / "k_norm", hd, cfg.rms_norm_eps),
+                )
+            }),
             heads: cfg.num_attention_heads as i64,
             kv_heads: cfg.kv_heads() as i64,
             head_dim: hd as i64,
+            window: cfg.sliding_window.map(|w| w as i64),
         }
+    }
+
+    /// Where a sliding window hides keys from queries at cache indices `first..first + queries`
+    /// over keys `0..keys`: `(queries, keys)`, true where a key may be seen (causal, and less
+    /// than the window back, as transformers masks it). `None` when no query reaches past the
+    /// window.
+    fn window_band(&self, first: i64, queries: i64, keys: i64, device: Device) -> Option<Tensor> {
+        let w = self.window?;
+        if first + queries <= w {
+            return None;
+        }
+        let q = Tensor::arange_start(first, first + queries, (Kind::Int64, device)).unsqueeze(1);
+        let k = Tensor::arange(keys, (Kind::Int64, device)).unsqueeze(0);
+        Some(k.le_tensor(&q).logical_and(&k.gt_tensor(&(q - w))))
     }
 
     fn forward(
@@ -397,9 +544,21 @@ impl Attention {
                     qkv += bias;
                 }
                 let v = qkv.narrow(-1, (heads + kv_heads) * hd, kv_heads * hd);
-                let qk = qkv
+                let mut qk = qkv
                     .narrow(-1, 0, (heads + kv_heads) * hd)
                     .to_kind(Kind::Float)
+                    .view([b, t, heads + kv_heads, hd]);
+                if let (Some((q_norm, k_norm)), Some((own, _))) = (&p.qk_norm, &self.qk_norm) {
+                    // The norms' weights come in the paired order of the rows.
+                    qk = Tensor::cat(
+                        &[
+                            rms_norm(&qk.narrow(2, 0, heads), q_norm, own.eps),
+                            rms_norm(&qk.narrow(2, heads, kv_heads), k_norm, own.eps),
+                        ],
+                        2,
+                    );
+                }
+                let qk = qk
                     .view([b, t, heads + kv_heads, hd / 2, 2])
                     .view_as_complex()
                     * turn;
@@ -413,12 +572,13 @@ impl Attention {
                 )
             }
             (_, Rotary::Halves(cos, sin)) => {
-                let q = self.q.forward(xs).view([b, t, heads, hd]).transpose(1, 2);
-                let k = self
-                    .k
-                    .forward(xs)
-                    .view([b, t, kv_heads, hd])
-                    .transpose(1, 2);
+                let mut q = self.q.forward(xs).view([b, t, heads, hd]);
+                let mut k = self.k.forward(xs).view([b, t, kv_heads, hd]);
+                if let Some((q_norm, k_norm)) = &self.qk_norm {
+                    q = q_norm.forward(&q);
+                    k = k_norm.forward(&k);
+                }
+                let (q, k) = (q.transpose(1, 2), k.transpose(1, 2));
                 let v = self
                     .v
                     .forward(xs)
@@ -441,12 +601,23 @@ impl Attention {
             ck.narrow(2, start, t).copy_(&k);
             cv.narrow(2, start, t).copy_(&v);
             let own = (ck.narrow(2, 0, start + t), cv.narrow(2, 0, start + t));
-            let y = shared_prefix_attention(&q.to_kind(ck.kind()), prefix, &own, per, prefix_mask)
-                .transpose(1, 2)
-                .reshape([b, t, self.heads * self.head_dim])
-                .to_kind(xs.kind());
+            // The prefix fills cache indices 0..Lp, the row's own positions follow.
+            let lp = prefix.0.size()[2];
+            let band = self.window_band(lp + start, t, lp + start + t, xs.device());
+            let y = shared_prefix_attention(
+                &q.to_kind(ck.kind()),
+                prefix,
+                &own,
+                per,
+                prefix_mask,
+                band.as_ref(),
+            )
+            .transpose(1, 2)
+            .reshape([b, t, self.heads * self.head_dim])
+            .to_kind(xs.kind());
             return o(&y);
         }
+        let first = cache.as_ref().map_or(0, |c| c.start);
         let (q, k, v) = match cache {
             Some(LayerCache {
                 kv: (ck, cv),
@@ -466,6 +637,18 @@ impl Attention {
             None => (q, k, v),
         };
         let gqa = self.kv_heads != self.heads;
+        let banded;
+        let mask = match self.window_band(first, t, k.size()[2], xs.device()) {
+            Some(band) => {
+                let band = band.view([1, 1, t, -1]);
+                banded = match mask {
+                    Some(m) => m.logical_and(&band),
+                    None => band,
+                };
+                Some(&banded)
+            }
+            None => mask,
+        };
         let y = match mask {
             // Training and scoring: plain causal attention, the fastest kernels.
             None => Tensor::scaled_dot_product_attention(
@@ -500,6 +683,7 @@ fn shared_prefix_attention(
     own: &(Tensor, Tensor),
     per: i64,
     prefix_mask: Option<&Tensor>,
+    band: Option<&Tensor>,
 ) -> Tensor {
     let (r, h, _, d) = q.size4().unwrap_or((1, 1, 1, 1));
     let (p, kv, lp, _) = prefix.0.size4().unwrap_or((1, 1, 1, 1));
@@ -521,7 +705,12 @@ fn shared_prefix_attention(
         .permute([0, 2, 1, 3, 4])
         .reshape([r, kv, g, lp]);
     let s_own = q_rows.matmul(&own.0.transpose(-1, -2)) * scale;
-    let probs = Tensor::cat(&[&s_prefix, &s_own], -1).softmax(-1, q.kind());
+    let mut scores = Tensor::cat(&[&s_prefix, &s_own], -1);
+    if let Some(band) = band {
+        // (1, Lp + S): the keys a sliding window still sees.
+        scores = scores.masked_fill(&band.logical_not().view([1, 1, 1, -1]), f64::NEG_INFINITY);
+    }
+    let probs = scores.softmax(-1, q.kind());
     let p_prefix = probs
         .narrow(-1, 0, lp)
         .view([p, per, kv, g, lp])

@@ -4,7 +4,7 @@
 pub mod llama;
 pub mod packed;
 
-pub use llama::{Batch, KvCache, Llama, LlamaConfig};
+pub use llama::{Batch, Family, KvCache, Llama, LlamaConfig, RopeScaling};
 pub use packed::Packed;
 
 use crate::tokenizer::Tokenizer;
@@ -222,9 +222,10 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     })?;
     let mut value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    refuse_unimplemented(&path, &mut value)?;
-    let config: LlamaConfig = serde_json::from_value(value)
-        .with_context(|| format!("{}: not a Llama config", path.display()))?;
+    let family = refuse_unimplemented(&path, &mut value)?;
+    let mut config: LlamaConfig = serde_json::from_value(value)
+        .with_context(|| format!("{}: not a Llama-family config", path.display()))?;
+    config.family = family;
     let heads = config.num_attention_heads;
     if heads == 0 || config.kv_heads() == 0 || heads % config.kv_heads() != 0 {
         bail!(
@@ -249,72 +250,133 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     Ok(config)
 }
 
-/// Every `config.json` field that would change the computation in a way this engine does not
-/// implement is refused, naming the file, the field and its value — a model must never load and
-/// compute something else without a word. Transformers 5's `rope_parameters` is read for its
-/// `rope_theta` (older files have it at the top level).
-fn refuse_unimplemented(path: &Path, value: &mut serde_json::Value) -> Result<()> {
+/// Every `config.json` field that would change the computation is implemented or refused,
+/// naming the file, the field and its value — a model must never load and compute something
+/// else without a word. Returns the family of `model_type`; the rotary scaling of
+/// `rope_scaling` or of transformers 5's `rope_parameters` (with its `rope_theta`) is
+/// rewritten into the one `rope_scaling` form sipt reads, and a sliding window is kept only
+/// where it applies (Mistral).
+fn refuse_unimplemented(path: &Path, value: &mut serde_json::Value) -> Result<Family> {
     let refuse = |field: &str, v: &serde_json::Value, why: &str| {
         anyhow!("{}: {field} = {v}: {why}", path.display())
     };
     let original = value.clone();
     let get = |k: &str| original.get(k).filter(|v| !v.is_null()).cloned();
-    if let Some(t) = get("model_type") {
-        match t.as_str() {
-            Some("llama" | "mistral" | "smollm") => {}
-            Some("qwen2") => {
-                if let Some(map) = value.as_object_mut() {
-                    map.insert("qkv_bias".into(), true.into());
+    let family = match get("model_type") {
+        None => Family::Llama,
+        Some(t) => t.as_str().and_then(Family::of).ok_or_else(|| {
+            refuse(
+                "model_type",
+                &t,
+                "not a model family sipt implements (llama, smollm, mistral, qwen2, qwen3)",
+            )
+        })?,
+    };
+    let mut set = |k: &str, v: serde_json::Value| {
+        if let Some(map) = value.as_object_mut() {
+            map.insert(k.into(), v);
+        }
+    };
+
+    // Rotary embeddings: plain, linear or llama3 scaling.
+    let (field, scaling) = match (get("rope_scaling"), get("rope_parameters")) {
+        (Some(r), _) => ("rope_scaling", Some(r)),
+        (None, Some(p)) => {
+            if get("rope_theta").is_none() {
+                if let Some(theta) = p.get("rope_theta").cloned() {
+                    set("rope_theta", theta);
                 }
             }
-            Some("qwen3") => {
-                return Err(refuse(
-                    "model_type",
-                    &t,
-                    "its per-head q/k norms are not implemented yet",
-                ))
-            }
-            _ => {
-                return Err(refuse(
-                    "model_type",
-                    &t,
-                    "not a Llama-family model sipt implements (llama, mistral, qwen2, smollm)",
-                ))
-            }
+            ("rope_parameters", Some(p))
         }
-    }
-    if let Some(r) = get("rope_scaling") {
-        return Err(refuse(
-            "rope_scaling",
-            &r,
-            "scaled rotary embeddings are not implemented yet (only plain RoPE)",
-        ));
-    }
-    if let Some(p) = get("rope_parameters") {
-        let kind = p
+        (None, None) => ("rope_scaling", None),
+    };
+    set("rope_scaling", serde_json::Value::Null);
+    if let Some(r) = scaling {
+        let kind = r
             .get("rope_type")
+            .or_else(|| r.get("type"))
             .and_then(|t| t.as_str())
             .unwrap_or("default");
-        if kind != "default" {
+        let number = |k: &str| -> Result<f64> {
+            r.get(k).and_then(|v| v.as_f64()).ok_or_else(|| {
+                refuse(
+                    field,
+                    &r,
+                    &format!("rope_type \"{kind}\" needs a number {k}"),
+                )
+            })
+        };
+        if let Some(f) = r
+            .get("partial_rotary_factor")
+            .filter(|f| f.as_f64() != Some(1.0))
+        {
             return Err(refuse(
-                "rope_parameters",
-                &p,
-                "scaled rotary embeddings are not implemented yet (only rope_type \"default\")",
+                field,
+                &r,
+                &format!(
+                    "partial_rotary_factor = {f}: only rotations over whole heads are implemented"
+                ),
             ));
         }
-        if get("rope_theta").is_none() {
-            if let (Some(theta), Some(map)) = (p.get("rope_theta").cloned(), value.as_object_mut())
-            {
-                map.insert("rope_theta".into(), theta);
+        let normalised = match kind {
+            "default" => serde_json::Value::Null,
+            "linear" => serde_json::json!({"rope_type": "linear", "factor": number("factor")?}),
+            "llama3" => {
+                let original_max = match r.get("original_max_position_embeddings") {
+                    Some(v) => v.as_u64().ok_or_else(|| {
+                        refuse(
+                            field,
+                            &r,
+                            "original_max_position_embeddings must be a positive integer",
+                        )
+                    })?,
+                    None => get("max_position_embeddings")
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(2048),
+                };
+                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                if high <= low {
+                    return Err(refuse(
+                        field,
+                        &r,
+                        "high_freq_factor must exceed low_freq_factor",
+                    ));
+                }
+                serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": number("factor")?,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": original_max,
+                })
             }
-        }
+            other => {
+                return Err(refuse(
+                    field,
+                    &r,
+                    &format!(
+                        "rope_type \"{other}\" is not implemented (default, linear and llama3 are)"
+                    ),
+                ))
+            }
+        };
+        set("rope_scaling", normalised);
     }
+    if let Some(f) = get("partial_rotary_factor").filter(|f| f.as_f64() != Some(1.0)) {
+        return Err(refuse(
+            "partial_rotary_factor",
+            &f,
+            "only rotations over whole heads are implemented",
+        ));
+    }
+
     for field in ["attention_bias", "mlp_bias"] {
         if let Some(v) = get(field).filter(|v| v.as_bool() == Some(true)) {
             return Err(refuse(
                 field,
                 &v,
-                "biases in the projections are not implemented",
+                "biases in these projections are not part of the families sipt implements (Qwen2's q/k/v biases are)",
             ));
         }
     }
@@ -330,22 +392,40 @@ fn refuse_unimplemented(path: &Path, value: &mut serde_json::Value) -> Result<()
             "only SwiGLU with silu is implemented",
         ));
     }
+
+    // Sliding windows: Mistral's (every layer) is implemented; Qwen's per-layer windows are not.
+    let window_on = original.get("use_sliding_window").and_then(|u| u.as_bool()) != Some(false);
+    let window = get("sliding_window").filter(|_| window_on);
     if let Some(v) = get("layer_types").filter(|t| {
-        t.as_array()
-            .is_some_and(|a| a.iter().any(|x| x.as_str() != Some("full_attention")))
+        t.as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                !(x.as_str() == Some("full_attention")
+                    || (x.as_str() == Some("sliding_attention") && family == Family::Mistral))
+            })
+        })
     }) {
         return Err(refuse(
             "layer_types",
             &v,
-            "only full attention is implemented",
+            "only full attention in every layer (or Mistral's window in every layer) is implemented",
         ));
     }
-    let sliding = get("sliding_window")
-        .filter(|_| original.get("use_sliding_window").and_then(|u| u.as_bool()) != Some(false));
-    if let Some(v) = sliding {
-        return Err(refuse("sliding_window", &v, "sliding-window attention is not implemented yet; sequences longer than the window would attend past it"));
+    match (family, window) {
+        (Family::Mistral, Some(w)) => {
+            if w.as_u64().filter(|&n| n > 0).is_none() {
+                return Err(refuse("sliding_window", &w, "expected a positive number of positions or null"));
+            }
+        }
+        (_, Some(w)) => {
+            return Err(refuse(
+                "sliding_window",
+                &w,
+                "sliding windows are implemented for Mistral only; sequences longer than the window would attend past it",
+            ))
+        }
+        (_, None) => set("sliding_window", serde_json::Value::Null),
     }
-    Ok(())
+    Ok(family)
 }
 
 fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
@@ -429,11 +509,23 @@ mod tests {
         for (extra, want) in [
             (
                 serde_json::json!({"rope_scaling": {"type": "llama3", "factor": 8.0}}),
-                "rope_scaling = {",
+                "needs a number low_freq_factor",
             ),
             (
-                serde_json::json!({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}),
+                serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+                "rope_type \"yarn\" is not implemented",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
                 "rope_parameters = ",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "linear"}}),
+                "needs a number factor",
+            ),
+            (
+                serde_json::json!({"partial_rotary_factor": 0.5}),
+                "partial_rotary_factor = 0.5",
             ),
             (
                 serde_json::json!({"attention_bias": true}),
@@ -448,12 +540,12 @@ mod tests {
                 "hidden_act = \"gelu\"",
             ),
             (
-                serde_json::json!({"model_type": "mistral", "sliding_window": 4096}),
+                serde_json::json!({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": true}),
                 "sliding_window = 4096",
             ),
             (
-                serde_json::json!({"model_type": "qwen3"}),
-                "model_type = \"qwen3\"",
+                serde_json::json!({"model_type": "mistral", "sliding_window": 0}),
+                "sliding_window = 0",
             ),
             (
                 serde_json::json!({"layer_types": ["sliding_attention"]}),
@@ -461,7 +553,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"model_type": "gpt2"}),
-                "not a Llama-family model",
+                "not a model family sipt implements",
             ),
             (
                 serde_json::json!({"num_attention_heads": 0}),
@@ -476,13 +568,78 @@ mod tests {
             assert!(err.contains(want), "{extra}: {err}");
             assert!(err.contains("config.json"), "{err}");
         }
-        // A Mistral file that turns its window off loads.
-        assert_eq!(
-            config_error(
-                serde_json::json!({"model_type": "mistral", "sliding_window": 4096, "use_sliding_window": false})
-            ),
-            ""
+        // Mistral's window, Qwen files that turn theirs off and Qwen3 load.
+        for ok in [
+            serde_json::json!({"model_type": "mistral", "sliding_window": 4096}),
+            serde_json::json!({"model_type": "mistral", "sliding_window": null}),
+            serde_json::json!({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false}),
+            serde_json::json!({"model_type": "qwen3", "head_dim": 16, "layer_types": ["full_attention"]}),
+            serde_json::json!({"rope_scaling": {"rope_type": "default"}}),
+        ] {
+            assert_eq!(config_error(ok.clone()), "", "{ok}");
+        }
+    }
+
+    fn config_of(extra: serde_json::Value) -> LlamaConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = serde_json::json!({
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 4096,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        std::fs::write(dir.path().join(CONFIG_JSON), config.to_string()).unwrap();
+        read_config(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn families_and_rope_scalings_are_read_in_both_layouts() {
+        let llama3 = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        // Older files: rope_scaling with "type" or "rope_type", rope_theta at the top level.
+        let old = config_of(
+            serde_json::json!({"model_type": "llama", "rope_theta": 500000.0,
+            "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
         );
+        assert_eq!(old.rope_scaling, Some(llama3.clone()));
+        assert_eq!(old.rope_theta, 500000.0);
+        // Transformers 5: everything in rope_parameters.
+        let new = config_of(
+            serde_json::json!({"rope_parameters": {"rope_type": "llama3",
+            "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}),
+        );
+        assert_eq!(new.rope_scaling, Some(llama3));
+        assert_eq!(new.rope_theta, 500000.0);
+        let linear =
+            config_of(serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}));
+        assert_eq!(
+            linear.rope_scaling,
+            Some(RopeScaling::Linear { factor: 2.0 })
+        );
+        // A written config reads back the same, family and scaling included.
+        for (model_type, family) in [
+            ("mistral", Family::Mistral),
+            ("qwen2", Family::Qwen2),
+            ("qwen3", Family::Qwen3),
+            ("smollm", Family::Llama),
+        ] {
+            let c = config_of(serde_json::json!({"model_type": model_type,
+                "rope_scaling": {"rope_type": "linear", "factor": 2.0}}));
+            assert_eq!(c.family, family);
+            let back = config_of(c.to_hf_json());
+            assert_eq!(back.family, family);
+            assert_eq!(back.to_hf_json(), c.to_hf_json(), "{model_type}");
+        }
+        let mistral = config_of(serde_json::json!({"model_type": "mistral", "sliding_window": 16}));
+        assert_eq!(mistral.sliding_window, Some(16));
+        assert_eq!(config_of(mistral.to_hf_json()).sliding_window, Some(16));
     }
 
     #[test]
@@ -514,7 +671,9 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: None,
             eos_token_id: None,
-            qkv_bias: false,
+            family: Default::default(),
+            rope_scaling: None,
+            sliding_window: None,
         };
         let policy = Policy::from_scratch(config, Device::Cpu);
         policy.save(dir.path()).unwrap();

@@ -119,6 +119,8 @@ pub(super) struct PackedBlock {
     pub qkv: Tensor,
     /// The q/k/v biases in the packed rows' order, when the model has them (Qwen2).
     pub qkv_bias: Option<Tensor>,
+    /// Qwen3's q and k norm weights, in the paired order of a head's dimensions.
+    pub qk_norm: Option<(Tensor, Tensor)>,
     pub o: Tensor,
     pub gate_up: Tensor,
     pub down: Tensor,
@@ -158,10 +160,18 @@ impl Llama {
                         )),
                         _ => None,
                     };
+                    let qk_norm = b.attn.qk_norm.as_ref().map(|(qn, kn)| {
+                        let order = pairs(&qn.weight, 1, b.attn.head_dim);
+                        (
+                            qn.weight.index_select(0, &order),
+                            kn.weight.index_select(0, &order),
+                        )
+                    });
                     let gate_up = Tensor::cat(&[&b.mlp.gate.ws, &b.mlp.up.ws], 0);
                     Ok(PackedBlock {
                         qkv: repack(&qkv, rows)?,
                         qkv_bias,
+                        qk_norm,
                         o: repack(&b.attn.o.ws, rows)?,
                         gate_up: repack(&gate_up, rows)?,
                         down: repack(&b.mlp.down.ws, rows)?,

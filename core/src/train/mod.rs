@@ -186,7 +186,9 @@ pub fn scratch_config(e: &Experiment, vocab: usize, eos: Option<u32>) -> LlamaCo
         tie_word_embeddings: m.tie_embeddings,
         bos_token_id: None,
         eos_token_id: eos.map(|id| model::llama::EosIds::One(id as i64)),
-        qkv_bias: false,
+        family: Default::default(),
+        rope_scaling: None,
+        sliding_window: None,
     }
 }
 
