@@ -1,7 +1,7 @@
 """Tiny random models of the families sipt implements, built offline with transformers' own
 config classes, saved with `save_pretrained`, with their reference logits and greedy tokens.
 
-    python hf_tiny.py FAMILY OUT_DIR [TOKENIZER_JSON]
+    python hf_tiny.py FAMILY OUT_DIR [TOKENIZER_JSON | CORPUS_DIR]
     python hf_tiny.py reload MODEL_DIR OUT_DIR/reference.safetensors LOGITS.safetensors
 
 FAMILY: llama, llama3 (rope_scaling llama3, explicit head_dim), llama-linear (linear scaling,
@@ -12,9 +12,12 @@ first in several shards with an index).
 Writes OUT_DIR/model (config.json, weights) and OUT_DIR/reference.safetensors: `ids` (int64
 prompt), `logits` (float32, positions x vocab) and `greedy` (int64, 20 new tokens, argmax
 decoding), all computed in float32 on the CPU (16-bit weights: from the rounded weights). With
-TOKENIZER_JSON the vocabulary is that tokenizer's and it is copied beside the weights.
+TOKENIZER_JSON the vocabulary is that tokenizer's and it is copied beside the weights; with
+CORPUS_DIR a byte-level BPE of 512 tokens is trained on its .txt files (the `tokenizers`
+package) and used so.
 """
 import json
+import os
 import shutil
 import sys
 
@@ -34,12 +37,32 @@ def reload(model_dir: str, reference: str, out: str) -> None:
     save_file({"logits": logits.contiguous()}, out)
 
 
+def train_bpe(corpus: str, out: str) -> str:
+    """A byte-level BPE of 512 tokens trained on the corpus's text files; returns its path."""
+    import glob
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(sorted(glob.glob(f"{corpus}/*.txt")), trainer)
+    os.makedirs(out, exist_ok=True)
+    path = f"{out}/tokenizer.json"
+    tok.save(path)
+    return path
+
+
 def main() -> None:
     if sys.argv[1] == "reload":
         reload(*sys.argv[2:5])
         return
     family, out = sys.argv[1], sys.argv[2]
     tokenizer = sys.argv[3] if len(sys.argv) > 3 else None
+    if tokenizer and os.path.isdir(tokenizer):
+        tokenizer = train_bpe(tokenizer, out)
     vocab = 96
     if tokenizer:
         with open(tokenizer) as f:
