@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 /// Mean validation loss over fixed windows (each rank scores its share of them).
 pub fn validation_loss(
     policy: &Policy,
-    tokens: &[u32],
+    tokens: &crate::data::Tokens,
     windows: &[usize],
     len: usize,
     batch: usize,

@@ -57,6 +57,19 @@ impl Tokenizer {
         self.inner.decode(ids, false).unwrap_or_default()
     }
 
+    /// Several texts at once, taken by value (parallel inside the tokenizers crate; no
+    /// character offsets are tracked).
+    pub fn encode_batch_owned(&self, texts: Vec<String>) -> Result<Vec<Vec<u32>>> {
+        let encodings = self
+            .inner
+            .encode_batch_fast(texts, false)
+            .map_err(|e| anyhow!("cannot tokenize: {e}"))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
+    }
+
     /// Several texts at once (parallel inside the tokenizers crate).
     pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         let encodings = self

@@ -2,6 +2,7 @@
 //! dispatch and the one place where failures are printed.
 
 mod bench;
+mod data;
 mod eval;
 mod files;
 mod generate;
@@ -70,6 +71,10 @@ enum Command {
     /// Evaluate a model: greedy continuations of held-out and unsafe prefixes, judged by the
     /// experiment's judges; win rate against a baseline; perplexity.
     Eval(eval::EvalArgs),
+    /// The corpus ahead of runs: `sipt data prepare FILE` tokenizes an experiment's data into
+    /// cached token shards.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Engine micro-benchmarks, printed as JSON (see bench/ for the side-by-side comparisons).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -278,6 +283,7 @@ fn dispatch(cli: Cli) -> Result<(), Exit> {
         Command::Generate(args) => generate::generate(args),
         Command::Eval(args) => eval::eval(args, libraries),
         Command::Bench(command) => bench::bench(command),
+        Command::Data(command) => data::data(command, libraries),
         Command::Judge(args) => judge::judge(args, libraries),
     }
 }

@@ -1,66 +1,27 @@
-//! Documents in, token batches out: reading text and JSON-lines files (files, folders, globs),
-//! tokenizing (cached on disk), a deterministic train/validation split, shuffled next-token
-//! windows with a resumable position, and the prefix/suffix cutter of SIP.
+//! Documents in, token batches out: reading corpora (files, folders, globs; text, JSON Lines
+//! and Parquet, compressed or not) as streams, tokenizing them into memory-mapped token shards
+//! cached on disk, a deterministic train/validation split, shuffled next-token windows with a
+//! resumable position, and the prefix/suffix cutter of SIP.
 
 mod prepare;
+pub mod shards;
+pub mod source;
 
-pub use prepare::{prepare_corpus, prepare_tokenizer, train_files};
+pub use prepare::{
+    prepare_corpus, prepare_data, prepare_tokenizer, shard_dir, tokenizer_source, train_files,
+    Prepared,
+};
+pub use shards::Tokens;
+pub use source::{kind_of, read_text, Format};
 
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sipt_experiment::rng::SplitMix;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
-/// A file's extension for its contents: `x.jsonl.gz` → `jsonl` (gzip and zstd are read
-/// through), with the compression if any.
-fn kind_of(path: &Path) -> (Option<&str>, Option<&'static str>) {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let (inner, compression) = if let Some(rest) = name.strip_suffix(".gz") {
-        (rest, Some("gzip"))
-    } else if let Some(rest) = name.strip_suffix(".zst") {
-        (rest, Some("zstd"))
-    } else {
-        (name, None)
-    };
-    (
-        Path::new(inner).extension().and_then(|e| e.to_str()),
-        compression,
-    )
-}
-
-/// A file's text, decompressed when it ends in `.gz` or `.zst`.
-pub fn read_text(file: &Path) -> Result<String> {
-    use std::io::Read;
-    let (_, compression) = kind_of(file);
-    let open =
-        || std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()));
-    let mut text = String::new();
-    match compression {
-        None => {
-            return std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read {} as UTF-8 text", file.display()))
-        }
-        Some("gzip") => flate2::read::MultiGzDecoder::new(open()?)
-            .read_to_string(&mut text)
-            .map(|_| ()),
-        Some(_) => zstd::stream::read::Decoder::new(open()?)
-            .and_then(|mut d| d.read_to_string(&mut text))
-            .map(|_| ()),
-    }
-    .with_context(|| {
-        format!(
-            "cannot read {} as {} of UTF-8 text",
-            file.display(),
-            compression.unwrap_or("plain")
-        )
-    })?;
-    Ok(text)
-}
-
 /// Expand files, folders (recursively: .txt, .md, .jsonl, .json, each also gzip- or
-/// zstd-compressed: .jsonl.gz, .jsonl.zst, ...) and globs, sorted, deduplicated.
+/// zstd-compressed: .jsonl.gz, .jsonl.zst, ...; and .parquet) and globs, sorted, deduplicated.
 pub fn list_files(patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for pattern in patterns {
@@ -95,45 +56,42 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             walk(&path, out)?;
-        } else if matches!(kind_of(&path).0, Some("txt" | "md" | "jsonl" | "json")) {
+        } else if source::is_corpus_file(&path) {
             out.push(path);
         }
     }
     Ok(())
 }
 
-/// Read documents: a text file is one document; a JSON-lines file holds one per line (as Dolma
-/// and RedPajama ship them, also gzip- or zstd-compressed).
-pub fn read_documents(files: &[PathBuf], format: &str, field: &str) -> Result<Vec<String>> {
+/// Read documents into memory (small corpora and held-out sets; training data is streamed
+/// into shards instead): a text file is one document, a JSON-lines file holds one per line, a
+/// Parquet file one per row. Stops after about `max_bytes` of text.
+pub fn read_documents_up_to(
+    files: &[PathBuf],
+    format: &str,
+    field: &str,
+    max_bytes: usize,
+) -> Result<Vec<String>> {
     let mut docs = Vec::new();
+    let mut bytes = 0;
     for file in files {
-        let text = read_text(file)?;
-        let jsonl = match format {
-            "jsonl" => true,
-            "text" => false,
-            _ => matches!(kind_of(file).0, Some("jsonl" | "json")),
-        };
-        if jsonl {
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let value: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("{}:{}: not a JSON object", file.display(), i + 1))?;
-                let doc = value.get(field).and_then(|v| v.as_str()).with_context(|| {
-                    format!(
-                        "{}:{}: no string field '{field}' (set data.jsonl_field)",
-                        file.display(),
-                        i + 1
-                    )
-                })?;
-                docs.push(doc.to_string());
-            }
-        } else if !text.trim().is_empty() {
-            docs.push(text);
+        if bytes >= max_bytes {
+            break;
         }
+        source::for_each_document(file, Format::of(file, format), field, &mut |doc| {
+            if bytes < max_bytes {
+                bytes += doc.len();
+                docs.push(doc);
+            }
+            Ok(())
+        })?;
     }
     Ok(docs)
+}
+
+/// Every document of `files` in memory (see [`read_documents_up_to`]).
+pub fn read_documents(files: &[PathBuf], format: &str, field: &str) -> Result<Vec<String>> {
+    read_documents_up_to(files, format, field, usize::MAX)
 }
 
 /// A contiguous run of one document's tokens.
@@ -153,9 +111,9 @@ impl Segment {
     }
 }
 
-/// A tokenized corpus: all tokens, and the segments of each split.
+/// A tokenized corpus: all tokens (mapped from the shards), and the segments of each split.
 pub struct Corpus {
-    pub tokens: Vec<u32>,
+    pub tokens: Tokens,
     pub train: Vec<Segment>,
     pub validation: Vec<Segment>,
 }
@@ -163,36 +121,10 @@ pub struct Corpus {
 /// Blocks this long are assigned to train or validation as a whole.
 const SPLIT_BLOCK: usize = 2048;
 
-/// Tokenize documents into one stream, documents separated by `eos` (when there is one).
-/// Returns the tokens and each document's segment.
-pub fn tokenize(docs: &[String], tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<Segment>)> {
-    let mut tokens = Vec::new();
-    let mut segments = Vec::with_capacity(docs.len());
-    for chunk in docs.chunks(64) {
-        for ids in tokenizer.encode_batch(chunk)? {
-            let start = tokens.len();
-            tokens.extend_from_slice(&ids);
-            segments.push(Segment {
-                start,
-                end: tokens.len(),
-            });
-            if let Some(eos) = tokenizer.eos {
-                tokens.push(eos);
-            }
-        }
-    }
-    Ok((tokens, segments))
-}
-
 impl Corpus {
     /// Split documents into train and validation by blocks, deterministically from `seed`.
     /// A separate validation source, when given, is used whole instead.
-    pub fn split(
-        tokens: Vec<u32>,
-        docs: &[Segment],
-        validation_fraction: f64,
-        seed: u64,
-    ) -> Corpus {
+    pub fn split(tokens: Tokens, docs: &[Segment], validation_fraction: f64, seed: u64) -> Corpus {
         let mut train = Vec::new();
         let mut validation = Vec::new();
         let threshold = (validation_fraction * u32::MAX as f64) as u64;
@@ -251,37 +183,47 @@ pub struct StreamPosition {
 }
 
 /// Shuffled windows of `len` tokens from segments, for next-token training: every epoch
-/// visits every window once, in an order drawn from the seed and the epoch.
+/// visits every window once, in an order drawn from the seed and the epoch. Nothing per window
+/// is kept in memory: the order is a keyed permutation of the window indices, and a window's
+/// start is found from its index by the segments' cumulative window counts.
 pub struct Windows {
-    starts: Vec<usize>,
-    order: Vec<u32>,
+    segments: Vec<Segment>,
+    /// Windows in segments `..=i`.
+    cumulative: Vec<u64>,
+    count: u64,
     len: usize,
     seed: u64,
     shuffle: bool,
+    order: Permutation,
     pub position: StreamPosition,
 }
 
 impl Windows {
     pub fn new(segments: &[Segment], len: usize, seed: u64, shuffle: bool) -> Result<Windows> {
-        let mut starts = Vec::new();
+        let step = len.saturating_sub(1).max(1); // consecutive windows share one token: target of one, input of the next
+        let mut kept = Vec::new();
+        let mut cumulative = Vec::new();
+        let mut count = 0u64;
         for s in segments {
-            let mut p = s.start;
-            while p + len <= s.end {
-                starts.push(p);
-                p += len - 1; // consecutive windows share one token: target of one, input of the next
+            if s.len() >= len {
+                count += ((s.len() - len) / step + 1) as u64;
+                kept.push(*s);
+                cumulative.push(count);
             }
         }
-        if starts.is_empty() {
+        if count == 0 {
             bail!(
                 "the data holds no window of {len} tokens; use more data or a smaller data.seq_len"
             );
         }
         let mut w = Windows {
-            order: Vec::new(),
-            starts,
+            segments: kept,
+            cumulative,
+            count,
             len,
             seed,
             shuffle,
+            order: Permutation::new(count, 0),
             position: StreamPosition::default(),
         };
         w.reorder();
@@ -289,42 +231,97 @@ impl Windows {
     }
 
     pub fn count(&self) -> usize {
-        self.starts.len()
+        self.count as usize
     }
 
     fn reorder(&mut self) {
-        self.order = (0..self.starts.len() as u32).collect();
-        if self.shuffle {
-            let mut rng = SplitMix::new(self.seed ^ self.position.epoch.wrapping_mul(0x9e37_79b9));
-            rng.shuffle(&mut self.order);
-        }
+        self.order = Permutation::new(
+            self.count,
+            self.seed ^ self.position.epoch.wrapping_mul(0x9e37_79b9),
+        );
+    }
+
+    /// The start of window `i` (in segment order).
+    fn start_of(&self, i: u64) -> usize {
+        let s = self.cumulative.partition_point(|&c| c <= i);
+        let before = if s == 0 { 0 } else { self.cumulative[s - 1] };
+        self.segments[s].start + (i - before) as usize * self.len.saturating_sub(1).max(1)
     }
 
     /// Jump to a saved position.
     pub fn seek(&mut self, position: StreamPosition) {
         let epoch_changed = position.epoch != self.position.epoch;
         self.position = position;
-        if epoch_changed || self.order.is_empty() {
+        if epoch_changed {
             self.reorder();
         }
     }
 
     /// The next window's start offset.
     pub fn next_start(&mut self) -> usize {
-        if self.position.index as usize >= self.order.len() {
+        if self.position.index >= self.count {
             self.position = StreamPosition {
                 epoch: self.position.epoch + 1,
                 index: 0,
             };
             self.reorder();
         }
-        let start = self.starts[self.order[self.position.index as usize] as usize];
+        let i = if self.shuffle {
+            self.order.at(self.position.index)
+        } else {
+            self.position.index
+        };
         self.position.index += 1;
-        start
+        self.start_of(i)
     }
 
     pub fn window_len(&self) -> usize {
         self.len
+    }
+}
+
+/// A keyed permutation of `0..n`, evaluated one index at a time: a four-round Feistel network
+/// on the smallest even number of bits that covers `n`, walking the cycle until the value
+/// falls inside `0..n` (fewer than four steps on average, since the domain is under 4n).
+struct Permutation {
+    n: u64,
+    half_bits: u32,
+    keys: [u64; 4],
+}
+
+impl Permutation {
+    fn new(n: u64, key: u64) -> Permutation {
+        let bits = (64 - n.saturating_sub(1).leading_zeros()).max(2);
+        let half_bits = bits.div_ceil(2);
+        let mut rng = SplitMix::new(key ^ 0x7065_726d_7574_6531);
+        Permutation {
+            n,
+            half_bits,
+            keys: [
+                rng.next_u64(),
+                rng.next_u64(),
+                rng.next_u64(),
+                rng.next_u64(),
+            ],
+        }
+    }
+
+    fn round(&self, x: u64) -> u64 {
+        let mask = (1u64 << self.half_bits) - 1;
+        let (mut left, mut right) = (x >> self.half_bits, x & mask);
+        for k in self.keys {
+            let f = SplitMix::new(right ^ k).next_u64() & mask;
+            (left, right) = (right, left ^ f);
+        }
+        (left << self.half_bits) | right
+    }
+
+    fn at(&self, i: u64) -> u64 {
+        let mut x = self.round(i);
+        while x >= self.n {
+            x = self.round(x);
+        }
+        x
     }
 }
 
@@ -378,7 +375,7 @@ impl Cutter {
     }
 
     /// A cut drawn uniformly over all valid cut points.
-    pub fn cut(&self, tokens: &[u32], rng: &mut SplitMix) -> Cut {
+    pub fn cut(&self, tokens: &Tokens, rng: &mut SplitMix) -> Cut {
         let total = *self.cumulative.last().unwrap_or(&1);
         let draw = (rng.next_u64() % total as u64) as usize;
         let i = self.cumulative.partition_point(|&c| c <= draw);
@@ -387,17 +384,20 @@ impl Cutter {
         let cut = s.start + self.prefix_min + (draw - before);
         let prefix_start = cut.saturating_sub(self.prefix_max).max(s.start);
         Cut {
-            prefix: tokens[prefix_start..cut].to_vec(),
-            suffix: tokens[cut..cut + self.suffix].to_vec(),
+            prefix: tokens.span(prefix_start, cut),
+            suffix: tokens.span(cut, cut + self.suffix),
         }
     }
 }
 
 /// A batch of windows as a `(B, len)` tensor.
-pub fn window_batch(tokens: &[u32], starts: &[usize], len: usize, device: Device) -> Tensor {
+pub fn window_batch(tokens: &Tokens, starts: &[usize], len: usize, device: Device) -> Tensor {
     let mut ids = Vec::with_capacity(starts.len() * len);
+    let mut window = Vec::with_capacity(len);
     for &s in starts {
-        ids.extend(tokens[s..s + len].iter().map(|&t| t as i64));
+        window.clear();
+        tokens.extend(s, s + len, &mut window);
+        ids.extend(window.iter().map(|&t| t as i64));
     }
     Tensor::from_slice(&ids)
         .view([starts.len() as i64, len as i64])
@@ -436,8 +436,23 @@ mod tests {
     }
 
     #[test]
+    fn the_window_order_is_a_permutation_of_every_size() {
+        for n in [1u64, 2, 3, 4, 5, 17, 1000, 4097] {
+            for key in [0, 1, 99] {
+                let p = Permutation::new(n, key);
+                let mut seen: Vec<u64> = (0..n).map(|i| p.at(i)).collect();
+                seen.sort();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n = {n}, key = {key}");
+            }
+        }
+        // Different epochs, different orders.
+        let (a, b) = (Permutation::new(1000, 1), Permutation::new(1000, 2));
+        assert!((0..1000).filter(|&i| a.at(i) != b.at(i)).count() > 900);
+    }
+
+    #[test]
     fn cuts_stay_inside_documents() {
-        let tokens: Vec<u32> = (0..1000).collect();
+        let tokens = Tokens::from_vec((0..1000).collect());
         let segs = [
             Segment { start: 0, end: 300 },
             Segment {
@@ -474,8 +489,8 @@ mod tests {
                 end: (i + 1) * 10_000,
             })
             .collect();
-        let a = Corpus::split(vec![0; 500_000], &docs, 0.1, 3);
-        let b = Corpus::split(vec![0; 500_000], &docs, 0.1, 3);
+        let a = Corpus::split(Tokens::from_vec(vec![0; 500_000]), &docs, 0.1, 3);
+        let b = Corpus::split(Tokens::from_vec(vec![0; 500_000]), &docs, 0.1, 3);
         assert_eq!(a.validation, b.validation);
         let share = a.validation_tokens() as f64 / 500_000.0;
         assert!((0.04..0.2).contains(&share), "{share}");
@@ -525,9 +540,7 @@ mod tests {
         // A file that is not what its name says: an error naming it.
         std::fs::write(dir.path().join("d.jsonl.zst"), "not zstd").unwrap();
         let err = read_documents(&[dir.path().join("d.jsonl.zst")], "auto", "text").unwrap_err();
-        assert!(
-            format!("{err:#}").contains("d.jsonl.zst as zstd"),
-            "{err:#}"
-        );
+        let err = format!("{err:#}");
+        assert!(err.contains("d.jsonl.zst") && err.contains("zstd"), "{err}");
     }
 }

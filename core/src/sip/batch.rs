@@ -67,7 +67,7 @@ impl Batch {
 
 /// What making a batch needs; shared by reference with the prefetch thread.
 pub struct BatchMaker<'a> {
-    pub tokens: &'a [u32],
+    pub tokens: &'a crate::data::Tokens,
     pub cutter: &'a Cutter,
     pub tokenizer: &'a Tokenizer,
     pub plugins: &'a Plugins,

@@ -206,7 +206,7 @@ struct Trainer<'a> {
     objective: &'a dyn Objective,
     tokenizer: &'a Tokenizer,
     /// The corpus's token stream (next-token batches come from it).
-    corpus: &'a [u32],
+    corpus: &'a crate::data::Tokens,
     policy: &'a Policy,
     sampler: Sampler,
     rollouts: Rollouts<'a>,

@@ -195,7 +195,7 @@ impl Learner {
 /// `rows` next-token windows of `len` tokens from the stream, as a `(rows, len)` batch.
 pub fn ntp_batch(
     windows: &mut Windows,
-    tokens: &[u32],
+    tokens: &crate::data::Tokens,
     rows: usize,
     len: usize,
     device: Device,

@@ -273,10 +273,11 @@ pub struct DataSection {
     /// Held-out documents; empty = carve `validation_fraction` out of `train`.
     pub validation: Vec<String>,
     pub validation_fraction: f64,
-    /// `auto` (by extension), `text` or `jsonl`.
+    /// `auto` (by extension), `text`, `jsonl` or `parquet`.
     pub format: String,
-    /// Field holding the text in JSON-lines files.
-    pub jsonl_field: String,
+    /// The field (JSON Lines) or column (Parquet) holding each document's text.
+    #[serde(alias = "jsonl_field")]
+    pub text_field: String,
     pub shuffle: bool,
     /// Sequence length for next-token training.
     pub seq_len: usize,
@@ -297,7 +298,7 @@ impl Default for DataSection {
             validation: Vec::new(),
             validation_fraction: 0.02,
             format: "auto".into(),
-            jsonl_field: "text".into(),
+            text_field: "text".into(),
             shuffle: true,
             seq_len: 256,
             suffix_tokens: 128,

@@ -344,7 +344,7 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
         resolved,
         "data.format",
         &e.data.format,
-        &["auto", "text", "jsonl"],
+        &["auto", "text", "jsonl", "parquet"],
         &mut problems,
     );
     if let Some(sweep) = &e.sweep {
