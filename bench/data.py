@@ -6,7 +6,7 @@ it) and zstd-compressed JSON Lines shards (as Dolma ships it), half of each, at 
 SmolLM2's real tokenizer (imported from the GGUF asset).
 
 For each size and side, in one run, interleaved over --rounds: wall time, throughput (MB of
-document text per second) and peak resident memory (the process's maxrss, from wait4). sipt
+document text per second) and peak resident memory (GNU time's maximum resident set size). sipt
 tokenizes into a fresh shard folder every round; the reference runs the usual
 `load_dataset(...)` + `Dataset.map(batched=True)` with `Tokenizer.encode_batch`, into a fresh
 cache folder every round. Memory should not grow with the corpus: compare the two sizes.
@@ -40,6 +40,8 @@ def encode(batch):
 docs = 0
 for kind, pattern in (("parquet", "*.parquet"), ("json", "*.jsonl.zst")):
     files = sorted(glob.glob(f"{corpus}/{pattern}"))
+    if not files:
+        continue
     ds = load_dataset(kind, data_files=files, split="train", cache_dir=cache)
     out = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names)
     docs += len(out)
@@ -58,16 +60,17 @@ def cpu_name():
 
 
 def measure(cmd, env=None):
-    """Wall seconds, peak resident MB and stdout of one command (its own process tree's peak)."""
+    """Wall seconds, peak resident MB and stdout of one command. The peak comes from GNU time
+    (`%M`): a child forked from this Python would count this process's memory in its own
+    maxrss until it execs."""
     started = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out = p.stdout.read()
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run(["/usr/bin/time", "-f", "SIPT_PEAK_KB %M", *cmd], capture_output=True, env=env)
     wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{cmd[0]} failed: {err.decode(errors='replace')[-2000:]}")
-    return wall, usage.ru_maxrss / 1024.0, out.decode()
+    err = p.stderr.decode(errors="replace")
+    if p.returncode != 0:
+        sys.exit(f"{cmd[0]} failed: {err[-2000:]}")
+    peak = [l for l in err.splitlines() if l.startswith("SIPT_PEAK_KB ")][-1]
+    return wall, int(peak.split()[1]) / 1024.0, p.stdout.decode()
 
 
 def documents(assets):
@@ -82,14 +85,16 @@ def documents(assets):
     return docs
 
 
-def make_corpus(out, docs, size_mb, shard_mb=64):
-    """Repeat the documents into shards of about `shard_mb` MB of text until `size_mb`."""
+def make_corpus(out, docs, size_mb):
+    """Repeat the documents into shards (about 64 MB of text each, at least four shards) until
+    `size_mb`, alternately Parquet and zstd JSON Lines."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
 
     os.makedirs(out, exist_ok=True)
     target = size_mb * 1_000_000
+    shard_mb = max(1, min(64, size_mb // 4))
     written, shard, i = 0, 0, 0
     while written < target:
         batch, size = [], 0

@@ -49,8 +49,9 @@ pub(super) fn data(command: DataCommand, libraries: &[PathBuf]) -> Result<(), Ex
     }
     let (_shards, report) = prepare_data(&files, &d.format, &d.text_field, &tokenizer)?;
     let built_mb = report.source_bytes_built as f64 / 1e6;
+    let built_text_mb = report.text_bytes_built as f64 / 1e6;
     let rate = if report.built > 0 && report.seconds > 0.0 {
-        built_mb / report.seconds
+        built_text_mb / report.seconds
     } else {
         0.0
     };
@@ -64,6 +65,7 @@ pub(super) fn data(command: DataCommand, libraries: &[PathBuf]) -> Result<(), Ex
             "skipped": report.skipped,
             "text_mb": report.text_bytes as f64 / 1e6,
             "source_mb_built": built_mb,
+            "text_mb_built": built_text_mb,
             "seconds": report.seconds,
             "mb_per_second": rate,
             "peak_rss_mb": peak,
@@ -90,7 +92,7 @@ pub(super) fn data(command: DataCommand, libraries: &[PathBuf]) -> Result<(), Ex
         );
         if report.built > 0 {
             println!(
-                "tokenized {built_mb:.1} MB of files in {:.1}s: {rate:.1} MB/s",
+                "tokenized {built_text_mb:.1} MB of text ({built_mb:.1} MB of files) in {:.1}s: {rate:.1} MB of text/s",
                 report.seconds
             );
         }

@@ -85,8 +85,10 @@ pub struct Prepared {
     pub skipped: u64,
     /// Bytes of document text.
     pub text_bytes: u64,
-    /// Bytes of the source files tokenized now.
+    /// Bytes of the source files tokenized now (compressed as stored).
     pub source_bytes_built: u64,
+    /// Bytes of document text tokenized now.
+    pub text_bytes_built: u64,
     pub seconds: f64,
 }
 
@@ -161,6 +163,7 @@ pub fn prepare_data(
                     one.elapsed().as_secs_f64()
                 );
             }
+            report.text_bytes_built += info.text_bytes;
             let shard = Shard::open(path)?.with_context(|| {
                 format!("the shard just built is unreadable: {}", path.display())
             })?;

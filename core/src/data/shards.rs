@@ -25,8 +25,9 @@ use std::sync::Arc;
 const MAGIC: &[u8; 8] = b"SIPTTOKS";
 const VERSION: u32 = 1;
 const HEADER: usize = 64;
-/// Documents are tokenized in batches of about this many bytes of text.
-const BATCH_BYTES: usize = 4 << 20;
+/// Documents are tokenized in batches of about this many bytes of text (a batch's encodings
+/// take about a hundred times its size while they last).
+const BATCH_BYTES: usize = 1 << 20;
 
 /// What a shard's header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
