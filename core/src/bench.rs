@@ -45,6 +45,10 @@ pub struct TrainBench {
     /// `f32`, or `bf16` (autocast; CUDA only).
     #[arg(long, default_value = "f32")]
     pub dtype: Dtype,
+    /// The loss through the full logits and libtorch's cross-entropy, as before the chunked
+    /// output layer (for measuring the two side by side).
+    #[arg(long)]
+    pub unchunked_loss: bool,
 }
 
 /// Next-token training steps on random tokens: forward, backward, clip, AdamW.
@@ -81,7 +85,10 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         );
         sync(device);
         let t0 = Instant::now();
-        let loss = autocast(device, b.dtype, || policy.model.ntp_loss(&ids));
+        let loss = autocast(device, b.dtype, || match b.unchunked_loss {
+            true => policy.model.ntp_loss_unchunked(&ids),
+            false => policy.model.ntp_loss(&ids),
+        });
         loss.backward();
         opt.clip_grad_norm(1.0);
         opt.step(1e-4);
@@ -103,7 +110,17 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         "model_flops_per_second": flops_per_token * tokens / step,
         "device": format!("{device:?}"),
         "threads": tch::get_num_threads(),
+        "loss": if b.unchunked_loss { "unchunked" } else { "chunked" },
+        "peak_rss_mb": peak_resident_mb(),
     }))
+}
+
+/// This process's peak resident memory (Linux's VmHWM), in MB.
+pub fn peak_resident_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -488,22 +488,59 @@ pub fn continuation_logprobs(
             .expand([m as i64, n_max as i64, h], false),
         false,
     );
-    let logp = model
-        .logits(&picked)
-        .to_kind(Kind::Float)
-        .log_softmax(-1, Kind::Float);
     let targets = Tensor::from_slice(&targets)
         .view([m as i64, n_max as i64])
         .to_device(device);
     let valid = Tensor::from_slice(&valid)
         .view([m as i64, n_max as i64])
         .to_device(device);
-    let token_logp = logp
-        .gather(2, &targets.unsqueeze(-1), false)
-        .squeeze_dim(-1)
-        * &valid;
+    let token_logp = if picked.requires_grad() {
+        model
+            .logits(&picked)
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float)
+            .gather(2, &targets.unsqueeze(-1), false)
+            .squeeze_dim(-1)
+    } else {
+        // Without gradients (the reference model, scoring), the output layer runs in chunks of
+        // rows: the full (M, N, vocab) logits never exist.
+        chunked_token_logprobs(
+            &picked.reshape([m as i64 * n_max as i64, h]),
+            model.output_weight(),
+            &targets.reshape([-1]),
+            crate::model::llama::chunk_rows(model.config.vocab_size),
+        )
+        .view([m as i64, n_max as i64])
+    } * &valid;
     (
         token_logp.sum_dim_intlist(1, false, Kind::Float),
         valid.sum_dim_intlist(1, false, Kind::Float),
     )
+}
+
+/// `log softmax(hidden · weightᵀ)` at `targets`, `rows` rows of logits at a time (no
+/// gradient): `(N,)` f32.
+pub fn chunked_token_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    rows: i64,
+) -> Tensor {
+    let n = hidden.size()[0];
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let logits = hidden
+            .narrow(0, start, len)
+            .matmul(&weight.tr())
+            .to_kind(Kind::Float);
+        let picked = logits.gather(1, &targets.narrow(0, start, len).unsqueeze(1), false);
+        parts.push((picked - logits.logsumexp([-1], true)).squeeze_dim(1));
+        start += len;
+    }
+    if parts.is_empty() {
+        return Tensor::zeros([0], (Kind::Float, hidden.device()));
+    }
+    Tensor::cat(&parts, 0)
 }

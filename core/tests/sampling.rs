@@ -360,3 +360,35 @@ fn a_bf16_copy_samples_like_the_policy_and_follows_it() {
         );
     }
 }
+
+/// Scoring without gradients runs the output layer in chunks of rows; with gradients it takes
+/// the plain path. Both give the same log-probs, and so do chunks of any size.
+#[test]
+fn chunked_scoring_matches_the_plain_log_probs() {
+    let p = policy();
+    let pre: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![5, 6], vec![7, 8, 9]];
+    let cont: Vec<Vec<u32>> = vec![vec![10, 11, 12], vec![13, 14, 15, 16, 17], vec![18]];
+    let pre_r: Vec<&[u32]> = pre.iter().map(Vec::as_slice).collect();
+    let cont_r: Vec<&[u32]> = cont.iter().map(Vec::as_slice).collect();
+    let (plain, n_plain) = continuation_logprobs(&p.model, &pre_r, &cont_r);
+    assert!(plain.requires_grad(), "the plain path keeps its graph");
+    let (chunked, n_chunked) = tch::no_grad(|| continuation_logprobs(&p.model, &pre_r, &cont_r));
+    let diff = (&plain.detach() - &chunked).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "summed log-probs differ by {diff}");
+    assert_eq!(
+        Vec::<f32>::try_from(&n_plain).unwrap(),
+        Vec::<f32>::try_from(&n_chunked).unwrap()
+    );
+    // Chunks of 3 rows over 11 against the full logits' log-softmax.
+    let hidden = Tensor::randn([11, 32], (Kind::Float, Device::Cpu));
+    let targets = Tensor::randint(97, [11], (Kind::Int64, Device::Cpu));
+    let w = p.model.output_weight();
+    let full = hidden
+        .matmul(&w.tr())
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &targets.unsqueeze(1), false)
+        .squeeze_dim(1);
+    let parts = tch::no_grad(|| sipt_core::sample::chunked_token_logprobs(&hidden, w, &targets, 3));
+    let diff = (&full.detach() - &parts).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "chunked token log-probs differ by {diff}");
+}

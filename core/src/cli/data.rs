@@ -55,7 +55,7 @@ pub(super) fn data(command: DataCommand, libraries: &[PathBuf]) -> Result<(), Ex
     } else {
         0.0
     };
-    let peak = peak_resident_mb();
+    let peak = crate::bench::peak_resident_mb();
     if args.json {
         let figures = serde_json::json!({
             "files": report.files,
@@ -102,12 +102,4 @@ pub(super) fn data(command: DataCommand, libraries: &[PathBuf]) -> Result<(), Ex
         println!("shards: {}", crate::data::shard_dir().display());
     }
     Ok(())
-}
-
-/// This process's peak resident memory (Linux's VmHWM), in MB.
-pub(super) fn peak_resident_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

@@ -944,8 +944,38 @@ impl Llama {
         self.logits(&self.hidden(batch, cache))
     }
 
+    /// The output layer's weight `(vocab, hidden)`: `lm_head`, or the embedding when tied.
+    pub fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
     /// Mean next-token cross-entropy of `tokens (B, T+1)`: inputs `[..T]`, targets `[1..]`.
+    /// The output layer and the loss run in chunks of rows ([`chunked_cross_entropy`]): the
+    /// full `(B·T, vocab)` logits never exist, forward or backward.
     pub fn ntp_loss(&self, tokens: &Tensor) -> Tensor {
+        let t = tokens.size()[1];
+        let inputs = tokens.narrow(1, 0, t - 1);
+        let targets = tokens.narrow(1, 1, t - 1);
+        let hidden = self.hidden(
+            &Batch {
+                ids: &inputs,
+                positions: None,
+                mask: None,
+            },
+            None,
+        );
+        let d = hidden.size().last().copied().unwrap_or(1);
+        chunked_cross_entropy(
+            &hidden.reshape([-1, d]),
+            self.output_weight(),
+            &targets.reshape([-1]),
+            chunk_rows(self.config.vocab_size),
+        )
+    }
+
+    /// [`Llama::ntp_loss`] through the full logits and libtorch's own cross-entropy: the plain
+    /// path the chunked one is tested and benchmarked against.
+    pub fn ntp_loss_unchunked(&self, tokens: &Tensor) -> Tensor {
         let t = tokens.size()[1];
         let inputs = tokens.narrow(1, 0, t - 1);
         let targets = tokens.narrow(1, 1, t - 1);
@@ -961,5 +991,76 @@ impl Llama {
             .to_kind(Kind::Float)
             .reshape([-1, self.config.vocab_size as i64])
             .cross_entropy_for_logits(&targets.reshape([-1]))
+    }
+}
+
+/// Rows of logits computed at once by the chunked output layer: about 8M logits (32 MB in f32).
+pub fn chunk_rows(vocab: usize) -> i64 {
+    ((8usize << 20) / vocab.max(1)).max(16) as i64
+}
+
+/// Mean cross-entropy of the logits `hidden (N, d) · weight (V, d)ᵀ` against `targets (N,)`,
+/// `rows` rows of logits at a time, never all `N × V` of them. The gradient is computed in the
+/// same pass, chunk by chunk (softmax minus one-hot, times the weight for the hidden states; its
+/// transpose times the hidden states for the weight), and attached through a surrogate whose
+/// value is zero and whose gradients are those: autograd then carries them into the rest of
+/// the model, scaled by whatever multiplies the loss. Under `no_grad` (or with neither input
+/// requiring a gradient) only the loss is computed.
+pub fn chunked_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    rows: i64,
+) -> Tensor {
+    let n = hidden.size()[0];
+    let wants_grad = hidden.requires_grad() || weight.requires_grad();
+    let (sum, grads) = tch::no_grad(|| {
+        let h = hidden.detach();
+        let w = weight.detach();
+        let mut sum = Tensor::zeros([], (Kind::Float, h.device()));
+        let mut grad_h = wants_grad.then(|| Tensor::empty_like(&h));
+        let mut grad_w: Option<Tensor> = None;
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let hc = h.narrow(0, start, len);
+            let tc = targets.narrow(0, start, len).unsqueeze(1);
+            let logits = hc.matmul(&w.tr()).to_kind(Kind::Float);
+            let lse = logits.logsumexp([-1], true);
+            sum += (&lse - logits.gather(1, &tc, false)).sum(Kind::Float);
+            if let Some(gh) = grad_h.as_mut() {
+                // d(mean loss)/d(logits) = (softmax − one-hot) / N, in place over the logits.
+                let mut p = logits;
+                let _ = p.g_sub_(&lse).exp_();
+                let _ = p.scatter_add_(
+                    1,
+                    &tc,
+                    &Tensor::full([len, 1], -1.0, (Kind::Float, p.device())),
+                );
+                let _ = p.g_div_scalar_(n as f64);
+                let p = p.to_kind(w.kind());
+                gh.narrow(0, start, len).copy_(&p.matmul(&w));
+                // Summed over the chunks in f32, whatever type the products come in.
+                let part = p.tr().matmul(&hc).to_kind(Kind::Float);
+                match grad_w.as_mut() {
+                    Some(g) => {
+                        let _ = g.g_add_(&part);
+                    }
+                    None => grad_w = Some(part),
+                }
+            }
+            start += len;
+        }
+        (sum, grad_h.zip(grad_w))
+    });
+    let loss = sum / n as f64;
+    match grads {
+        Some((gh, gw)) => {
+            // Zero in value; gradient gh for the hidden states and gw for the weight.
+            let surrogate = (hidden * &gh).sum(Kind::Float)
+                + (weight * gw.to_kind(weight.kind())).sum(Kind::Float);
+            loss + &surrogate - surrogate.detach()
+        }
+        None => loss,
     }
 }

@@ -654,6 +654,81 @@ mod tests {
         assert_eq!(read_config(dir.path()).unwrap().rope_theta, 500000.0);
     }
 
+    /// Gradients of every variable after `loss` (then cleared).
+    fn grads_of(policy: &Policy, loss: Tensor) -> Vec<(String, Tensor)> {
+        loss.backward();
+        let mut out: Vec<(String, Tensor)> = policy
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, mut v)| {
+                let g = v.grad().copy();
+                v.zero_grad();
+                (name, g)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn the_chunked_loss_matches_the_plain_one_in_value_and_gradients() {
+        for tied in [true, false] {
+            tch::manual_seed(3);
+            let config = LlamaConfig {
+                vocab_size: 96,
+                hidden_size: 32,
+                intermediate_size: 64,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: Some(2),
+                head_dim: None,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                max_position_embeddings: 64,
+                tie_word_embeddings: tied,
+                bos_token_id: None,
+                eos_token_id: None,
+                family: Default::default(),
+                rope_scaling: None,
+                sliding_window: None,
+            };
+            let policy = Policy::from_scratch(config, Device::Cpu);
+            let tokens = Tensor::randint(96, [3, 17], (Kind::Int64, Device::Cpu));
+            let plain_loss = policy.model.ntp_loss_unchunked(&tokens);
+            let plain = grads_of(&policy, &plain_loss * 2.5);
+            // 48 rows in chunks of 7 (the last one short), scaled after the fact.
+            let inputs = tokens.narrow(1, 0, 16);
+            let hidden = policy.model.hidden(
+                &Batch {
+                    ids: &inputs,
+                    positions: None,
+                    mask: None,
+                },
+                None,
+            );
+            let loss = llama::chunked_cross_entropy(
+                &hidden.reshape([-1, 32]),
+                policy.model.output_weight(),
+                &tokens.narrow(1, 1, 16).reshape([-1]),
+                7,
+            );
+            let diff = (&loss - &plain_loss).abs().double_value(&[]);
+            assert!(diff < 1e-5, "tied {tied}: loss differs by {diff}");
+            let chunked = grads_of(&policy, &loss * 2.5);
+            for ((name, a), (_, b)) in plain.iter().zip(&chunked) {
+                let scale = a.abs().max().double_value(&[]).max(1e-8);
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d <= 1e-4 * scale, "tied {tied}: {name}: {d} of {scale}");
+            }
+            // The model's own loss is the chunked one; without gradients, the same value.
+            let own = policy.model.ntp_loss(&tokens);
+            let quiet = tch::no_grad(|| policy.model.ntp_loss(&tokens));
+            assert!((&own - &quiet).abs().double_value(&[]) < 1e-6);
+            assert!(!quiet.requires_grad());
+        }
+    }
+
     #[test]
     fn a_tensor_with_no_place_in_the_model_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
