@@ -315,6 +315,10 @@ pub struct TournamentBench {
     pub noise: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The adaptive design's prior: each candidate's quality plus Gaussian noise of this
+    /// standard deviation (a pointwise judge of the same criterion).
+    #[arg(long, default_value_t = 0.1)]
+    pub prior_noise: f64,
 }
 
 /// Calls and rank agreement (Kendall's tau with all-pairs, and with the hidden truth) of every
@@ -340,9 +344,29 @@ pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
     };
     let sizes = vec![b.pool; b.pools];
     let pivots = vec![Some(0); b.pools];
+    // A pointwise judge of the same criterion, noisier or not: quality + N(0, prior_noise).
+    let mut prior_rng = sipt_experiment::rng::SplitMix::derive(b.seed, 0x9_12_10, 0);
+    let priors: Vec<Vec<Option<f64>>> = quality
+        .iter()
+        .map(|pool| {
+            pool.iter()
+                .map(|&q| {
+                    let (u1, u2) = (prior_rng.next_f64().max(1e-12), prior_rng.next_f64());
+                    let normal = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                    Some(q + b.prior_noise * normal)
+                })
+                .collect()
+        })
+        .collect();
     let mut results = Vec::new();
     let mut all_pairs_scores = Vec::new();
-    for design in [Design::AllPairs, Design::Pivot, Design::Swiss, Design::Sort] {
+    for design in [
+        Design::AllPairs,
+        Design::Pivot,
+        Design::Swiss,
+        Design::Sort,
+        Design::Adaptive,
+    ] {
         let mut referee = |ms: &[Match]| {
             ms.iter()
                 .map(|&(p, a, c)| Some(verdict(p, a, c)))
@@ -352,6 +376,7 @@ pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
             design,
             &sizes,
             &pivots,
+            &priors,
             &mut referee,
             &sipt_experiment::rng::SplitMix::new(b.seed ^ 7),
             0,
@@ -372,8 +397,21 @@ pub fn tournaments(b: &TournamentBench) -> Result<Vec<serde_json::Value>> {
             "tau_vs_truth": tau(&|p| quality[p].iter().map(|&q| Some(q)).collect()),
             "pool": b.pool,
             "noise": b.noise,
+            "prior_noise": (design == Design::Adaptive).then_some(b.prior_noise),
         }));
     }
+    // The prior alone, for what the adaptive design's comparisons add to it.
+    let tau_prior: Vec<f64> = (0..b.pools)
+        .filter_map(|p| kendall_tau(&priors[p], &all_pairs_scores[p]))
+        .collect();
+    results.push(serde_json::json!({
+        "tournament": "prior alone (no calls)",
+        "calls_per_pool": 0.0,
+        "tau_vs_all_pairs": tau_prior.iter().sum::<f64>() / tau_prior.len().max(1) as f64,
+        "pool": b.pool,
+        "noise": b.noise,
+        "prior_noise": b.prior_noise,
+    }));
     Ok(results)
 }
 

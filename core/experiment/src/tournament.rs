@@ -6,6 +6,10 @@
 //! - `swiss`: rounds in which candidates with similar records meet; about n·log2(n)/2 calls.
 //! - `sort`: a merge sort with the judge as comparator; score = normalised rank;
 //!   about n·log2(n) − n calls, in log-depth rounds.
+//! - `adaptive`: starts from a prior order (a pointwise judge's scores of the pool,
+//!   `sip.tournament_prior`) and spends 2(n−1) calls where that order is least certain:
+//!   neighbours whose prior scores are closest are compared first, a lost comparison swaps
+//!   them, and the swap brings their new neighbours into question; score = normalised rank.
 //!
 //! Every design sends one batch per round across all pools, so a concurrent judge sees large
 //! batches. A failed comparison is left out (never counted as a loss).
@@ -45,8 +49,14 @@ crate::config::choice! {
         Swiss = "swiss",
         /// A merge sort with the judge as comparator.
         Sort = "sort",
+        /// Comparisons where a prior order (a pointwise judge's scores) is least certain:
+        /// 2(n-1) calls.
+        Adaptive = "adaptive",
     }
 }
+
+/// Comparisons per round and pool in the adaptive design (disjoint neighbour pairs).
+const ADAPTIVE_PER_ROUND: usize = 4;
 
 /// Wins and games per candidate.
 struct Tally {
@@ -109,13 +119,16 @@ impl Tally {
 }
 
 /// Run `design` over pools of the given sizes. `pivots[p]` is the pivot of pool p (for `pivot`;
-/// candidate 0 when `None`). `rng` breaks ties and orders the first swiss round, pool by pool:
-/// pool `p` draws from its own stream, keyed by `first_pool + p`, so a pool gets the same
-/// tournament in any split of the pools (the shares of a job's ranks).
+/// candidate 0 when `None`); `priors[p]` the prior scores of pool p's candidates (for
+/// `adaptive`; a missing one counts as the pool's mean, a missing pool as no information).
+/// `rng` breaks ties and orders the first swiss round, pool by pool: pool `p` draws from its
+/// own stream, keyed by `first_pool + p`, so a pool gets the same tournament in any split of
+/// the pools (the shares of a job's ranks).
 pub fn run(
     design: Design,
     sizes: &[usize],
     pivots: &[Option<usize>],
+    priors: &[Vec<Option<f64>>],
     referee: &mut dyn Referee,
     rng: &SplitMix,
     first_pool: usize,
@@ -149,7 +162,115 @@ pub fn run(
         }
         Design::Swiss => swiss(sizes, referee, rng, first_pool, tally),
         Design::Sort => merge_sort(sizes, referee, tally),
+        Design::Adaptive => adaptive(sizes, priors, referee, tally),
     }
+}
+
+/// Scores from an order of each pool (rank 0 = best): `1 − rank / (n − 1)`.
+fn rank_scores(orders: &[Vec<usize>], sizes: &[usize]) -> Vec<Vec<Option<f64>>> {
+    orders
+        .iter()
+        .zip(sizes)
+        .map(|(order, &n)| {
+            let mut s = vec![None; n];
+            for (rank, &c) in order.iter().enumerate() {
+                s[c] = Some(if n > 1 {
+                    1.0 - rank as f64 / (n - 1) as f64
+                } else {
+                    0.5
+                });
+            }
+            s
+        })
+        .collect()
+}
+
+/// The adaptive design (see the module docs). Each round takes, in every pool, up to
+/// [`ADAPTIVE_PER_ROUND`] disjoint neighbour pairs not compared yet, closest prior scores
+/// first; a pair whose lower-ranked candidate wins swaps, and both take the mean of their
+/// prior scores (the winner just above), so that their new neighbours become the closest
+/// pairs. A failed comparison changes nothing and still counts against the budget.
+fn adaptive(
+    sizes: &[usize],
+    priors: &[Vec<Option<f64>>],
+    referee: &mut dyn Referee,
+    mut tally: Tally,
+) -> Outcome {
+    let mut prior: Vec<Vec<f64>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(p, &n)| {
+            let given: Vec<Option<f64>> = priors.get(p).cloned().unwrap_or_default();
+            let known: Vec<f64> = given.iter().flatten().copied().collect();
+            let mean = if known.is_empty() {
+                0.0
+            } else {
+                known.iter().sum::<f64>() / known.len() as f64
+            };
+            (0..n)
+                .map(|c| given.get(c).copied().flatten().unwrap_or(mean))
+                .collect()
+        })
+        .collect();
+    let mut orders: Vec<Vec<usize>> = prior
+        .iter()
+        .map(|pr| {
+            let mut o: Vec<usize> = (0..pr.len()).collect();
+            // Best first; equal priors keep the candidates' order.
+            o.sort_by(|&a, &b| pr[b].total_cmp(&pr[a]).then(a.cmp(&b)));
+            o
+        })
+        .collect();
+    let mut left: Vec<usize> = sizes.iter().map(|&n| 2 * n.saturating_sub(1)).collect();
+    let mut met: Vec<std::collections::HashSet<(usize, usize)>> =
+        sizes.iter().map(|_| Default::default()).collect();
+    loop {
+        let mut matches: Vec<Match> = Vec::new();
+        for p in 0..sizes.len() {
+            let order = &orders[p];
+            let mut open: Vec<(f64, usize)> = (0..order.len().saturating_sub(1))
+                .filter(|&i| {
+                    let (a, b) = (order[i], order[i + 1]);
+                    !met[p].contains(&(a.min(b), a.max(b)))
+                })
+                .map(|i| ((prior[p][order[i]] - prior[p][order[i + 1]]).abs(), i))
+                .collect();
+            open.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            let mut taken: Vec<usize> = Vec::new();
+            for (_, i) in open {
+                if taken.len() >= ADAPTIVE_PER_ROUND.min(left[p]) {
+                    break;
+                }
+                if taken.iter().any(|&t| t.abs_diff(i) <= 1) {
+                    continue;
+                }
+                taken.push(i);
+            }
+            for i in taken {
+                let (a, b) = (order[i], order[i + 1]);
+                met[p].insert((a.min(b), a.max(b)));
+                left[p] -= 1;
+                matches.push((p, a, b));
+            }
+        }
+        if matches.is_empty() {
+            break;
+        }
+        let results = tally.play(referee, &matches);
+        for (&(p, a, b), r) in matches.iter().zip(results) {
+            // `a` stands just above `b`; it keeps its place unless `b` won.
+            if r.is_some_and(|first| first < 0.5) {
+                let i = orders[p].iter().position(|&c| c == a).unwrap_or(0);
+                orders[p].swap(i, i + 1);
+                let mid = (prior[p][a] + prior[p][b]) / 2.0;
+                let eps = 1e-9 * mid.abs().max(1.0);
+                prior[p][b] = mid + eps;
+                prior[p][a] = mid - eps;
+            }
+        }
+    }
+    let scores = rank_scores(&orders, sizes);
+    tally.outcome(scores)
 }
 
 fn swiss(
@@ -269,23 +390,11 @@ fn merge_sort(sizes: &[usize], referee: &mut dyn Referee, mut tally: Tally) -> O
             runs[merge.pool].push(merge.out);
         }
     }
-    let scores = runs
-        .iter()
-        .zip(sizes)
-        .map(|(pool_runs, &n)| {
-            let mut s = vec![None; n];
-            if let Some(order) = pool_runs.first() {
-                for (rank, &c) in order.iter().enumerate() {
-                    s[c] = Some(if n > 1 {
-                        1.0 - rank as f64 / (n - 1) as f64
-                    } else {
-                        0.5
-                    });
-                }
-            }
-            s
-        })
+    let orders: Vec<Vec<usize>> = runs
+        .into_iter()
+        .map(|pool_runs| pool_runs.into_iter().next().unwrap_or_default())
         .collect();
+    let scores = rank_scores(&orders, sizes);
     tally.outcome(scores)
 }
 
@@ -351,6 +460,7 @@ mod tests {
             Design::AllPairs,
             &[8, 3],
             &[None, None],
+            &[],
             &mut exact(q.clone()),
             &SplitMix::new(0),
             0,
@@ -368,6 +478,7 @@ mod tests {
             Design::Sort,
             &[8, 3],
             &[None, None],
+            &[],
             &mut exact(q.clone()),
             &SplitMix::new(0),
             0,
@@ -385,6 +496,7 @@ mod tests {
             Design::Swiss,
             &[8, 3],
             &[None, None],
+            &[],
             &mut exact(q.clone()),
             &SplitMix::new(3),
             0,
@@ -401,6 +513,7 @@ mod tests {
             Design::Pivot,
             &[8, 3],
             &[Some(3), None],
+            &[],
             &mut exact(q),
             &SplitMix::new(0),
             0,
@@ -421,11 +534,55 @@ mod tests {
             Design::AllPairs,
             &[3],
             &[None],
+            &[],
             &mut failing,
             &SplitMix::new(0),
             0,
         );
         assert_eq!(out.failures, 2);
         assert_eq!(out.scores[0], vec![None, Some(1.0), Some(0.0)]);
+    }
+
+    #[test]
+    fn adaptive_repairs_a_noisy_prior_within_its_budget() {
+        let q = qualities();
+        let truth: Vec<Option<f64>> = q[0].iter().map(|&x| Some(x)).collect();
+        // An exact prior needs no repair: every comparison confirms it.
+        let exact_prior: Vec<Vec<Option<f64>>> = q
+            .iter()
+            .map(|pool| pool.iter().map(|&x| Some(x)).collect())
+            .collect();
+        let out = run(
+            Design::Adaptive,
+            &[8, 3],
+            &[None, None],
+            &exact_prior,
+            &mut exact(q.clone()),
+            &SplitMix::new(0),
+            0,
+        );
+        assert_eq!(kendall_tau(&out.scores[0], &truth), Some(1.0));
+        assert_eq!(out.scores[1], vec![Some(0.5), Some(0.0), Some(1.0)]);
+        assert!(out.calls <= 2 * 7 + 2 * 2, "{}", out.calls);
+        // Neighbours swapped in the prior (and one candidate without a prior) are put right
+        // by comparisons, and never more than 2(n-1) of them per pool.
+        let mut noisy = exact_prior.clone();
+        noisy[0].swap(0, 7); // 0.3 <-> 0.4: neighbours in the true order
+        noisy[0].swap(4, 6); // 0.7 <-> 0.8
+        noisy[1][2] = None;
+        let out = run(
+            Design::Adaptive,
+            &[8, 3],
+            &[None, None],
+            &noisy,
+            &mut exact(q.clone()),
+            &SplitMix::new(0),
+            0,
+        );
+        assert_eq!(kendall_tau(&out.scores[0], &truth), Some(1.0));
+        assert_eq!(out.scores[1], vec![Some(0.5), Some(0.0), Some(1.0)]);
+        assert!(out.calls <= 2 * 7 + 2 * 2, "{}", out.calls);
+        let before = kendall_tau(&noisy[0], &truth).unwrap();
+        assert!(before < 1.0);
     }
 }

@@ -23,6 +23,7 @@ pub fn judge(
     batch: &Batch,
     pools: &mut [Pool],
     design: Design,
+    prior: &str,
     seed: u64,
     step: u64,
 ) -> Judging {
@@ -34,7 +35,7 @@ pub fn judge(
     }
     let mut pairwise_calls = 0;
     let rng = SplitMix::derive(seed, STREAM_TOURNAMENT, step);
-    for (name, outcome) in tournaments(plugins, batch, pools, design, &rng) {
+    for (name, outcome) in tournaments(plugins, batch, pools, design, prior, &rng) {
         pairwise_calls += outcome.calls;
         stats.insert(name, (outcome.calls, outcome.failures));
     }
@@ -75,12 +76,23 @@ fn tournaments(
     batch: &Batch,
     pools: &mut [Pool],
     design: Design,
+    prior: &str,
     rng: &SplitMix,
 ) -> Vec<(String, tournament::Outcome)> {
     let sizes: Vec<usize> = pools.iter().map(Vec::len).collect();
     let pivots: Vec<Option<usize>> = pools
         .iter()
         .map(|pool| pool.iter().position(|c| c.source == Source::Original))
+        .collect();
+    // The adaptive design's starting order: a pointwise criterion's scores, read before any
+    // pairwise judge writes its own.
+    let priors: Vec<Vec<Option<f64>>> = pools
+        .iter()
+        .map(|pool| {
+            pool.iter()
+                .map(|c| c.scores.get(prior).copied().flatten())
+                .collect()
+        })
         .collect();
     let mut outcomes = Vec::new();
     for (name, judge) in &plugins.pairwise {
@@ -100,7 +112,15 @@ fn tournaments(
                 .map(|r| r.ok().map(|p| p.first_wins))
                 .collect()
         };
-        let outcome = tournament::run(design, &sizes, &pivots, &mut referee, rng, batch.first);
+        let outcome = tournament::run(
+            design,
+            &sizes,
+            &pivots,
+            &priors,
+            &mut referee,
+            rng,
+            batch.first,
+        );
         let criterion = judge.criterion();
         for (p, scores) in outcome.scores.iter().enumerate() {
             for (c, s) in scores.iter().enumerate() {

@@ -152,6 +152,20 @@ pub fn train(
         state,
         dist: Rc::clone(&dist),
     };
+    if e.sip.tournament == sipt_experiment::tournament::Design::Adaptive {
+        let criteria: Vec<String> = plugins
+            .pointwise
+            .iter()
+            .flat_map(|(_, j)| j.criteria())
+            .collect();
+        if !criteria.contains(&e.sip.tournament_prior) {
+            bail!(
+                "sip.tournament_prior = \"{}\": no pointwise judge scores this criterion (they score: {}); the adaptive tournament orders each pool by it first",
+                e.sip.tournament_prior,
+                if criteria.is_empty() { "nothing".to_string() } else { criteria.join(", ") }
+            );
+        }
+    }
     tracing::info!(
         "SIP training: {} steps of {} prefixes, objective {}, {} pointwise and {} pairwise judge(s), tournament {}",
         t.steps, t.batch_size, t.objective.name, plugins.pointwise.len(), plugins.pairwise.len(), e.sip.tournament
@@ -248,6 +262,7 @@ impl Trainer<'_> {
             &batch,
             &mut pools,
             e.sip.tournament,
+            &e.sip.tournament_prior,
             e.experiment.seed,
             step,
         );

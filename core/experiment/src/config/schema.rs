@@ -319,8 +319,12 @@ pub struct SipSection {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: usize,
-    /// How pairwise judges are run over a pool: `all-pairs`, `pivot`, `swiss`, `sort`.
+    /// How pairwise judges are run over a pool: `all-pairs`, `pivot`, `swiss`, `sort`,
+    /// `adaptive`.
     pub tournament: Tournament,
+    /// The criterion of a pointwise judge whose scores give the `adaptive` tournament its
+    /// starting order (e.g. "quality" of a `quality-proxy` judge).
+    pub tournament_prior: String,
     /// Prepare step t+1's batch (cut, rewrite, judge the originals and rewrites: the work that
     /// does not depend on the policy) on a second thread while step t samples and trains.
     pub overlap: bool,
@@ -345,6 +349,7 @@ impl Default for SipSection {
             top_p: 1.0,
             top_k: 0,
             tournament: Tournament::AllPairs,
+            tournament_prior: String::new(),
             overlap: true,
             sample_dtype: Dtype::F32,
             rollout_prefixes: 0,

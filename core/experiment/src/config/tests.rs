@@ -228,3 +228,18 @@ fn a_file_that_switches_a_plugin_type_starts_that_table_afresh() {
     assert_eq!(reward.options["threshold"], 0.5);
     assert!(!reward.options.contains_key("weights"));
 }
+
+#[test]
+fn the_adaptive_tournament_needs_a_prior() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "exp.toml", "[sip]\ntournament = \"adaptive\"\n");
+    let text = resolve(&file, &[]).err().unwrap().to_string();
+    assert!(text.contains("sip.tournament_prior"), "{text}");
+    assert!(text.contains("needs a prior"), "{text}");
+    let file = write(
+        dir.path(),
+        "ok.toml",
+        "[sip]\ntournament = \"adaptive\"\ntournament_prior = \"quality\"\n",
+    );
+    assert!(resolve(&file, &[]).is_ok());
+}

@@ -311,6 +311,13 @@ pub(super) fn check_values(resolved: &Resolved) -> Vec<Problem> {
             "no training data: list files, folders or globs (e.g. [\"@assets/corpora/shakespeare\"])".into(),
         ));
     }
+    if e.sip.tournament == crate::tournament::Design::Adaptive && e.sip.tournament_prior.is_empty()
+    {
+        out.push(problem(
+            "sip.tournament_prior",
+            "the adaptive tournament needs a prior: the criterion of a pointwise judge whose scores order each pool first (e.g. \"quality\")".into(),
+        ));
+    }
     if e.sip.rewrite && e.rewriter.is_none() {
         out.push(problem(
             "sip.rewrite",
