@@ -113,15 +113,19 @@ fn self_improving_training_on_two_ranks_matches_one() {
     // The quickstart's SIP step (online DPO with a next-token term, rewrites, 4 rollouts, an
     // all-pairs tournament) with its evaluation (sharded over the ranks), and its swiss variant
     // whose draws are keyed by pool. Two rank counts add the gradients in different orders, so
-    // the weights agree to float noise only; a sampled token flips where a uniform draw falls
-    // within that noise of a boundary, which grows likelier with every step (the swiss run,
-    // from the third step of this data on, samples one other token). Each case runs as many
-    // steps as its rollouts stay identical, so that the comparison below can be exact.
+    // the weights agree to float noise only, and a token sampled at temperature 1 flips where
+    // its uniform draw falls within that noise of a boundary between two tokens (at the third
+    // step, on this data). Rollouts are greedy here: a flip then needs two logits within float
+    // noise of each other, and the comparison below can be exact. One step at temperature 1
+    // (the ranks start from the same weights, so nothing can flip yet) checks that every
+    // rollout row draws from its own stream whichever rank samples it.
     for (name, steps, extra) in [
+        ("sampled", 1, vec![]),
         (
             "all-pairs",
             3,
             vec![
+                "sip.temperature=0",
                 "train.eval_every=3",
                 "eval.prefixes=4",
                 "eval.max_new_tokens=8",
@@ -129,8 +133,12 @@ fn self_improving_training_on_two_ranks_matches_one() {
         ),
         (
             "swiss",
-            2,
-            vec!["sip.tournament=\"swiss\"", "train.micro_batch=5"],
+            3,
+            vec![
+                "sip.temperature=0",
+                "sip.tournament=\"swiss\"",
+                "train.micro_batch=5",
+            ],
         ),
     ] {
         let args = quickstart(steps, &extra);
@@ -477,7 +485,8 @@ fn torchrun_starts_the_ranks_through_its_own_store() {
 #[test]
 fn a_job_resumes_on_another_number_of_ranks() {
     let dir = tempfile::tempdir().unwrap();
-    let args = quickstart(4, &["train.keep_checkpoints=3"]);
+    // Greedy rollouts, as in `self_improving_training_on_two_ranks_matches_one`.
+    let args = quickstart(4, &["train.keep_checkpoints=3", "sip.temperature=0"]);
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     let out = train(&one, &args, 1);
     assert_eq!(out.code, 0, "{}", out.stderr);

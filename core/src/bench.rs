@@ -145,6 +145,57 @@ pub struct RolloutBench {
     pub dtype: Dtype,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScoreBench {
+    /// A model folder (e.g. SmolLM2 imported with `sipt import gguf`).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub rows: usize,
+    #[arg(long, default_value_t = 256)]
+    pub prefix_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub continuation_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// The output layer over all scored positions at once (the path before chunking).
+    #[arg(long)]
+    pub unchunked: bool,
+}
+
+/// Log-prob scoring without gradients (the reference model's pass of a SIP step): summed
+/// log-probs of `rows` continuations given their prefixes, in f32 on the CPU. Reports the
+/// median time and the peak resident memory, before scoring (model loaded) and after.
+pub fn score(b: &ScoreBench) -> Result<serde_json::Value> {
+    let policy = Policy::load(&b.model, Device::Cpu)?;
+    let loaded = peak_resident_mb();
+    let prefixes = random_prompts(&policy, b.rows, b.prefix_tokens, 5);
+    let continuations = random_prompts(&policy, b.rows, b.continuation_tokens, 6);
+    let pre: Vec<&[u32]> = prefixes.iter().map(Vec::as_slice).collect();
+    let cont: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
+    let mut times = Vec::new();
+    let mut total = 0.0;
+    for _ in 0..b.repeats.max(1) {
+        let t0 = Instant::now();
+        let (lp, _) = tch::no_grad(|| {
+            crate::sample::continuation_logprobs_with(&policy.model, &pre, &cont, !b.unchunked)
+        });
+        total = lp.sum(Kind::Float).double_value(&[]);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(serde_json::json!({
+        "implementation": "sipt",
+        "chunked": !b.unchunked,
+        "rows": b.rows,
+        "tokens": b.prefix_tokens + b.continuation_tokens,
+        "seconds": median(times),
+        "peak_rss_mb": peak_resident_mb(),
+        "peak_rss_after_load_mb": loaded,
+        "logprob_sum": total,
+        "threads": tch::get_num_threads(),
+    }))
+}
+
 /// `count` prompts of `len` random token ids (away from the vocabulary's ends), from `seed`.
 fn random_prompts(policy: &Policy, count: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
     let vocab = policy.model.config.vocab_size as u64;

@@ -436,6 +436,17 @@ pub fn continuation_logprobs(
     prefixes: &[&[u32]],
     continuations: &[&[u32]],
 ) -> (Tensor, Tensor) {
+    continuation_logprobs_with(model, prefixes, continuations, true)
+}
+
+/// [`continuation_logprobs`]; with `chunked` false, the output layer runs over all picked
+/// positions at once even without gradients (the plain path, for tests and benchmarks).
+pub fn continuation_logprobs_with(
+    model: &Llama,
+    prefixes: &[&[u32]],
+    continuations: &[&[u32]],
+    chunked: bool,
+) -> (Tensor, Tensor) {
     let device = model.device();
     let m = prefixes.len();
     let total = prefixes
@@ -494,7 +505,7 @@ pub fn continuation_logprobs(
     let valid = Tensor::from_slice(&valid)
         .view([m as i64, n_max as i64])
         .to_device(device);
-    let token_logp = if picked.requires_grad() {
+    let token_logp = if picked.requires_grad() || !chunked {
         model
             .logits(&picked)
             .to_kind(Kind::Float)

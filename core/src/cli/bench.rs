@@ -11,6 +11,8 @@ pub(super) enum BenchCommand {
     Train(bench::TrainBench),
     /// Rollouts: K samples of N tokens from each of P prefixes.
     Rollouts(bench::RolloutBench),
+    /// Log-prob scoring without gradients (a SIP step's reference pass): time and peak memory.
+    Score(bench::ScoreBench),
     /// One online-DPO SIP step, through the SIP loop's own phases: sample, a trivial reward,
     /// select, policy and reference log-probs, update.
     SipStep(bench::SipStepBench),
@@ -25,6 +27,7 @@ pub(super) fn bench(command: BenchCommand) -> Result<(), Exit> {
     let result = match command {
         BenchCommand::Train(t) => bench::train(&t)?,
         BenchCommand::Rollouts(r) => bench::rollouts(&r)?,
+        BenchCommand::Score(s) => bench::score(&s)?,
         BenchCommand::SipStep(s) => bench::sip_step(&s)?,
         BenchCommand::Tournaments(t) => {
             for line in bench::tournaments(&t)? {

@@ -11,7 +11,6 @@ use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use sipt_experiment::config::Dtype;
 use sipt_experiment::rundir::write_atomic;
-use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -80,30 +79,64 @@ impl Policy {
         Ok(copy)
     }
 
-    /// Copy weights from a folder into this model's variables.
+    /// Copy weights from a folder into this model's variables, one tensor at a time (read
+    /// from the file into a buffer of its own, copied, dropped): never a second copy of the
+    /// whole model in memory.
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
-        let tensors = read_weights(dir)?;
+        use std::os::unix::fs::FileExt;
         let mut variables = self.vs.variables();
-        let mut missing = Vec::new();
-        tch::no_grad(|| -> Result<()> {
-            for (name, var) in variables.iter_mut() {
-                match tensors.get(name) {
-                    Some(src) => {
-                        if src.size() != var.size() {
-                            bail!(
-                                "{}: {name} has shape {:?}, the model expects {:?}",
-                                dir.display(),
-                                src.size(),
-                                var.size()
-                            );
-                        }
-                        var.copy_(&src.to_kind(var.kind()));
-                    }
-                    None => missing.push(name.clone()),
+        let mut missing: Vec<String> = variables.keys().cloned().collect();
+        let mut names = Vec::new();
+        for file in weight_files(dir)? {
+            let handle = std::fs::File::open(&file)
+                .with_context(|| format!("cannot open weights {}", file.display()))?;
+            // The header through a map (only its pages are touched); the data by reads, so that
+            // the file's pages never count as this process's memory.
+            // SAFETY: the map is read while this function runs; checkpoints are written under a
+            // temporary name and renamed, so no writer changes a file being loaded.
+            let map = unsafe { memmap2::Mmap::map(&handle) }
+                .with_context(|| format!("cannot map weights {}", file.display()))?;
+            let (header, metadata) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow!("cannot read weights {}: {e}", file.display()))?;
+            let data_start = 8 + header as u64;
+            let mut entries: Vec<(String, &safetensors::tensor::TensorInfo)> =
+                metadata.tensors().into_iter().collect();
+            entries.sort_by_key(|(_, info)| info.data_offsets.0);
+            let mut buffer = Vec::new();
+            for (name, view) in entries {
+                names.push(name.clone());
+                let Some(var) = variables.get_mut(&name) else {
+                    continue;
+                };
+                let shape: Vec<i64> = view.shape.iter().map(|&d| d as i64).collect();
+                if shape != var.size() {
+                    bail!(
+                        "{}: {name} has shape {shape:?}, the model expects {:?}",
+                        dir.display(),
+                        var.size()
+                    );
                 }
+                let kind = match view.dtype {
+                    safetensors::Dtype::F32 => Kind::Float,
+                    safetensors::Dtype::BF16 => Kind::BFloat16,
+                    safetensors::Dtype::F16 => Kind::Half,
+                    safetensors::Dtype::F64 => Kind::Double,
+                    other => bail!(
+                        "{}: {name} holds {other:?} values; expected f32, bf16, f16 or f64 weights",
+                        file.display()
+                    ),
+                };
+                let (start, end) = view.data_offsets;
+                buffer.resize(end - start, 0);
+                handle
+                    .read_exact_at(&mut buffer, data_start + start as u64)
+                    .with_context(|| format!("cannot read {name} from {}", file.display()))?;
+                let src = Tensor::f_from_data_size(&buffer, &shape, kind)
+                    .map_err(|e| anyhow!("{}: {name}: {e}", file.display()))?;
+                tch::no_grad(|| var.copy_(&src.to_kind(var.kind())));
+                missing.retain(|m| m != &name);
             }
-            Ok(())
-        })?;
+        }
         if !missing.is_empty() {
             missing.sort();
             bail!(
@@ -115,8 +148,8 @@ impl Policy {
         }
         // Every tensor of the checkpoint is used, or named: one the model has no place for
         // (a bias, a norm of another family) means it would compute something else.
-        let mut unused: Vec<&String> = tensors
-            .keys()
+        let mut unused: Vec<&String> = names
+            .iter()
             .filter(|name| !variables.contains_key(*name))
             .collect();
         unused.sort();
@@ -428,39 +461,35 @@ fn refuse_unimplemented(path: &Path, value: &mut serde_json::Value) -> Result<Fa
     Ok(family)
 }
 
-fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
+/// The weight files of a model folder: model.safetensors, or the shards its index lists.
+fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let single = dir.join(WEIGHTS);
-    let files: Vec<std::path::PathBuf> = if single.exists() {
-        vec![single]
-    } else {
-        let index = dir.join("model.safetensors.index.json");
-        let text = std::fs::read_to_string(&index).with_context(|| {
-            format!(
-                "{} holds neither {WEIGHTS} nor a sharded index",
-                dir.display()
-            )
-        })?;
-        let value: serde_json::Value = serde_json::from_str(&text)?;
-        let mut shards: Vec<String> = value["weight_map"]
-            .as_object()
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        shards.sort();
-        shards.dedup();
-        shards.into_iter().map(|s| dir.join(s)).collect()
-    };
-    let mut out = HashMap::new();
-    for f in files {
-        let tensors = Tensor::read_safetensors(&f)
-            .with_context(|| format!("cannot read weights {}", f.display()))?;
-        out.extend(tensors);
+    if single.exists() {
+        return Ok(vec![single]);
     }
-    // Tied checkpoints may or may not carry lm_head; untied models need it.
-    Ok(out)
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).with_context(|| {
+        format!(
+            "{} holds neither {WEIGHTS} nor a sharded index",
+            dir.display()
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let mut shards: Vec<String> = value["weight_map"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if shards.is_empty() {
+        bail!("{}: no weight_map with shard files", index.display());
+    }
+    shards.sort();
+    shards.dedup();
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
 }
 
 /// Run `f` under bf16 autocast when the experiment asks for bf16 on a CUDA device (on a CPU,
