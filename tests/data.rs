@@ -138,26 +138,15 @@ fn trains_from_parquet_and_zstd_json_lines_shards() {
     let whole = untimed_rows(&run_dir);
     assert_eq!(whole.len(), steps as usize);
     let killed = dir.path().join("killed");
-    let mut child = sipt()
-        .arg("run")
-        .arg(&file)
-        .arg("--out")
-        .arg(&killed)
-        .env("SIPT_SHARDS", &shards)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while !killed.join("checkpoints/latest").exists() {
-        assert!(started.elapsed().as_secs() < 120, "no checkpoint appeared");
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_first_checkpoint(
+        sipt()
+            .arg("run")
+            .arg(&file)
+            .arg("--out")
+            .arg(&killed)
+            .env("SIPT_SHARDS", &shards),
+        &killed,
+    );
     assert!(
         untimed_rows(&killed).len() < steps as usize,
         "the run finished before it could be killed"
@@ -276,35 +265,29 @@ fn bad_shards_are_refused_by_file_and_place() {
     assert!(out.stderr.contains("holds no documents"), "{}", out.stderr);
 }
 
-fn zstd_decode(bytes: &[u8]) -> Vec<u8> {
-    let out = std::process::Command::new(venv_bin("python"))
-        .args(["-c", "import sys, zstandard; sys.stdout.buffer.write(zstandard.ZstdDecompressor().decompress(sys.stdin.buffer.read(), max_output_size=1<<30))"])
+/// `bytes` through a Python snippet reading stdin and writing stdout (the venv's python).
+fn through_python(code: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(venv_bin("python"))
+        .args(["-c", code])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(bytes)?;
-            child.wait_with_output()
-        })
         .unwrap();
-    out.stdout
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    child.wait_with_output().unwrap().stdout
+}
+
+fn zstd_decode(bytes: &[u8]) -> Vec<u8> {
+    through_python(
+        "import sys, zstandard; sys.stdout.buffer.write(zstandard.ZstdDecompressor().decompress(sys.stdin.buffer.read(), max_output_size=1<<30))",
+        bytes,
+    )
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let out = std::process::Command::new(venv_bin("python"))
-        .args([
-            "-c",
-            "import sys, gzip; sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read()))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(bytes)?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    out.stdout
+    through_python(
+        "import sys, gzip; sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read()))",
+        bytes,
+    )
 }

@@ -186,29 +186,10 @@ fn ntp_training_resumes_exactly_after_sigkill() {
 
     // Kill the same run with SIGKILL once a checkpoint is on disk, then resume it.
     let killed = dir.path().join("killed");
-    let mut child = sipt()
-        .arg("run")
-        .arg(&file)
-        .arg("--out")
-        .arg(&killed)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let latest = killed.join("checkpoints/latest");
-    while !latest.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_after_first_checkpoint(
+        sipt().arg("run").arg(&file).arg("--out").arg(&killed),
+        &killed,
+    );
     let before = losses(&killed).len();
     assert!(
         before < steps as usize,

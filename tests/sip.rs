@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 fn experiment(dir: &Path, steps: u64) -> PathBuf {
     write(
@@ -113,28 +112,10 @@ fn overlap_changes_nothing_and_resume_is_exact() {
     );
 
     let killed = dir.path().join("killed");
-    let mut child = sipt()
-        .arg("run")
-        .arg(&file)
-        .arg("--out")
-        .arg(&killed)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !killed.join("checkpoints/latest").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_first_checkpoint(
+        sipt().arg("run").arg(&file).arg("--out").arg(&killed),
+        &killed,
+    );
     assert!(
         untimed_rows(&killed).len() < steps as usize,
         "the run finished before it could be killed"

@@ -139,3 +139,26 @@ kv_heads = 1
 intermediate_size = 64
 max_position = 64
 ";
+
+/// Start `cmd` (a `sipt run` into `run_dir`), SIGKILL it as soon as its first checkpoint is on
+/// disk (unless it ends first), and wait for it.
+pub fn kill_after_first_checkpoint(cmd: &mut Command, run_dir: &Path) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot start sipt");
+    let started = std::time::Instant::now();
+    while !run_dir.join("checkpoints/latest").exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
