@@ -4,6 +4,7 @@
 //! one cache (each row caches only its own new tokens), never recomputing or copying it.
 //! Decoding is a plain Rust loop over libtorch calls, one batched forward per token.
 
+pub use crate::model::llama::chunked_token_logprobs;
 use crate::model::{Batch, KvCache, Llama, Packed};
 use sipt_experiment::rng::SplitMix;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -527,31 +528,4 @@ pub fn continuation_logprobs_with(
         token_logp.sum_dim_intlist(1, false, Kind::Float),
         valid.sum_dim_intlist(1, false, Kind::Float),
     )
-}
-
-/// `log softmax(hidden · weightᵀ)` at `targets`, `rows` rows of logits at a time (no
-/// gradient): `(N,)` f32.
-pub fn chunked_token_logprobs(
-    hidden: &Tensor,
-    weight: &Tensor,
-    targets: &Tensor,
-    rows: i64,
-) -> Tensor {
-    let n = hidden.size()[0];
-    let mut parts = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = rows.min(n - start);
-        let logits = hidden
-            .narrow(0, start, len)
-            .matmul(&weight.tr())
-            .to_kind(Kind::Float);
-        let picked = logits.gather(1, &targets.narrow(0, start, len).unsqueeze(1), false);
-        parts.push((picked - logits.logsumexp([-1], true)).squeeze_dim(1));
-        start += len;
-    }
-    if parts.is_empty() {
-        return Tensor::zeros([0], (Kind::Float, hidden.device()));
-    }
-    Tensor::cat(&parts, 0)
 }

@@ -78,7 +78,7 @@ pub fn read_documents_up_to(
         if bytes >= max_bytes {
             break;
         }
-        source::for_each_document(file, Format::of(file, format), field, &mut |doc| {
+        source::for_each_document(file, Format::of(file, format), field, None, &mut |doc| {
             if bytes < max_bytes {
                 bytes += doc.len();
                 docs.push(doc);

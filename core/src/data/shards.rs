@@ -46,7 +46,6 @@ pub struct ShardInfo {
 pub struct Shard {
     map: Mmap,
     pub info: ShardInfo,
-    path: PathBuf,
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> u64 {
@@ -89,15 +88,7 @@ impl Shard {
         {
             return Ok(None);
         }
-        Ok(Some(Shard {
-            map,
-            info,
-            path: path.to_path_buf(),
-        }))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Some(Shard { map, info }))
     }
 
     pub fn len(&self) -> usize {
@@ -325,11 +316,11 @@ fn write_shard(
             let mut batch = Vec::new();
             let mut bytes = 0;
             let before = read_bytes.load(Relaxed);
-            let skipped = source::for_each_document_counted(
+            let skipped = source::for_each_document(
                 &source_file,
                 format,
                 &field,
-                &read_bytes,
+                Some(&read_bytes),
                 &mut |doc| {
                     bytes += doc.len();
                     batch.push(doc);
@@ -368,6 +359,13 @@ fn write_shard(
     let mut documents: u64 = 0;
     let mut text_bytes: u64 = 0;
     let mut encoded = Vec::new();
+    let put = |encoded: &mut Vec<u8>, id: u32| {
+        if width == 2 {
+            encoded.extend_from_slice(&(id as u16).to_le_bytes());
+        } else {
+            encoded.extend_from_slice(&id.to_le_bytes());
+        }
+    };
     let mut failure = None;
     for batch in rx {
         let batch = match batch {
@@ -382,21 +380,13 @@ fn write_shard(
             let start = tokens;
             encoded.clear();
             for &id in &ids {
-                if width == 2 {
-                    encoded.extend_from_slice(&(id as u16).to_le_bytes());
-                } else {
-                    encoded.extend_from_slice(&id.to_le_bytes());
-                }
+                put(&mut encoded, id);
             }
             tokens += ids.len() as u64;
             docs.write_all(&start.to_le_bytes())?;
             docs.write_all(&tokens.to_le_bytes())?;
             if let Some(eos) = tokenizer.eos {
-                if width == 2 {
-                    encoded.extend_from_slice(&(eos as u16).to_le_bytes());
-                } else {
-                    encoded.extend_from_slice(&eos.to_le_bytes());
-                }
+                put(&mut encoded, eos);
                 tokens += 1;
             }
             out.write_all(&encoded)?;
@@ -470,6 +460,18 @@ mod tests {
         Tokenizer::load(&path).unwrap()
     }
 
+    /// [`build`] of a JSON-lines source with the `text` field.
+    fn build_jsonl(source: &Path, tok: &Tokenizer, path: &Path) -> Result<ShardInfo> {
+        build(
+            source,
+            Format::JsonLines,
+            "text",
+            tok,
+            path,
+            &Progress::default(),
+        )
+    }
+
     fn gzip_lines(path: &Path, docs: &[String]) {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         for d in docs {
@@ -494,15 +496,7 @@ mod tests {
             let source = dir.path().join(format!("docs-{size}.jsonl.gz"));
             gzip_lines(&source, &docs);
             let path = shard_path(&dir.path().join("shards"), &source, "k");
-            let info = build(
-                &source,
-                Format::JsonLines,
-                "text",
-                &tok,
-                &path,
-                &Progress::default(),
-            )
-            .unwrap();
+            let info = build_jsonl(&source, &tok, &path).unwrap();
             assert_eq!(info.width, width);
             assert_eq!(info.documents, 50);
             let shard = Shard::open(&path).unwrap().expect("a complete shard");
@@ -533,26 +527,8 @@ mod tests {
         let shards = dir.path().join("shards");
         let path = shard_path(&shards, &source, "k");
         std::thread::scope(|s| {
-            let a = s.spawn(|| {
-                build(
-                    &source,
-                    Format::JsonLines,
-                    "text",
-                    &tok,
-                    &path,
-                    &Progress::default(),
-                )
-            });
-            let b = s.spawn(|| {
-                build(
-                    &source,
-                    Format::JsonLines,
-                    "text",
-                    &tok,
-                    &path,
-                    &Progress::default(),
-                )
-            });
+            let a = s.spawn(|| build_jsonl(&source, &tok, &path));
+            let b = s.spawn(|| build_jsonl(&source, &tok, &path));
             let (a, b) = (a.join().unwrap().unwrap(), b.join().unwrap().unwrap());
             assert_eq!(a, b);
         });
@@ -568,15 +544,7 @@ mod tests {
         let cut = dir.path().join("cut.jsonl.gz");
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         let cut_path = shard_path(&shards, &cut, "k");
-        let err = build(
-            &cut,
-            Format::JsonLines,
-            "text",
-            &tok,
-            &cut_path,
-            &Progress::default(),
-        )
-        .unwrap_err();
+        let err = build_jsonl(&cut, &tok, &cut_path).unwrap_err();
         let err = format!("{err:#}");
         assert!(
             err.contains("cut.jsonl.gz") && err.contains("gzip"),

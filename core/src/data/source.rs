@@ -79,11 +79,6 @@ impl Skipped {
     pub fn total(&self) -> u64 {
         self.not_utf8 + self.empty
     }
-
-    pub fn add(&mut self, other: Skipped) {
-        self.not_utf8 += other.not_utf8;
-        self.empty += other.empty;
-    }
 }
 
 /// Report a skipped document (the first few of a file by name and place, then only counts).
@@ -130,17 +125,24 @@ fn compression_name(file: &Path) -> &'static str {
     kind_of(file).1.unwrap_or("plain")
 }
 
+/// A file's whole contents, decompressed as its name says.
+fn read_all(file: &Path, count: Option<&Arc<AtomicU64>>) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open(file, count)?
+        .read_to_end(&mut bytes)
+        .with_context(|| {
+            format!(
+                "cannot read {} as {} text (truncated or corrupt?)",
+                file.display(),
+                compression_name(file)
+            )
+        })?;
+    Ok(bytes)
+}
+
 /// A file's whole text, decompressed when it ends in `.gz` or `.zst`.
 pub fn read_text(file: &Path) -> Result<String> {
-    let mut bytes = Vec::new();
-    open(file, None)?.read_to_end(&mut bytes).with_context(|| {
-        format!(
-            "cannot read {} as {} text (truncated or corrupt?)",
-            file.display(),
-            compression_name(file)
-        )
-    })?;
-    String::from_utf8(bytes).map_err(|e| {
+    String::from_utf8(read_all(file, None)?).map_err(|e| {
         anyhow::anyhow!(
             "{}: not UTF-8 text (invalid byte at offset {})",
             file.display(),
@@ -149,29 +151,10 @@ pub fn read_text(file: &Path) -> Result<String> {
     })
 }
 
-/// Call `emit` with every document of `file`, in order; returns what was skipped.
+/// Call `emit` with every document of `file`, in order; returns what was skipped. The bytes
+/// read from the disk are counted into `count` when given (Parquet files are not counted
+/// while read).
 pub fn for_each_document(
-    file: &Path,
-    format: Format,
-    field: &str,
-    emit: &mut dyn FnMut(String) -> Result<()>,
-) -> Result<Skipped> {
-    documents_of(file, format, field, None, emit)
-}
-
-/// [`for_each_document`], counting the bytes read from the disk into `count` (Parquet files
-/// are not counted while read).
-pub fn for_each_document_counted(
-    file: &Path,
-    format: Format,
-    field: &str,
-    count: &Arc<AtomicU64>,
-    emit: &mut dyn FnMut(String) -> Result<()>,
-) -> Result<Skipped> {
-    documents_of(file, format, field, Some(count), emit)
-}
-
-fn documents_of(
     file: &Path,
     format: Format,
     field: &str,
@@ -190,18 +173,8 @@ fn text_document(
     count: Option<&Arc<AtomicU64>>,
     emit: &mut dyn FnMut(String) -> Result<()>,
 ) -> Result<Skipped> {
-    let mut bytes = Vec::new();
-    open(file, count)?
-        .read_to_end(&mut bytes)
-        .with_context(|| {
-            format!(
-                "cannot read {} as {} text (truncated or corrupt?)",
-                file.display(),
-                compression_name(file)
-            )
-        })?;
     let mut skipped = Skipped::default();
-    match String::from_utf8(bytes) {
+    match String::from_utf8(read_all(file, count)?) {
         Ok(text) if text.trim().is_empty() => skipped.empty += 1,
         Ok(text) => emit(text)?,
         Err(e) => {

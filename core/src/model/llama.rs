@@ -999,6 +999,66 @@ pub fn chunk_rows(vocab: usize) -> i64 {
     ((8usize << 20) / vocab.max(1)).max(16) as i64
 }
 
+/// One chunk of rows of the output layer: rows `start..start + len`, their f32 logits
+/// `(len, V)`, the log-sum-exp `(len, 1)`, the targets `(len, 1)` and their logits `(len, 1)`.
+struct LogitChunk {
+    start: i64,
+    len: i64,
+    logits: Tensor,
+    lse: Tensor,
+    targets: Tensor,
+    picked: Tensor,
+}
+
+/// Call `f` with the logits `hidden (N, d) · weight (V, d)ᵀ`, `rows` rows at a time.
+fn for_each_logit_chunk(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    rows: i64,
+    mut f: impl FnMut(LogitChunk),
+) {
+    let n = hidden.size()[0];
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let logits = hidden
+            .narrow(0, start, len)
+            .matmul(&weight.tr())
+            .to_kind(Kind::Float);
+        let targets = targets.narrow(0, start, len).unsqueeze(1);
+        let lse = logits.logsumexp([-1], true);
+        let picked = logits.gather(1, &targets, false);
+        f(LogitChunk {
+            start,
+            len,
+            logits,
+            lse,
+            targets,
+            picked,
+        });
+        start += len;
+    }
+}
+
+/// `log softmax(hidden · weightᵀ)` at `targets`, `rows` rows of logits at a time (call it
+/// without gradients): `(N,)` f32.
+pub fn chunked_token_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    rows: i64,
+) -> Tensor {
+    let mut parts = Vec::new();
+    for_each_logit_chunk(hidden, weight, targets, rows, |c| {
+        parts.push((c.picked - c.lse).squeeze_dim(1));
+    });
+    if parts.is_empty() {
+        return Tensor::zeros([0], (Kind::Float, hidden.device()));
+    }
+    Tensor::cat(&parts, 0)
+}
+
 /// Mean cross-entropy of the logits `hidden (N, d) · weight (V, d)ᵀ` against `targets (N,)`,
 /// `rows` rows of logits at a time, never all `N × V` of them. The gradient is computed in the
 /// same pass, chunk by chunk (softmax minus one-hot, times the weight for the hidden states; its
@@ -1020,28 +1080,25 @@ pub fn chunked_cross_entropy(
         let mut sum = Tensor::zeros([], (Kind::Float, h.device()));
         let mut grad_h = wants_grad.then(|| Tensor::empty_like(&h));
         let mut grad_w: Option<Tensor> = None;
-        let mut start = 0;
-        while start < n {
-            let len = rows.min(n - start);
-            let hc = h.narrow(0, start, len);
-            let tc = targets.narrow(0, start, len).unsqueeze(1);
-            let logits = hc.matmul(&w.tr()).to_kind(Kind::Float);
-            let lse = logits.logsumexp([-1], true);
-            sum += (&lse - logits.gather(1, &tc, false)).sum(Kind::Float);
+        for_each_logit_chunk(&h, &w, targets, rows, |c| {
+            sum += (&c.lse - &c.picked).sum(Kind::Float);
             if let Some(gh) = grad_h.as_mut() {
                 // d(mean loss)/d(logits) = (softmax − one-hot) / N, in place over the logits.
-                let mut p = logits;
-                let _ = p.g_sub_(&lse).exp_();
+                let mut p = c.logits;
+                let _ = p.g_sub_(&c.lse).exp_();
                 let _ = p.scatter_add_(
                     1,
-                    &tc,
-                    &Tensor::full([len, 1], -1.0, (Kind::Float, p.device())),
+                    &c.targets,
+                    &Tensor::full([c.len, 1], -1.0, (Kind::Float, p.device())),
                 );
                 let _ = p.g_div_scalar_(n as f64);
                 let p = p.to_kind(w.kind());
-                gh.narrow(0, start, len).copy_(&p.matmul(&w));
+                gh.narrow(0, c.start, c.len).copy_(&p.matmul(&w));
                 // Summed over the chunks in f32, whatever type the products come in.
-                let part = p.tr().matmul(&hc).to_kind(Kind::Float);
+                let part = p
+                    .tr()
+                    .matmul(&h.narrow(0, c.start, c.len))
+                    .to_kind(Kind::Float);
                 match grad_w.as_mut() {
                     Some(g) => {
                         let _ = g.g_add_(&part);
@@ -1049,8 +1106,7 @@ pub fn chunked_cross_entropy(
                     None => grad_w = Some(part),
                 }
             }
-            start += len;
-        }
+        });
         (sum, grad_h.zip(grad_w))
     });
     let loss = sum / n as f64;

@@ -85,7 +85,6 @@ impl Policy {
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let mut variables = self.vs.variables();
-        let mut missing: Vec<String> = variables.keys().cloned().collect();
         let mut names = Vec::new();
         for file in weight_files(dir)? {
             let handle = std::fs::File::open(&file)
@@ -134,9 +133,12 @@ impl Policy {
                 let src = Tensor::f_from_data_size(&buffer, &shape, kind)
                     .map_err(|e| anyhow!("{}: {name}: {e}", file.display()))?;
                 tch::no_grad(|| var.copy_(&src.to_kind(var.kind())));
-                missing.retain(|m| m != &name);
             }
         }
+        let mut missing: Vec<&String> = variables
+            .keys()
+            .filter(|name| !names.contains(*name))
+            .collect();
         if !missing.is_empty() {
             missing.sort();
             bail!(
@@ -513,6 +515,28 @@ pub fn eos_tokens(config: &LlamaConfig, tokenizer: &Tokenizer) -> Vec<u32> {
 mod tests {
     use super::*;
 
+    /// A 2-layer Llama of width 32 over 96 tokens.
+    fn tiny_config(tied: bool) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 96,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: tied,
+            bos_token_id: None,
+            eos_token_id: None,
+            family: Default::default(),
+            rope_scaling: None,
+            sliding_window: None,
+        }
+    }
+
     fn config_error(extra: serde_json::Value) -> String {
         let dir = tempfile::tempdir().unwrap();
         let mut config = serde_json::json!({
@@ -704,24 +728,7 @@ mod tests {
     fn the_chunked_loss_matches_the_plain_one_in_value_and_gradients() {
         for tied in [true, false] {
             tch::manual_seed(3);
-            let config = LlamaConfig {
-                vocab_size: 96,
-                hidden_size: 32,
-                intermediate_size: 64,
-                num_hidden_layers: 2,
-                num_attention_heads: 4,
-                num_key_value_heads: Some(2),
-                head_dim: None,
-                rms_norm_eps: 1e-5,
-                rope_theta: 10000.0,
-                max_position_embeddings: 64,
-                tie_word_embeddings: tied,
-                bos_token_id: None,
-                eos_token_id: None,
-                family: Default::default(),
-                rope_scaling: None,
-                sliding_window: None,
-            };
+            let config = tiny_config(tied);
             let policy = Policy::from_scratch(config, Device::Cpu);
             let tokens = Tensor::randint(96, [3, 17], (Kind::Int64, Device::Cpu));
             let plain_loss = policy.model.ntp_loss_unchunked(&tokens);
@@ -763,21 +770,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = LlamaConfig {
             vocab_size: 64,
-            hidden_size: 32,
-            intermediate_size: 64,
             num_hidden_layers: 1,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            head_dim: None,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            max_position_embeddings: 64,
-            tie_word_embeddings: true,
-            bos_token_id: None,
-            eos_token_id: None,
-            family: Default::default(),
-            rope_scaling: None,
-            sliding_window: None,
+            ..tiny_config(true)
         };
         let policy = Policy::from_scratch(config, Device::Cpu);
         policy.save(dir.path()).unwrap();

@@ -85,15 +85,18 @@ fn tournaments(
         .map(|pool| pool.iter().position(|c| c.source == Source::Original))
         .collect();
     // The adaptive design's starting order: a pointwise criterion's scores, read before any
-    // pairwise judge writes its own.
-    let priors: Vec<Vec<Option<f64>>> = pools
-        .iter()
-        .map(|pool| {
-            pool.iter()
-                .map(|c| c.scores.get(prior).copied().flatten())
-                .collect()
-        })
-        .collect();
+    // pairwise judge writes its own (other designs take none).
+    let priors: Vec<Vec<Option<f64>>> = match design {
+        Design::Adaptive => pools
+            .iter()
+            .map(|pool| {
+                pool.iter()
+                    .map(|c| c.scores.get(prior).copied().flatten())
+                    .collect()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut outcomes = Vec::new();
     for (name, judge) in &plugins.pairwise {
         let mut referee = |matches: &[Match]| -> Vec<Option<f64>> {
