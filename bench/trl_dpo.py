@@ -29,14 +29,57 @@ def length_reward(completions, **kwargs):
 
 
 class StepTimer(TrainerCallback):
+    """Time per optimizer step, and per phase of it: sampling (`_generate`), the policy's
+    log-probs (the first `_forward`), the reference's (the second), the backward pass, the
+    optimizer (gradient clipping, then `optimizer.step`); `other` is what the step spent
+    elsewhere (rewards, decoding, logging, zeroing)."""
+
+    PHASES = ("sample", "policy", "reference", "backward", "optimizer")
+
     def __init__(self):
         self.times, self.t0 = [], None
+        self.phases = []
+        self.current = None
+        self.forwards = 0
+
+    def add(self, phase, seconds):
+        if self.current is not None:
+            self.current[phase] += seconds
+
+    def wrap(self, obj, name, phase_of):
+        """Replace `obj.name` by a timed call; `phase_of()` names the phase at call time."""
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.add(phase_of(), time.perf_counter() - t0)
+
+        setattr(obj, name, timed)
+
+    def forward_phase(self):
+        self.forwards += 1
+        return "policy" if self.forwards % 2 == 1 else "reference"
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self.current = dict.fromkeys(self.PHASES, 0.0)
+        self.forwards = 0
         self.t0 = time.perf_counter()
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.t_opt = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.add("optimizer", time.perf_counter() - self.t_opt)
+
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.t0)
+        total = time.perf_counter() - self.t0
+        self.times.append(total)
+        self.current["other"] = total - sum(self.current.values())
+        self.phases.append(self.current)
+        self.current = None
 
 
 def main():
@@ -105,6 +148,10 @@ def main():
         processing_class=tok,
         callbacks=[timer],
     )
+    timer.wrap(trainer, "_generate", lambda: "sample")
+    timer.wrap(trainer, "_forward", timer.forward_phase)
+    timer.wrap(trainer.accelerator, "backward", lambda: "backward")
+    timer.wrap(trainer, "_clip_grad_norm", lambda: "optimizer")
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -117,6 +164,8 @@ def main():
         "step_seconds": statistics.median(timed),
         "step_seconds_all": timed,
         "warmup_step_seconds": timer.times[: a.warmup],
+        "phase_seconds": {k: statistics.median(p[k] for p in timer.phases[a.warmup:])
+                          for k in timer.PHASES + ("other",)},
         "train_wall_seconds": wall,
         "prompts": a.prompts,
         "completions_per_prompt": 2,

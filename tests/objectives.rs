@@ -280,6 +280,19 @@ fn rows_name_every_step_metric_of_a_sip_run() {
     ] {
         assert!(row[key].is_number(), "{key} missing in {row}");
     }
+    // The update's parts are timed, and fit in the update's time.
+    let part = |key: &str| {
+        row[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing in {row}"))
+    };
+    let parts = ["policy", "reference", "ntp", "backward", "optimizer"]
+        .map(|p| part(&format!("time/update/{p}")));
+    assert!(
+        parts[0] > 0.0 && parts[1] > 0.0 && parts[3] > 0.0 && parts[4] > 0.0,
+        "{row}"
+    );
+    assert!(parts.iter().sum::<f64>() <= part("time/update"), "{row}");
 }
 
 #[test]

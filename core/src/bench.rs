@@ -11,6 +11,11 @@ use sipt_experiment::config::{Dtype, Experiment};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
+/// Timed steps and repeats: a median needs one.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     xs[xs.len() / 2]
@@ -36,7 +41,7 @@ pub struct TrainBench {
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Timed steps (after `warmup` untimed ones).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = at_least_one(), default_value_t = 10)]
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
@@ -136,7 +141,7 @@ pub struct RolloutBench {
     pub rollouts: usize,
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = at_least_one(), default_value_t = 3)]
     pub repeats: usize,
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -156,7 +161,7 @@ pub struct ScoreBench {
     pub prefix_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub continuation_tokens: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = at_least_one(), default_value_t = 3)]
     pub repeats: usize,
     /// The output layer over all scored positions at once (the path before chunking).
     #[arg(long)]
@@ -273,7 +278,7 @@ pub struct SipStepBench {
     pub new_tokens: usize,
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = at_least_one(), default_value_t = 5)]
     pub steps: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -325,10 +330,23 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
     let batch = Batch::of_prefixes(random_prompts(&policy, b.prompts, b.prompt_tokens, 3));
     let prefixes = batch.prefix_tokens();
     let mut times = Vec::new();
+    // Per phase: sampling (with the bf16 copy's refresh), pools + reward + selection, and the
+    // update's parts (update::UpdatePhases).
+    let names = [
+        "sample",
+        "select",
+        "policy",
+        "reference",
+        "backward",
+        "optimizer",
+    ];
+    let mut phase_times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for i in 0..b.warmup + b.steps {
         sync(device);
         let t0 = Instant::now();
         let generated = rollouts.sample(sampler.model(&policy)?, &prefixes, 0, &plan, i as u64);
+        sync(device);
+        let sampled = t0.elapsed().as_secs_f64();
         let mut pools = pool::build(&batch, &plan, &generated, &tokenizer);
         for pool in &mut pools {
             for (c, cand) in pool.iter_mut().enumerate() {
@@ -337,15 +355,35 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
             }
         }
         let selection = Selection::new(objective.as_ref(), &batch, &pools);
-        learner.update(&policy, objective.as_ref(), &selection, None, &plan, 1e-6)?;
+        let selected = t0.elapsed().as_secs_f64() - sampled;
+        let updated = learner.update(&policy, objective.as_ref(), &selection, None, &plan, 1e-6)?;
         sync(device);
         if i >= b.warmup {
             times.push(t0.elapsed().as_secs_f64());
+            let p = updated.phases;
+            let parts = [
+                sampled,
+                selected,
+                p.policy,
+                p.reference,
+                p.backward,
+                p.optimizer,
+            ];
+            for (all, part) in phase_times.iter_mut().zip(parts) {
+                all.push(part);
+            }
         }
     }
+    let phases: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .zip(phase_times)
+        .map(|(name, t)| (name.to_string(), serde_json::json!(median(t))))
+        .collect();
     Ok(serde_json::json!({
         "implementation": "sipt",
-        "step_seconds": median(times),
+        "step_seconds": median(times.clone()),
+        "step_seconds_all": times,
+        "phase_seconds": phases,
         "prompts": b.prompts,
         "completions": b.completions,
         "new_tokens": b.new_tokens,

@@ -65,6 +65,11 @@ impl StepRecord<'_> {
             .set("time/step", t.step)
             .set("time/gather", t.gather)
             .set("time/all_reduce", t.all_reduce)
+            .set("time/update/policy", u.phases.policy)
+            .set("time/update/reference", u.phases.reference)
+            .set("time/update/ntp", u.phases.ntp)
+            .set("time/update/backward", u.phases.backward)
+            .set("time/update/optimizer", u.phases.optimizer)
             .set(
                 "perf/generated_tokens_per_second",
                 self.generated_tokens as f64 / t.sample.max(1e-9),

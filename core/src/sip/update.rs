@@ -15,6 +15,7 @@ use anyhow::Result;
 use sipt_api::StepPlan;
 use sipt_experiment::config::Dtype;
 use std::rc::Rc;
+use std::time::Instant;
 use tch::{Device, Tensor};
 
 /// What the update phase owns and changes besides the policy: the optimizer and the reference.
@@ -49,6 +50,22 @@ pub struct Updated {
     pub kl: Option<f64>,
     /// Seconds spent summing gradients over the ranks.
     pub seconds_all_reduce: f64,
+    /// Where the rest of the update's time went.
+    pub phases: UpdatePhases,
+}
+
+/// Seconds of an update's parts (`time/update/*`): the policy's log-probs (forward passes with
+/// their graphs, or without them when micro-batched), the reference's, the next-token batch's
+/// forward, the loss's backward pass (with the micro-batches' replays), and the optimizer (clip,
+/// AdamW, zeroing). With CUDA, kernels are asynchronous: a part's figure ends when its last
+/// launch returns, so the wait shows up in the next part that reads a value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpdatePhases {
+    pub policy: f64,
+    pub reference: f64,
+    pub ntp: f64,
+    pub backward: f64,
+    pub optimizer: f64,
 }
 
 impl Learner {
@@ -76,7 +93,8 @@ impl Learner {
             let (rows, len) = (b.size()[0], b.size()[1]);
             (rows * (len - 1)) as u64
         });
-        let mut inputs = self.logprobs(&mut micro, policy, selection)?;
+        let mut phases = UpdatePhases::default();
+        let mut inputs = self.logprobs(&mut micro, policy, selection, &mut phases)?;
         let chosen_tokens: usize = selection.pairs.iter().map(|p| p.chosen.len()).sum();
         let kl = match (&inputs.policy_chosen, &inputs.reference_chosen) {
             (Some(pc), Some(rc)) if chosen_tokens > 0 => {
@@ -85,9 +103,11 @@ impl Learner {
             }
             _ => None,
         };
+        let clock = Instant::now();
         inputs.ntp = ntp
             .map(|batch| micro.ntp(&policy.model, batch))
             .transpose()?;
+        phases.ntp = clock.elapsed().as_secs_f64();
         let terms = objective.loss(&inputs);
         let mut loss = terms.loss * plan.sip_weight;
         if plan.ntp_weight > 0.0 {
@@ -100,14 +120,18 @@ impl Learner {
         let mut seconds_all_reduce = 0.0;
         let updated = loss.requires_grad();
         if updated {
+            let clock = Instant::now();
             loss.backward();
             micro.backward(&policy.model);
-            let reducing = std::time::Instant::now();
+            phases.backward = clock.elapsed().as_secs_f64();
+            let reducing = Instant::now();
             dist.reduce_gradients(&policy.vs, GRADIENT_BUCKET_BYTES)?;
             seconds_all_reduce = reducing.elapsed().as_secs_f64();
+            let clock = Instant::now();
             grad_norm = self.optimizer.clip_grad_norm(self.grad_clip);
             self.optimizer.step(lr);
             self.optimizer.zero_grad();
+            phases.optimizer = clock.elapsed().as_secs_f64();
         }
         Ok(Updated {
             loss: weighted,
@@ -118,6 +142,7 @@ impl Learner {
             metrics: terms.metrics,
             kl,
             seconds_all_reduce,
+            phases,
         })
     }
 
@@ -128,6 +153,7 @@ impl Learner {
         micro: &mut Micro,
         policy: &Policy,
         selection: &Selection,
+        phases: &mut UpdatePhases,
     ) -> Result<LossInputs> {
         let mut inputs = LossInputs {
             policy_chosen: None,
@@ -147,11 +173,15 @@ impl Learner {
                 .chain(pairs.iter().map(|p| p.rejected))
                 .collect();
             let n = pairs.len() as i64;
+            let clock = Instant::now();
             let (logp, _) = micro.logprobs(&policy.model, &pre, &cont, true)?;
+            phases.policy += clock.elapsed().as_secs_f64();
             inputs.policy_chosen = Some(logp.narrow(0, 0, n));
             inputs.policy_rejected = Some(logp.narrow(0, n, n));
             if let Some(r) = &self.reference {
+                let clock = Instant::now();
                 let (ref_logp, _) = tch::no_grad(|| micro.logprobs(&r.model, &pre, &cont, false))?;
+                phases.reference += clock.elapsed().as_secs_f64();
                 inputs.reference_chosen = Some(ref_logp.narrow(0, 0, n));
                 inputs.reference_rejected = Some(ref_logp.narrow(0, n, n));
             }
@@ -159,7 +189,9 @@ impl Learner {
         if !selection.nll.is_empty() {
             let pre: Vec<&[u32]> = selection.nll.iter().map(|t| t.prefix).collect();
             let cont: Vec<&[u32]> = selection.nll.iter().map(|t| t.continuation).collect();
+            let clock = Instant::now();
             let (logp, count) = micro.logprobs(&policy.model, &pre, &cont, true)?;
+            phases.policy += clock.elapsed().as_secs_f64();
             inputs.nll_logp = Some(logp);
             inputs.nll_tokens = Some(count);
         }
