@@ -1,5 +1,8 @@
 fn main() {
     sipt_build::link_libtorch();
-    sipt_build::compile_cpp("sipt_packed_linear", &["cpp/packed_linear.cpp"]);
+    sipt_build::compile_cpp(
+        "sipt_packed_linear",
+        &["cpp/packed_linear.cpp", "cpp/fused_optim.cpp"],
+    );
     sipt_build::compile_distributed("sipt_distributed", "cpp/distributed.cpp");
 }

@@ -54,6 +54,9 @@ pub struct TrainBench {
     /// output layer (for measuring the two side by side).
     #[arg(long)]
     pub unchunked_loss: bool,
+    /// AdamW and clipping one tensor operation at a time instead of libtorch's fused kernels.
+    #[arg(long)]
+    pub plain_optimizer: bool,
 }
 
 /// Next-token training steps on random tokens: forward, backward, clip, AdamW.
@@ -81,6 +84,7 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
     let params = config.parameters();
     let policy = Policy::from_scratch(config, device);
     let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.95, 0.1);
+    opt.fused = !b.plain_optimizer;
     let mut times = Vec::new();
     for i in 0..b.warmup + b.steps {
         let ids = Tensor::randint(
@@ -116,6 +120,7 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         "device": format!("{device:?}"),
         "threads": tch::get_num_threads(),
         "loss": if b.unchunked_loss { "unchunked" } else { "chunked" },
+        "optimizer": if opt.fused { "fused" } else { "plain" },
         "peak_rss_mb": peak_resident_mb(),
     }))
 }
@@ -288,6 +293,9 @@ pub struct SipStepBench {
     /// as `sip.sample_dtype`); the copy is included in the step time.
     #[arg(long, default_value = "f32")]
     pub sample_dtype: Dtype,
+    /// AdamW and clipping one tensor operation at a time instead of libtorch's fused kernels.
+    #[arg(long)]
+    pub plain_optimizer: bool,
 }
 
 /// One online-DPO step through the SIP loop's own phases: rollouts (shared prefill), pools, a
@@ -310,6 +318,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         grad_clip: 1.0,
         dist: std::rc::Rc::new(crate::dist::Dist::single()),
     };
+    learner.optimizer.fused = !b.plain_optimizer;
     let mut e = Experiment::default();
     e.data.suffix_tokens = b.new_tokens;
     let rollouts = Rollouts {
@@ -384,6 +393,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         "step_seconds": median(times.clone()),
         "step_seconds_all": times,
         "phase_seconds": phases,
+        "optimizer": if learner.optimizer.fused { "fused" } else { "plain" },
         "prompts": b.prompts,
         "completions": b.completions,
         "new_tokens": b.new_tokens,
