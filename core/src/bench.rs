@@ -188,7 +188,15 @@ pub fn score(b: &ScoreBench) -> Result<serde_json::Value> {
     for _ in 0..b.repeats.max(1) {
         let t0 = Instant::now();
         let (lp, _) = tch::no_grad(|| {
-            crate::sample::continuation_logprobs_with(&policy.model, &pre, &cont, !b.unchunked)
+            crate::sample::continuation_logprobs_with(
+                &policy.model,
+                &pre,
+                &cont,
+                crate::sample::Scoring {
+                    chunked: !b.unchunked,
+                    share_prefixes: true,
+                },
+            )
         });
         total = lp.sum(Kind::Float).double_value(&[]);
         times.push(t0.elapsed().as_secs_f64());
@@ -296,6 +304,10 @@ pub struct SipStepBench {
     /// AdamW and clipping one tensor operation at a time instead of libtorch's fused kernels.
     #[arg(long)]
     pub plain_optimizer: bool,
+    /// Score each completion in a row of its own, with its own copy of the prompt, instead of
+    /// one forward pass of the prompt shared by its completions.
+    #[arg(long)]
+    pub unshared_prefixes: bool,
 }
 
 /// One online-DPO step through the SIP loop's own phases: rollouts (shared prefill), pools, a
@@ -317,6 +329,10 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         dtype: Dtype::F32,
         grad_clip: 1.0,
         dist: std::rc::Rc::new(crate::dist::Dist::single()),
+        scoring: crate::sample::Scoring {
+            chunked: true,
+            share_prefixes: !b.unshared_prefixes,
+        },
     };
     learner.optimizer.fused = !b.plain_optimizer;
     let mut e = Experiment::default();
@@ -394,6 +410,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         "step_seconds_all": times,
         "phase_seconds": phases,
         "optimizer": if learner.optimizer.fused { "fused" } else { "plain" },
+        "shared_prefixes": !b.unshared_prefixes,
         "prompts": b.prompts,
         "completions": b.completions,
         "new_tokens": b.new_tokens,

@@ -437,76 +437,260 @@ pub fn continuation_logprobs(
     prefixes: &[&[u32]],
     continuations: &[&[u32]],
 ) -> (Tensor, Tensor) {
-    continuation_logprobs_with(model, prefixes, continuations, true)
+    continuation_logprobs_with(model, prefixes, continuations, Scoring::default())
 }
 
-/// [`continuation_logprobs`]; with `chunked` false, the output layer runs over all picked
-/// positions at once even without gradients (the plain path, for tests and benchmarks).
-pub fn continuation_logprobs_with(
-    model: &Llama,
-    prefixes: &[&[u32]],
-    continuations: &[&[u32]],
-    chunked: bool,
-) -> (Tensor, Tensor) {
-    let device = model.device();
+/// How [`continuation_logprobs_with`] runs; the default does both, the plain path neither.
+#[derive(Debug, Clone, Copy)]
+pub struct Scoring {
+    /// Without gradients, the output layer runs in chunks of rows (the full logits never
+    /// exist); off, it runs over all picked positions at once.
+    pub chunked: bool,
+    /// Continuations of the same prefix share one forward pass of it ([`shared_layout`]);
+    /// off, each continuation is a row with its own copy of the prefix.
+    pub share_prefixes: bool,
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Scoring {
+            chunked: true,
+            share_prefixes: true,
+        }
+    }
+}
+
+/// Token rows to run through the model, and where each continuation's tokens are predicted.
+struct Layout {
+    /// `(rows, len)` token ids.
+    ids: Vec<i64>,
+    rows: usize,
+    len: usize,
+    /// `(rows, len)` positions and `(rows, 1, len, len)` attention, when not plain causal rows.
+    positions: Option<Vec<i64>>,
+    mask: Option<Vec<bool>>,
+    /// `(M, n_max)`: the flat `row * len + offset` of the hidden state that predicts each
+    /// continuation token, the token, and whether it is one (not padding).
+    index: Vec<i64>,
+    targets: Vec<i64>,
+    valid: Vec<f32>,
+    n_max: usize,
+}
+
+impl Layout {
+    fn new(rows: usize, len: usize, m: usize, n_max: usize) -> Layout {
+        Layout {
+            ids: vec![0; rows * len],
+            rows,
+            len,
+            positions: None,
+            mask: None,
+            index: vec![0; m * n_max],
+            targets: vec![0; m * n_max],
+            valid: vec![0.0; m * n_max],
+            n_max,
+        }
+    }
+
+    /// Continuation `r`'s tokens `c`, predicted from the hidden states at flat indices `at(j)`.
+    fn predict(&mut self, r: usize, c: &[u32], at: impl Fn(usize) -> usize) {
+        for (j, &t) in c.iter().enumerate() {
+            self.index[r * self.n_max + j] = at(j) as i64;
+            self.targets[r * self.n_max + j] = t as i64;
+            self.valid[r * self.n_max + j] = 1.0;
+        }
+    }
+}
+
+/// One row per continuation, after its own copy of the prefix (right padding needs no mask:
+/// causal attention never looks at later positions).
+fn plain_layout(prefixes: &[&[u32]], continuations: &[&[u32]], n_max: usize) -> Layout {
     let m = prefixes.len();
-    let total = prefixes
+    let len = prefixes
         .iter()
         .zip(continuations)
         .map(|(p, c)| p.len() + c.len())
         .max()
-        .unwrap_or(1);
+        .unwrap_or(1)
+        .max(1);
+    let mut l = Layout::new(m, len, m, n_max);
+    for (r, (p, c)) in prefixes.iter().zip(continuations).enumerate() {
+        for (j, &t) in p.iter().chain(c.iter()).enumerate() {
+            l.ids[r * len + j] = t as i64;
+        }
+        // The token at position p+j is predicted by the hidden state at p+j-1.
+        l.predict(r, c, |j| r * len + (p.len() + j).saturating_sub(1));
+    }
+    l
+}
+
+/// Continuations that share a prefix packed into rows `prefix, c1, c2, ...`: the prefix is
+/// computed once per row, each continuation attends to the prefix and to its own earlier
+/// tokens (positions restart after the prefix for each), so every log-prob is the one its
+/// own row would give. A group of many continuations is split over several rows where that
+/// costs less (attention over a long packed row grows with its square). `None` when no
+/// prefix is shared (or the model's sliding window is shorter than a packed row): the plain
+/// layout is then as good.
+fn shared_layout(
+    config: &crate::model::LlamaConfig,
+    prefixes: &[&[u32]],
+    continuations: &[&[u32]],
+    n_max: usize,
+) -> Option<Layout> {
+    let mut groups: Vec<(&[u32], Vec<usize>)> = Vec::new();
+    let mut by_prefix: std::collections::HashMap<&[u32], usize> = Default::default();
+    for (r, p) in prefixes.iter().enumerate() {
+        match by_prefix.get(p) {
+            Some(&g) if !p.is_empty() => groups[g].1.push(r),
+            _ => {
+                by_prefix.insert(p, groups.len());
+                groups.push((p, vec![r]));
+            }
+        }
+    }
+    if groups.len() == prefixes.len() {
+        return None;
+    }
+    // Cost of a row of `len` tokens: the products per token, plus attention over every pair
+    // (an explicit mask: no causal half), in multiply-adds per layer.
+    let (h, hd) = (config.hidden_size as f64, config.head_dim() as f64);
+    let (heads, kv) = (config.num_attention_heads as f64, config.kv_heads() as f64);
+    let per_token = h * (2.0 * heads + 2.0 * kv) * hd + 3.0 * h * config.intermediate_size as f64;
+    let row_cost = |len: f64| len * per_token + len * len * 2.0 * heads * hd;
+    let mut rows: Vec<(&[u32], Vec<usize>)> = Vec::new();
+    for (p, members) in groups {
+        let mean = members
+            .iter()
+            .map(|&r| continuations[r].len())
+            .sum::<usize>() as f64
+            / members.len() as f64;
+        let k = members.len();
+        let per_row = (1..=k)
+            .min_by(|&a, &b| {
+                let cost = |g: usize| {
+                    let rows = k.div_ceil(g) as f64;
+                    rows * row_cost(p.len() as f64 + g as f64 * mean)
+                };
+                cost(a).total_cmp(&cost(b))
+            })
+            .unwrap_or(1);
+        for chunk in members.chunks(per_row) {
+            rows.push((p, chunk.to_vec()));
+        }
+    }
+    let len = rows
+        .iter()
+        .map(|(p, members)| {
+            p.len()
+                + members
+                    .iter()
+                    .map(|&r| continuations[r].len())
+                    .sum::<usize>()
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    if config.sliding_window.is_some_and(|w| len > w) {
+        return None;
+    }
+    let mut l = Layout::new(rows.len(), len, prefixes.len(), n_max);
+    let mut positions = vec![0i64; rows.len() * len];
+    let mut mask = vec![false; rows.len() * len * len];
+    for (row, (p, members)) in rows.iter().enumerate() {
+        let base = row * len;
+        let allow = |mask: &mut Vec<bool>, q: usize, keys: std::ops::Range<usize>| {
+            for k in keys {
+                mask[(base + q) * len + k] = true;
+            }
+        };
+        for (j, &t) in p.iter().enumerate() {
+            l.ids[base + j] = t as i64;
+            positions[base + j] = j as i64;
+            allow(&mut mask, j, 0..j + 1);
+        }
+        let mut at = p.len();
+        for &r in members {
+            let c = continuations[r];
+            for (j, &t) in c.iter().enumerate() {
+                l.ids[base + at + j] = t as i64;
+                positions[base + at + j] = (p.len() + j) as i64;
+                allow(&mut mask, at + j, 0..p.len());
+                allow(&mut mask, at + j, at..at + j + 1);
+            }
+            // The first token is predicted by the prefix's last state, the rest by their own.
+            let start = at;
+            l.predict(r, c, |j| match (j, p.len()) {
+                // (An empty prefix: as in the plain layout, the token's own state.)
+                (0, 0) => base + start,
+                (0, lp) => base + lp - 1,
+                _ => base + start + j - 1,
+            });
+            at += c.len();
+        }
+        // Padding attends to itself only (no row of the softmax is empty).
+        for q in at..len {
+            allow(&mut mask, q, q..q + 1);
+        }
+    }
+    l.positions = Some(positions);
+    l.mask = Some(mask);
+    Some(l)
+}
+
+/// [`continuation_logprobs`], run as `how` says (the plain path for tests and benchmarks).
+pub fn continuation_logprobs_with(
+    model: &Llama,
+    prefixes: &[&[u32]],
+    continuations: &[&[u32]],
+    how: Scoring,
+) -> (Tensor, Tensor) {
+    let device = model.device();
+    let m = prefixes.len();
     let n_max = continuations
         .iter()
         .map(|c| c.len())
         .max()
         .unwrap_or(1)
         .max(1);
-    let mut ids = vec![0i64; m * total];
-    let mut index = vec![0i64; m * n_max];
-    let mut targets = vec![0i64; m * n_max];
-    let mut valid = vec![0f32; m * n_max];
-    for (r, (p, c)) in prefixes.iter().zip(continuations).enumerate() {
-        for (j, &t) in p.iter().chain(c.iter()).enumerate() {
-            ids[r * total + j] = t as i64;
-        }
-        for (j, &t) in c.iter().enumerate() {
-            // The token at position p+j is predicted by the hidden state at p+j-1.
-            index[r * n_max + j] = (p.len() + j).saturating_sub(1) as i64;
-            targets[r * n_max + j] = t as i64;
-            valid[r * n_max + j] = 1.0;
-        }
-    }
-    let ids = Tensor::from_slice(&ids)
-        .view([m as i64, total as i64])
+    let layout = how
+        .share_prefixes
+        .then(|| shared_layout(&model.config, prefixes, continuations, n_max))
+        .flatten()
+        .unwrap_or_else(|| plain_layout(prefixes, continuations, n_max));
+    let (rows, len) = (layout.rows as i64, layout.len as i64);
+    let ids = Tensor::from_slice(&layout.ids)
+        .view([rows, len])
         .to_device(device);
-    // Right padding needs no mask: causal attention never looks at later (padding) positions.
+    let positions = layout
+        .positions
+        .as_ref()
+        .map(|p| Tensor::from_slice(p).view([rows, len]).to_device(device));
+    let mask = layout.mask.as_ref().map(|m| {
+        Tensor::from_slice(m)
+            .view([rows, 1, len, len])
+            .to_device(device)
+    });
     let hidden = model.hidden(
         &Batch {
             ids: &ids,
-            positions: None,
-            mask: None,
+            positions: positions.as_ref(),
+            mask: mask.as_ref(),
         },
         None,
     );
     let h = hidden.size()[2];
-    let index = Tensor::from_slice(&index)
+    let index = Tensor::from_slice(&layout.index).to_device(device);
+    let picked = hidden
+        .reshape([rows * len, h])
+        .index_select(0, &index)
+        .view([m as i64, n_max as i64, h]);
+    let targets = Tensor::from_slice(&layout.targets)
         .view([m as i64, n_max as i64])
         .to_device(device);
-    let picked = hidden.gather(
-        1,
-        &index
-            .unsqueeze(-1)
-            .expand([m as i64, n_max as i64, h], false),
-        false,
-    );
-    let targets = Tensor::from_slice(&targets)
+    let valid = Tensor::from_slice(&layout.valid)
         .view([m as i64, n_max as i64])
         .to_device(device);
-    let valid = Tensor::from_slice(&valid)
-        .view([m as i64, n_max as i64])
-        .to_device(device);
-    let token_logp = if picked.requires_grad() || !chunked {
+    let token_logp = if picked.requires_grad() || !how.chunked {
         model
             .logits(&picked)
             .to_kind(Kind::Float)
@@ -528,4 +712,70 @@ pub fn continuation_logprobs_with(
         token_logp.sum_dim_intlist(1, false, Kind::Float),
         valid.sum_dim_intlist(1, false, Kind::Float),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(window: Option<usize>) -> crate::model::LlamaConfig {
+        let mut c: crate::model::LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+        }))
+        .unwrap();
+        c.sliding_window = window;
+        c
+    }
+
+    #[test]
+    fn shared_rows_hold_a_prefix_once_and_predict_from_the_right_states() {
+        let (a, b) = (vec![1u32, 2, 3], vec![4u32]);
+        let pre: Vec<&[u32]> = vec![&a, &b, &a, &[], &a];
+        let (c0, c1, c2, c3, c4) = (
+            vec![5u32, 6],
+            vec![7u32],
+            vec![8u32, 9, 10],
+            vec![11u32],
+            vec![12u32],
+        );
+        let cont: Vec<&[u32]> = vec![&c0, &c1, &c2, &c3, &c4];
+        let l = shared_layout(&tiny(None), &pre, &cont, 3).unwrap();
+        // Rows: a + c0 c2 c4 (6 tokens of 3 continuations), b + c1, [] + c3.
+        assert_eq!((l.rows, l.len), (3, 9));
+        assert_eq!(&l.ids[..9], &[1, 2, 3, 5, 6, 8, 9, 10, 12]);
+        let pos = l.positions.as_ref().unwrap();
+        assert_eq!(&pos[..9], &[0, 1, 2, 3, 4, 3, 4, 5, 3]);
+        // c2's tokens: 8 from the prefix's last state (2), 9 from 8's (5), 10 from 9's (6).
+        assert_eq!(&l.index[2 * 3..3 * 3], &[2, 5, 6]);
+        assert_eq!(&l.targets[2 * 3..3 * 3], &[8, 9, 10]);
+        // c4 (one token) from the prefix; c3 (empty prefix) from its own state, as plain rows do.
+        assert_eq!(l.index[4 * 3], 2);
+        assert_eq!(l.index[3 * 3], 2 * 9);
+        let mask = l.mask.as_ref().unwrap();
+        let sees = |row: usize, q: usize| -> Vec<usize> {
+            (0..9).filter(|&k| mask[(row * 9 + q) * 9 + k]).collect()
+        };
+        assert_eq!(sees(0, 2), vec![0, 1, 2]);
+        assert_eq!(sees(0, 6), vec![0, 1, 2, 5, 6]);
+        assert_eq!(sees(0, 8), vec![0, 1, 2, 8]);
+        assert_eq!(sees(1, 5), vec![5], "padding sees itself only");
+        // Nothing shared, or a window shorter than a packed row: the plain layout.
+        assert!(shared_layout(&tiny(None), &[&a, &b], &[&c0, &c1], 2).is_none());
+        assert!(shared_layout(&tiny(Some(8)), &pre, &cont, 3).is_none());
+        assert!(shared_layout(&tiny(Some(9)), &pre, &cont, 3).is_some());
+    }
+
+    #[test]
+    fn many_continuations_of_a_long_prefix_split_over_rows_when_that_is_cheaper() {
+        let prefix: Vec<u32> = (0..16).collect();
+        let conts: Vec<Vec<u32>> = (0..64).map(|i| vec![i as u32 % 50; 400]).collect();
+        let pre: Vec<&[u32]> = vec![&prefix; 64];
+        let cont: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+        let l = shared_layout(&tiny(None), &pre, &cont, 400).unwrap();
+        // Continuations of 400 tokens after 16 shared ones: attention over a packed row of
+        // many would cost more than the 16 tokens it saves.
+        assert!(l.rows > 1, "{} rows", l.rows);
+        assert_eq!(l.index.len(), 64 * 400);
+    }
 }

@@ -392,3 +392,75 @@ fn chunked_scoring_matches_the_plain_log_probs() {
     let diff = (&full.detach() - &parts).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "chunked token log-probs differ by {diff}");
 }
+
+/// Continuations of the same prefix scored in shared rows (the prefix computed once) give the
+/// log-probs and the parameter gradients of one row per continuation, with and without
+/// gradients, for groups of several sizes, a prefix seen once and prefixes of other lengths.
+#[test]
+fn shared_prefix_scoring_matches_one_row_per_continuation() {
+    use sipt_core::sample::{continuation_logprobs_with, Scoring};
+    let p = policy();
+    let (a, b, c): (Vec<u32>, Vec<u32>, Vec<u32>) = (
+        (1..12).collect(),
+        vec![40, 41, 42],
+        vec![60, 61, 62, 63, 64, 65],
+    );
+    let pre: Vec<&[u32]> = vec![&a, &b, &a, &c, &a, &b];
+    let conts: Vec<Vec<u32>> = vec![
+        vec![20, 21, 22, 23],
+        vec![30],
+        vec![24, 25],
+        vec![70, 71, 72],
+        vec![26, 27, 28, 29, 30, 31, 32],
+        vec![33, 34],
+    ];
+    let cont: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+    // Weights per continuation, as a DPO loss's would be: each row's gradient counts.
+    let weights = Tensor::from_slice(&[1.0f32, -0.5, 2.0, 0.75, -1.5, 0.25]);
+    let run = |share: bool| {
+        let how = Scoring {
+            chunked: true,
+            share_prefixes: share,
+        };
+        let (logp, count) = continuation_logprobs_with(&p.model, &pre, &cont, how);
+        (&logp * &weights).sum(Kind::Float).backward();
+        let mut grads: Vec<(String, Tensor)> =
+            p.vs.variables()
+                .into_iter()
+                .map(|(name, v)| {
+                    let g = v.grad().copy();
+                    let _ = v.grad().zero_();
+                    (name, g)
+                })
+                .collect();
+        grads.sort_by(|x, y| x.0.cmp(&y.0));
+        let (scored, _) = tch::no_grad(|| continuation_logprobs_with(&p.model, &pre, &cont, how));
+        (logp.detach(), count, grads, scored)
+    };
+    let (plain, plain_count, plain_grads, plain_scored) = run(false);
+    let (shared, shared_count, shared_grads, shared_scored) = run(true);
+    let gap = (&plain - &shared).abs().max().double_value(&[]);
+    assert!(
+        gap < 1e-4,
+        "log-probs differ by {gap}: {plain:?} vs {shared:?}"
+    );
+    let gap = (&plain_scored - &shared_scored)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(gap < 1e-4, "log-probs without gradients differ by {gap}");
+    assert_eq!(
+        Vec::<f32>::try_from(&plain_count).unwrap(),
+        Vec::<f32>::try_from(&shared_count).unwrap()
+    );
+    for ((name, g), (other, h)) in plain_grads.iter().zip(&shared_grads) {
+        assert_eq!(name, other);
+        let scale = g.abs().max().double_value(&[]);
+        let gap = (g - h).abs().max().double_value(&[]);
+        assert!(scale > 0.0, "{name}: no gradient");
+        assert!(
+            gap <= 1e-4 * scale.max(1.0),
+            "{name}: gradients differ by {gap} of {scale}"
+        );
+    }
+}

@@ -12,7 +12,7 @@
 
 use crate::dist::Dist;
 use crate::model::{autocast, Llama};
-use crate::sample::continuation_logprobs;
+use crate::sample::{continuation_logprobs_with, Scoring};
 use anyhow::{anyhow, Result};
 use sipt_experiment::config::Dtype;
 use tch::{Device, Kind, Tensor};
@@ -82,16 +82,24 @@ pub(super) struct Micro<'a> {
     device: Device,
     dtype: Dtype,
     dist: &'a Dist,
+    scoring: Scoring,
     replays: Vec<Replay>,
 }
 
 impl<'a> Micro<'a> {
-    pub fn new(size: usize, device: Device, dtype: Dtype, dist: &'a Dist) -> Self {
+    pub fn new(
+        size: usize,
+        device: Device,
+        dtype: Dtype,
+        dist: &'a Dist,
+        scoring: Scoring,
+    ) -> Self {
         Micro {
             size,
             device,
             dtype,
             dist,
+            scoring,
             replays: Vec::new(),
         }
     }
@@ -166,7 +174,7 @@ impl<'a> Micro<'a> {
         (i, n): (usize, usize),
     ) -> (Tensor, Tensor) {
         let (lp, count) = autocast(self.device, self.dtype, || {
-            continuation_logprobs(model, &pre[i..i + n], &cont[i..i + n])
+            continuation_logprobs_with(model, &pre[i..i + n], &cont[i..i + n], self.scoring)
         });
         (lp.to_kind(Kind::Float), count)
     }
@@ -192,7 +200,7 @@ impl<'a> Micro<'a> {
     ) -> Result<(Tensor, Tensor)> {
         if !self.split(pre.len()) {
             return Ok(autocast(self.device, self.dtype, || {
-                continuation_logprobs(model, pre, cont)
+                continuation_logprobs_with(model, pre, cont, self.scoring)
             }));
         }
         if self.dist.size() == 1 {

@@ -417,6 +417,7 @@ fn restore(
         dtype: e.model.dtype,
         grad_clip: e.train.grad_clip,
         dist,
+        scoring: Default::default(),
     };
     Ok((learner, carried))
 }

@@ -9,6 +9,7 @@ use crate::data::{window_batch, Windows};
 use crate::dist::Dist;
 use crate::model::Policy;
 use crate::objective::{LossInputs, Needs, Objective, ReferenceUpdate};
+use crate::sample::Scoring;
 use crate::train::ntp::GRADIENT_BUCKET_BYTES;
 use crate::train::optim::AdamW;
 use anyhow::Result;
@@ -31,6 +32,8 @@ pub struct Learner {
     pub grad_clip: f64,
     /// The job's ranks: each computes its share of the sequences, gradients are summed.
     pub dist: Rc<Dist>,
+    /// How log-probs are computed (continuations of one prefix share its forward pass).
+    pub scoring: Scoring,
 }
 
 /// What one update did.
@@ -87,7 +90,13 @@ impl Learner {
         // `train.micro_batch`: forward passes in micro-batches, and each rank's share (see
         // `micro`).
         let dist = Rc::clone(&self.dist);
-        let mut micro = Micro::new(self.micro_batch, self.device, self.dtype, &dist);
+        let mut micro = Micro::new(
+            self.micro_batch,
+            self.device,
+            self.dtype,
+            &dist,
+            self.scoring,
+        );
         // Each window of `len` tokens trains `len - 1` next-token predictions.
         let ntp_tokens = ntp.as_ref().map_or(0, |b| {
             let (rows, len) = (b.size()[0], b.size()[1]);
@@ -146,8 +155,8 @@ impl Learner {
         })
     }
 
-    /// Summed continuation log-probs of the pairs (policy and reference; chosen members
-    /// first, then rejected, in one pass) and of the NLL targets.
+    /// Summed continuation log-probs of the pairs (policy and reference; both members of
+    /// every pair in one pass) and of the NLL targets.
     fn logprobs(
         &self,
         micro: &mut Micro,
@@ -166,24 +175,28 @@ impl Learner {
         };
         let pairs = &selection.pairs;
         if !pairs.is_empty() {
-            let pre: Vec<&[u32]> = pairs.iter().chain(pairs).map(|p| p.prefix).collect();
-            let cont: Vec<&[u32]> = pairs
-                .iter()
-                .map(|p| p.chosen)
-                .chain(pairs.iter().map(|p| p.rejected))
-                .collect();
+            // Chosen, then rejected, of each pair: one prefix's rows stay together (they share
+            // its forward pass, also within a micro-batch).
+            let pre: Vec<&[u32]> = pairs.iter().flat_map(|p| [p.prefix, p.prefix]).collect();
+            let cont: Vec<&[u32]> = pairs.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
             let n = pairs.len() as i64;
+            let halves = |logp: Tensor| {
+                let pairs = logp.view([n, 2]);
+                (pairs.select(1, 0), pairs.select(1, 1))
+            };
             let clock = Instant::now();
             let (logp, _) = micro.logprobs(&policy.model, &pre, &cont, true)?;
             phases.policy += clock.elapsed().as_secs_f64();
-            inputs.policy_chosen = Some(logp.narrow(0, 0, n));
-            inputs.policy_rejected = Some(logp.narrow(0, n, n));
+            let (chosen, rejected) = halves(logp);
+            inputs.policy_chosen = Some(chosen);
+            inputs.policy_rejected = Some(rejected);
             if let Some(r) = &self.reference {
                 let clock = Instant::now();
                 let (ref_logp, _) = tch::no_grad(|| micro.logprobs(&r.model, &pre, &cont, false))?;
                 phases.reference += clock.elapsed().as_secs_f64();
-                inputs.reference_chosen = Some(ref_logp.narrow(0, 0, n));
-                inputs.reference_rejected = Some(ref_logp.narrow(0, n, n));
+                let (chosen, rejected) = halves(ref_logp);
+                inputs.reference_chosen = Some(chosen);
+                inputs.reference_rejected = Some(rejected);
             }
         }
         if !selection.nll.is_empty() {
