@@ -291,12 +291,25 @@ def main():
     def vals(label, key):
         return [r.get(key) if r else None for r in R.get(label, [])]
 
-    def ratios(num, den, key, invert=False):
+    def per_round(num, den, key, invert=False):
         out = []
         for x, y in zip(vals(num, key), vals(den, key)):
             if x and y:
                 out.append(y / x if invert else x / y)
-        return med(out)
+        return out
+
+    def ratios(num, den, key, invert=False):
+        return med(per_round(num, den, key, invert))
+
+    def ratio_cell(num, den, key, target, invert=False, suffix="x"):
+        """Median ratio, the per-round ratios, and whether the target (a minimum) is met."""
+        rounds = per_round(num, den, key, invert)
+        if not rounds:
+            return "n/a", "-"
+        m = med(rounds)
+        each = ", ".join(f"{r:.2f}" for r in rounds)
+        verdict = "-" if target is None else (f">= {target}{suffix}: " + ("**met**" if m >= target else "missed"))
+        return f"{m:.2f}{suffix} ({each})", verdict
 
     peak = med(vals("peak", "peak_gflops"))
     bounds = [r["decode_bound"] for r in R.get("peak", []) if r and "decode_bound" in r]
@@ -320,35 +333,61 @@ def main():
             mfu_s = med(vals("train/sipt", "model_flops_per_second"))
             mfu_r = med(vals(ref, "model_flops_per_second"))
             mfu = lambda f: "n/a" if not (f and peak) else f"{f / (peak * 1e9):.2f}"
+            cell, verdict = ratio_cell("train/sipt", ref, "tokens_per_second",
+                                       1.15 if ref == "train/eager" else 1.0)
             print(f"| NTP training tok/s vs {name} (MFU sipt {mfu(mfu_s)}, ref {mfu(mfu_r)}) | "
-                  f"{fmt(s_tps)} | {fmt(r_tps)} | {fmt(ratio, '.2f')}x | "
-                  f"{'>= 1.0x' if ref == 'train/eager' else '-'} |")
+                  f"{fmt(s_tps)} | {fmt(r_tps)} | {cell} | {verdict} |")
+        mfu_s = med(vals("train/sipt", "model_flops_per_second"))
+        if mfu_s and peak:
+            m = mfu_s / (peak * 1e9)
+            print(f"| NTP training MFU (of the measured fp32 matmul peak) | {m:.2f} | - | - | "
+                  f">= 0.70: {'**met**' if m >= 0.70 else 'missed'} |")
     if "rollouts" in only:
         for p, k in settings:
             base = f"roll/{p}x{k}"
             s = med(vals(f"{base}/sipt", "generated_tokens_per_second"))
             h = med(vals(f"{base}/hf", "generated_tokens_per_second"))
-            print(f"| rollouts tok/s, {p} prefix(es) x {k}, 256-token prefix, 128 new | {fmt(s)} | {fmt(h)} | "
-                  f"{fmt(ratios(f'{base}/sipt', f'{base}/hf', 'generated_tokens_per_second'), '.2f')}x | >= 4x |")
+            key = "generated_tokens_per_second"
+            cell, verdict = ratio_cell(f"{base}/sipt", f"{base}/hf", key, 3.5)
+            print(f"| rollouts tok/s, {p} prefix(es) x {k}, 256-token prefix, 128 new, f32 vs HF f32 | "
+                  f"{fmt(s)} | {fmt(h)} | {cell} | {verdict} |")
             if a.bf16:
-                sb = med(vals(f"{base}/sipt-bf16", "generated_tokens_per_second"))
-                hb = med(vals(f"{base}/hf-bf16", "generated_tokens_per_second"))
-                print(f"| rollouts tok/s, {p} x {k}, sipt bf16 weights vs HF f32 | {fmt(sb)} | {fmt(h)} | "
-                      f"{fmt(ratios(f'{base}/sipt-bf16', f'{base}/hf', 'generated_tokens_per_second'), '.2f')}x | >= 4x |")
-                print(f"| rollouts tok/s, {p} x {k}, sipt bf16 vs HF bf16 | {fmt(sb)} | {fmt(hb)} | "
-                      f"{fmt(ratios(f'{base}/sipt-bf16', f'{base}/hf-bf16', 'generated_tokens_per_second'), '.2f')}x | - |")
+                sb = med(vals(f"{base}/sipt-bf16", key))
+                hb = med(vals(f"{base}/hf-bf16", key))
+                cell, _ = ratio_cell(f"{base}/sipt-bf16", f"{base}/hf", key, None)
+                print(f"| rollouts tok/s, {p} x {k}, sipt bf16 weights vs HF f32 | {fmt(sb)} | {fmt(h)} | {cell} | - |")
+                cell, verdict = ratio_cell(f"{base}/sipt-bf16", f"{base}/hf-bf16", key, 4.0)
+                print(f"| rollouts tok/s, {p} x {k}, sipt bf16 vs HF bf16 | {fmt(sb)} | {fmt(hb)} | {cell} | {verdict} |")
     if "dpo" in only:
         s = med(vals("dpo/sipt", "step_seconds"))
         t = med(vals("dpo/trl", "step_seconds"))
-        ratio = ratios("dpo/sipt", "dpo/trl", "step_seconds", invert=True)
-        print(f"| SIP step s/step, 4 prompts x 2 x 64 tokens (lower is better) | "
-              f"{fmt(s, '.2f') if R.get('dpo/sipt') else 'skipped'} | {fmt(t, '.2f')} | "
-              f"{fmt(ratio, '.2f') + 'x faster' if ratio else 'n/a'} | >= 5x faster |")
+        cell, verdict = ratio_cell("dpo/sipt", "dpo/trl", "step_seconds", 3.0, invert=True, suffix="x faster")
+        print(f"| SIP step s/step, 4 prompts x 2 x 64 tokens, f32 (lower is better) | "
+              f"{fmt(s, '.2f') if R.get('dpo/sipt') else 'skipped'} | {fmt(t, '.2f')} | {cell} | {verdict} |")
         if a.bf16 and R.get("dpo/sipt-bf16"):
             sb = med(vals("dpo/sipt-bf16", "step_seconds"))
-            rb = ratios("dpo/sipt-bf16", "dpo/trl", "step_seconds", invert=True)
+            cell, _ = ratio_cell("dpo/sipt-bf16", "dpo/trl", "step_seconds", None, invert=True, suffix="x faster")
             print(f"| SIP step s/step, sipt sampling with bf16 weights vs TRL | {fmt(sb, '.2f')} | {fmt(t, '.2f')} | "
-                  f"{fmt(rb, '.2f') + 'x faster' if rb else 'n/a'} | >= 5x faster |")
+                  f"{cell} | - |")
+        # Where each side's step goes (medians over rounds of each run's median per phase).
+        sides = [("sipt f32", "dpo/sipt"), ("sipt bf16 sampling", "dpo/sipt-bf16"), ("TRL", "dpo/trl")]
+        sides = [(n, l) for n, l in sides if any(r and r.get("phase_seconds") for r in R.get(l, []))]
+        if sides:
+            phases = ["sample", "policy", "reference", "backward", "optimizer"]
+            print("\nSIP step phases, seconds (sample: rollouts; policy / reference: log-probs; backward; "
+                  "optimizer: clip + AdamW; other: the rest of the step):")
+            print("| phase | " + " | ".join(n for n, _ in sides) + " |")
+            print("|---|" + "---|" * len(sides))
+            for ph in phases + ["other"]:
+                cells = []
+                for _, l in sides:
+                    if ph == "other":
+                        xs = [r["step_seconds"] - sum(r["phase_seconds"].get(q, 0.0) for q in phases)
+                              for r in R[l] if r and r.get("phase_seconds")]
+                    else:
+                        xs = [r["phase_seconds"].get(ph) for r in R[l] if r and r.get("phase_seconds")]
+                    cells.append(fmt(med(xs), ".2f"))
+                print(f"| {ph} | " + " | ".join(cells) + " |")
 
     if "rollouts" in only and bounds and peak:
         print("\nDecoding against the machine bound (16 rows, weights read once per step; bound = "
@@ -376,7 +415,8 @@ def main():
                     decode_tps = p * k / step
                     print(f"  sipt{kind or ' f32'} {p}x{k}: prefill + repacking {short - (SHORT - 1) * step:.2f}s, "
                           f"decoding {decode_tps:.0f} tok/s = {decode_tps / bound['tokens_per_second_bound']:.0%} "
-                          f"of the bound")
+                          f"of the bound (>= 45%: "
+                          f"{'met' if decode_tps / bound['tokens_per_second_bound'] >= 0.45 else 'missed'})")
     print(f"\nall runs (commands and JSON): {log_path}")
 
 

@@ -194,7 +194,7 @@ pub fn score(b: &ScoreBench) -> Result<serde_json::Value> {
                 &cont,
                 crate::sample::Scoring {
                     chunked: !b.unchunked,
-                    share_prefixes: true,
+                    ..Default::default()
                 },
             )
         });
@@ -330,8 +330,8 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         grad_clip: 1.0,
         dist: std::rc::Rc::new(crate::dist::Dist::single()),
         scoring: crate::sample::Scoring {
-            chunked: true,
             share_prefixes: !b.unshared_prefixes,
+            ..Default::default()
         },
     };
     learner.optimizer.fused = !b.plain_optimizer;

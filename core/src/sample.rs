@@ -449,6 +449,11 @@ pub struct Scoring {
     /// Continuations of the same prefix share one forward pass of it ([`shared_layout`]);
     /// off, each continuation is a row with its own copy of the prefix.
     pub share_prefixes: bool,
+    /// With gradients (and `chunked`), the log-probs of more continuation tokens than this
+    /// times the vocabulary (logits of 256 MB in f32 by default) are taken in chunks with their
+    /// gradient deferred ([`Deferred`]): below it, the plain path's one extra pass less over
+    /// the output layer is worth more than the memory.
+    pub defer_min_logits: usize,
 }
 
 impl Default for Scoring {
@@ -456,7 +461,16 @@ impl Default for Scoring {
         Scoring {
             chunked: true,
             share_prefixes: true,
+            defer_min_logits: 64 << 20,
         }
+    }
+}
+
+impl Scoring {
+    /// Whether log-probs of `continuations` with gradients go through [`score_deferred`].
+    pub fn defers(&self, vocab: usize, continuations: &[&[u32]]) -> bool {
+        let tokens: usize = continuations.iter().map(|c| c.len()).sum();
+        self.chunked && tokens.saturating_mul(vocab) > self.defer_min_logits
     }
 }
 
@@ -637,13 +651,23 @@ fn shared_layout(
     Some(l)
 }
 
-/// [`continuation_logprobs`], run as `how` says (the plain path for tests and benchmarks).
-pub fn continuation_logprobs_with(
+/// The hidden states that predict each continuation token, `(M·n_max, hidden)` (with the
+/// forward pass's graph when gradients are on), the tokens `(M·n_max,)` and which are real
+/// `(M, n_max)`.
+struct Picked {
+    hidden: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    m: i64,
+    n_max: i64,
+}
+
+fn picked_states(
     model: &Llama,
     prefixes: &[&[u32]],
     continuations: &[&[u32]],
     how: Scoring,
-) -> (Tensor, Tensor) {
+) -> Picked {
     let device = model.device();
     let m = prefixes.len();
     let n_max = continuations
@@ -680,38 +704,112 @@ pub fn continuation_logprobs_with(
     );
     let h = hidden.size()[2];
     let index = Tensor::from_slice(&layout.index).to_device(device);
-    let picked = hidden
-        .reshape([rows * len, h])
-        .index_select(0, &index)
-        .view([m as i64, n_max as i64, h]);
-    let targets = Tensor::from_slice(&layout.targets)
-        .view([m as i64, n_max as i64])
-        .to_device(device);
-    let valid = Tensor::from_slice(&layout.valid)
-        .view([m as i64, n_max as i64])
-        .to_device(device);
-    let token_logp = if picked.requires_grad() || !how.chunked {
+    let (m, n_max) = (m as i64, n_max as i64);
+    Picked {
+        hidden: hidden.reshape([rows * len, h]).index_select(0, &index),
+        targets: Tensor::from_slice(&layout.targets).to_device(device),
+        valid: Tensor::from_slice(&layout.valid)
+            .view([m, n_max])
+            .to_device(device),
+        m,
+        n_max,
+    }
+}
+
+impl Picked {
+    /// Token log-probs `(M, n_max)` in chunks of rows, without gradients.
+    fn chunked(&self, model: &Llama) -> Tensor {
+        tch::no_grad(|| {
+            chunked_token_logprobs(
+                &self.hidden.detach(),
+                model.output_weight(),
+                &self.targets,
+                crate::model::llama::chunk_rows(model.config.vocab_size),
+            )
+            .view([self.m, self.n_max])
+        })
+    }
+
+    /// Summed log-probs `(M,)` and token counts `(M,)` of `token_logp (M, n_max)`.
+    fn sums(&self, token_logp: Tensor) -> (Tensor, Tensor) {
+        (
+            (token_logp * &self.valid).sum_dim_intlist(1, false, Kind::Float),
+            self.valid.sum_dim_intlist(1, false, Kind::Float),
+        )
+    }
+}
+
+/// [`continuation_logprobs`], run as `how` says (the plain path for tests and benchmarks).
+pub fn continuation_logprobs_with(
+    model: &Llama,
+    prefixes: &[&[u32]],
+    continuations: &[&[u32]],
+    how: Scoring,
+) -> (Tensor, Tensor) {
+    let p = picked_states(model, prefixes, continuations, how);
+    let token_logp = if p.hidden.requires_grad() || !how.chunked {
         model
-            .logits(&picked)
+            .logits(&p.hidden)
             .to_kind(Kind::Float)
             .log_softmax(-1, Kind::Float)
-            .gather(2, &targets.unsqueeze(-1), false)
-            .squeeze_dim(-1)
+            .gather(1, &p.targets.unsqueeze(-1), false)
+            .view([p.m, p.n_max])
     } else {
         // Without gradients (the reference model, scoring), the output layer runs in chunks of
         // rows: the full (M, N, vocab) logits never exist.
-        chunked_token_logprobs(
-            &picked.reshape([m as i64 * n_max as i64, h]),
+        p.chunked(model)
+    };
+    p.sums(token_logp)
+}
+
+/// Summed log-probs whose gradient is taken later, in two steps: [`score_deferred`] runs the
+/// forward pass (keeping its graph up to the picked hidden states) and reads the log-probs in
+/// chunks without gradients; once the loss's gradient with respect to each sum is known,
+/// [`Deferred::backward`] carries it into the model through the output layer in chunks
+/// ([`crate::model::llama::chunked_weighted_nll`]). The full logits never exist, forward or
+/// backward; the output layer's product runs once more than with the plain path.
+pub struct Deferred {
+    picked: Picked,
+    /// `(M,)` summed log-probs and token counts (no graph).
+    pub logp: Tensor,
+    pub count: Tensor,
+}
+
+/// See [`Deferred`]; call it with gradients on.
+pub fn score_deferred(
+    model: &Llama,
+    prefixes: &[&[u32]],
+    continuations: &[&[u32]],
+    how: Scoring,
+) -> Deferred {
+    let picked = picked_states(model, prefixes, continuations, how);
+    let (logp, count) = picked.sums(picked.chunked(model));
+    Deferred {
+        picked,
+        logp,
+        count,
+    }
+}
+
+impl Deferred {
+    /// Backpropagate `grad (M,)`, the loss's gradient with respect to each summed log-prob,
+    /// into the model's parameters.
+    pub fn backward(&self, model: &Llama, grad: &Tensor) {
+        let p = &self.picked;
+        if !p.hidden.requires_grad() {
+            return;
+        }
+        // d loss / d logp(token) = grad of its sequence; a token's log-prob is minus its NLL.
+        let weights = (-(grad.to_kind(Kind::Float).unsqueeze(1) * &p.valid)).reshape([-1]);
+        crate::model::llama::chunked_weighted_nll(
+            &p.hidden,
             model.output_weight(),
-            &targets.reshape([-1]),
+            &p.targets,
+            &weights,
             crate::model::llama::chunk_rows(model.config.vocab_size),
         )
-        .view([m as i64, n_max as i64])
-    } * &valid;
-    (
-        token_logp.sum_dim_intlist(1, false, Kind::Float),
-        valid.sum_dim_intlist(1, false, Kind::Float),
-    )
+        .backward();
+    }
 }
 
 #[cfg(test)]

@@ -419,8 +419,8 @@ fn shared_prefix_scoring_matches_one_row_per_continuation() {
     let weights = Tensor::from_slice(&[1.0f32, -0.5, 2.0, 0.75, -1.5, 0.25]);
     let run = |share: bool| {
         let how = Scoring {
-            chunked: true,
             share_prefixes: share,
+            ..Default::default()
         };
         let (logp, count) = continuation_logprobs_with(&p.model, &pre, &cont, how);
         (&logp * &weights).sum(Kind::Float).backward();
@@ -462,5 +462,68 @@ fn shared_prefix_scoring_matches_one_row_per_continuation() {
             gap <= 1e-4 * scale.max(1.0),
             "{name}: gradients differ by {gap} of {scale}"
         );
+    }
+}
+
+/// The deferred path (log-probs read in chunks, the loss's gradient carried through the output
+/// layer in chunks afterwards) gives the plain path's log-probs and parameter gradients, on a
+/// model with a tied head and one with its own.
+#[test]
+fn deferred_scoring_gives_the_plain_gradients() {
+    use sipt_core::sample::{continuation_logprobs_with, score_deferred, Scoring};
+    for tied in [true, false] {
+        let mut config = policy().model.config.clone();
+        config.tie_word_embeddings = tied;
+        let p = {
+            let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(5);
+            Policy::from_scratch(config, Device::Cpu)
+        };
+        let (a, b): (Vec<u32>, Vec<u32>) = ((1..9).collect(), vec![50, 51]);
+        let pre: Vec<&[u32]> = vec![&a, &a, &b, &a];
+        let conts: Vec<Vec<u32>> = vec![
+            vec![20, 21, 22],
+            vec![23, 24, 25, 26, 27],
+            vec![30],
+            vec![31, 32],
+        ];
+        let cont: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+        let g = Tensor::from_slice(&[0.5f32, -1.25, 2.0, -0.3]);
+        let grads = |p: &Policy| {
+            let mut all: Vec<(String, Tensor)> =
+                p.vs.variables()
+                    .into_iter()
+                    .map(|(name, v)| {
+                        let grad = v.grad().copy();
+                        let _ = v.grad().zero_();
+                        (name, grad)
+                    })
+                    .collect();
+            all.sort_by(|x, y| x.0.cmp(&y.0));
+            all
+        };
+        let how = Scoring::default();
+        let (plain, _) = continuation_logprobs_with(&p.model, &pre, &cont, how);
+        (&plain * &g).sum(Kind::Float).backward();
+        let plain_grads = grads(&p);
+        let deferred = score_deferred(&p.model, &pre, &cont, how);
+        assert!(!deferred.logp.requires_grad());
+        deferred.backward(&p.model, &g);
+        let deferred_grads = grads(&p);
+        let gap = (plain.detach() - &deferred.logp)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(gap < 1e-4, "tied {tied}: log-probs differ by {gap}");
+        assert_eq!(plain_grads.len(), deferred_grads.len());
+        for ((name, x), (_, y)) in plain_grads.iter().zip(&deferred_grads) {
+            let scale = x.abs().max().double_value(&[]);
+            let gap = (x - y).abs().max().double_value(&[]);
+            assert!(scale > 0.0, "tied {tied}: {name} has no gradient");
+            assert!(
+                gap <= 1e-4 * scale.max(1.0),
+                "tied {tied}: {name} differs by {gap} of {scale}"
+            );
+        }
     }
 }

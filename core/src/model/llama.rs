@@ -1072,6 +1072,32 @@ pub fn chunked_cross_entropy(
     targets: &Tensor,
     rows: i64,
 ) -> Tensor {
+    chunked_nll(hidden, weight, targets, None, rows)
+}
+
+/// `Σ weights · (−log softmax(hidden · weightᵀ) at targets)` over the rows, computed as
+/// [`chunked_cross_entropy`] is (the full logits never exist, the gradient attached by a
+/// zero-valued surrogate), with a weight `(N,)` f32 per row instead of `1 / N` each: the
+/// gradient of a loss that depends on sums of token log-probs, once the loss's gradient with
+/// respect to each sum is known.
+pub fn chunked_weighted_nll(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    row_weights: &Tensor,
+    rows: i64,
+) -> Tensor {
+    chunked_nll(hidden, weight, targets, Some(row_weights), rows)
+}
+
+/// [`chunked_cross_entropy`] (`row_weights` `None`: the mean) and [`chunked_weighted_nll`].
+fn chunked_nll(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    row_weights: Option<&Tensor>,
+    rows: i64,
+) -> Tensor {
     let n = hidden.size()[0];
     let wants_grad = hidden.requires_grad() || weight.requires_grad();
     let (sum, grads) = tch::no_grad(|| {
@@ -1081,9 +1107,14 @@ pub fn chunked_cross_entropy(
         let mut grad_h = wants_grad.then(|| Tensor::empty_like(&h));
         let mut grad_w: Option<Tensor> = None;
         for_each_logit_chunk(&h, &w, targets, rows, |c| {
-            sum += (&c.lse - &c.picked).sum(Kind::Float);
+            let rw = row_weights.map(|r| r.narrow(0, c.start, c.len).unsqueeze(1));
+            match &rw {
+                Some(rw) => sum += (rw * (&c.lse - &c.picked)).sum(Kind::Float),
+                None => sum += (&c.lse - &c.picked).sum(Kind::Float),
+            }
             if let Some(gh) = grad_h.as_mut() {
-                // d(mean loss)/d(logits) = (softmax − one-hot) / N, in place over the logits.
+                // d(loss)/d(logits) = (softmax − one-hot) × the row's weight (1 / N for the
+                // mean), in place over the logits.
                 let mut p = c.logits;
                 let _ = p.g_sub_(&c.lse).exp_();
                 let _ = p.scatter_add_(
@@ -1091,7 +1122,14 @@ pub fn chunked_cross_entropy(
                     &c.targets,
                     &Tensor::full([c.len, 1], -1.0, (Kind::Float, p.device())),
                 );
-                let _ = p.g_div_scalar_(n as f64);
+                match &rw {
+                    Some(rw) => {
+                        let _ = p.g_mul_(rw);
+                    }
+                    None => {
+                        let _ = p.g_div_scalar_(n as f64);
+                    }
+                }
                 let p = p.to_kind(w.kind());
                 gh.narrow(0, c.start, c.len).copy_(&p.matmul(&w));
                 // Summed over the chunks in f32, whatever type the products come in.
@@ -1109,7 +1147,10 @@ pub fn chunked_cross_entropy(
         });
         (sum, grad_h.zip(grad_w))
     });
-    let loss = sum / n as f64;
+    let loss = match row_weights {
+        Some(_) => sum,
+        None => sum / n as f64,
+    };
     match grads {
         Some((gh, gw)) => {
             // Zero in value; gradient gh for the hidden states and gw for the weight.

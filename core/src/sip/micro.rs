@@ -12,7 +12,7 @@
 
 use crate::dist::Dist;
 use crate::model::{autocast, Llama};
-use crate::sample::{continuation_logprobs_with, Scoring};
+use crate::sample::{continuation_logprobs_with, score_deferred, Deferred, Scoring};
 use anyhow::{anyhow, Result};
 use sipt_experiment::config::Dtype;
 use tch::{Device, Kind, Tensor};
@@ -63,6 +63,14 @@ enum Replay {
     /// The mean next-token loss over the rows of a batch (this rank's rows `own`).
     Ntp {
         batch: Tensor,
+        own: (usize, usize),
+        leaf: Tensor,
+    },
+    /// Summed log-probs of this rank's rows `own` computed in one pass (no micro-batches),
+    /// their graph kept up to the output layer, which the leaf's gradient at `own` then goes
+    /// through in chunks ([`Deferred`]).
+    Scored {
+        scored: Deferred,
         own: (usize, usize),
         leaf: Tensor,
     },
@@ -199,6 +207,9 @@ impl<'a> Micro<'a> {
         differentiable: bool,
     ) -> Result<(Tensor, Tensor)> {
         if !self.split(pre.len()) {
+            if differentiable && self.scoring.defers(model.config.vocab_size, cont) {
+                return self.deferred(model, pre, cont, (0, pre.len()));
+            }
             return Ok(autocast(self.device, self.dtype, || {
                 continuation_logprobs_with(model, pre, cont, self.scoring)
             }));
@@ -237,6 +248,16 @@ impl<'a> Micro<'a> {
         differentiable: bool,
     ) -> Result<(Tensor, Tensor)> {
         let own = self.own(pre.len());
+        let (start, n) = own;
+        let share = &cont[start..start + n];
+        if differentiable
+            && !self.micro(n)
+            && n > 0
+            && self.scoring.defers(model.config.vocab_size, share)
+        {
+            // A share that fits one pass keeps its graph: no second forward pass.
+            return self.deferred(model, &pre[start..start + n], share, own);
+        }
         if differentiable && !self.micro(own.1) && own.1 > 0 {
             // A share that fits one pass keeps its graph: no second forward pass.
             let (value, count) = self.sequences_part(model, pre, cont, own);
@@ -273,6 +294,29 @@ impl<'a> Micro<'a> {
         self.replays.push(Replay::Sequences {
             pre: pre.iter().map(|x| x.to_vec()).collect(),
             cont: cont.iter().map(|x| x.to_vec()).collect(),
+            own,
+            leaf: leaf.shallow_clone(),
+        });
+        Ok((leaf, count))
+    }
+
+    /// Summed log-probs of `pre`/`cont` (rows `own` of the job's) through [`score_deferred`]:
+    /// the job's values as a leaf (gathered over the ranks), the graph kept for
+    /// [`Micro::backward`].
+    fn deferred(
+        &mut self,
+        model: &Llama,
+        pre: &[&[u32]],
+        cont: &[&[u32]],
+        own: (usize, usize),
+    ) -> Result<(Tensor, Tensor)> {
+        let scored = autocast(self.device, self.dtype, || {
+            score_deferred(model, pre, cont, self.scoring)
+        });
+        let (lp, count) = self.gather(&scored.logp, &scored.count)?;
+        let leaf = lp.set_requires_grad(true);
+        self.replays.push(Replay::Scored {
+            scored,
             own,
             leaf: leaf.shallow_clone(),
         });
@@ -334,6 +378,14 @@ impl<'a> Micro<'a> {
                         (lp * g).sum(Kind::Float).backward();
                     }
                 }
+                Replay::Scored { scored, own, leaf } => {
+                    let grad = leaf.grad();
+                    if !grad.defined() {
+                        continue;
+                    }
+                    let g = grad.reshape([-1]).narrow(0, own.0 as i64, own.1 as i64);
+                    autocast(self.device, self.dtype, || scored.backward(model, &g));
+                }
                 Replay::Kept { value, own, leaf } => {
                     let grad = leaf.grad();
                     if !grad.defined() {
@@ -358,7 +410,81 @@ impl<'a> Micro<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::balanced_order;
+    use super::{balanced_order, Micro};
+    use crate::dist::Dist;
+    use crate::model::{LlamaConfig, Policy};
+    use crate::sample::Scoring;
+    use sipt_experiment::config::Dtype;
+    use tch::{Device, Kind, Tensor};
+
+    /// Gradients of `Σ w · logp` through `Micro` (leaf, loss backward, replay), sorted by name.
+    fn micro_grads(p: &Policy, scoring: Scoring, size: usize) -> (Tensor, Vec<(String, Tensor)>) {
+        let (a, b): (Vec<u32>, Vec<u32>) = ((1..7).collect(), vec![40, 41, 42]);
+        let pre: Vec<&[u32]> = vec![&a, &a, &b, &b, &a];
+        let conts: Vec<Vec<u32>> = vec![
+            vec![9, 8, 7],
+            vec![6],
+            vec![5, 4],
+            vec![3, 2, 1, 0],
+            vec![11],
+        ];
+        let cont: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+        let dist = Dist::single();
+        let mut micro = Micro::new(size, Device::Cpu, Dtype::F32, &dist, scoring);
+        let (logp, _) = micro.logprobs(&p.model, &pre, &cont, true).unwrap();
+        let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 0.25, -0.75]);
+        (&logp * &w).sum(Kind::Float).backward();
+        micro.backward(&p.model);
+        let mut grads: Vec<(String, Tensor)> =
+            p.vs.variables()
+                .into_iter()
+                .map(|(n, v)| {
+                    let g = v.grad().copy();
+                    let _ = v.grad().zero_();
+                    (n, g)
+                })
+                .collect();
+        grads.sort_by(|x, y| x.0.cmp(&y.0));
+        (logp.detach(), grads)
+    }
+
+    #[test]
+    fn deferred_and_micro_batched_updates_give_the_plain_gradients() {
+        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 61, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        }))
+        .unwrap();
+        tch::manual_seed(3);
+        let p = Policy::from_scratch(config, Device::Cpu);
+        let plain = Scoring {
+            chunked: false,
+            share_prefixes: false,
+            ..Default::default()
+        };
+        let deferred = Scoring {
+            defer_min_logits: 0,
+            ..Default::default()
+        };
+        let (lp0, g0) = micro_grads(&p, plain, 0);
+        for (name, scoring, size) in [
+            ("deferred", deferred, 0),
+            ("micro-batched", Scoring::default(), 2),
+        ] {
+            let (lp, g) = micro_grads(&p, scoring, size);
+            let gap = (&lp0 - &lp).abs().max().double_value(&[]);
+            assert!(gap < 1e-4, "{name}: log-probs differ by {gap}");
+            for ((n, x), (_, y)) in g0.iter().zip(&g) {
+                let scale = x.abs().max().double_value(&[]);
+                let gap = (x - y).abs().max().double_value(&[]);
+                assert!(
+                    scale > 0.0 && gap <= 1e-4 * scale.max(1.0),
+                    "{name}: {n} differs by {gap} of {scale}"
+                );
+            }
+        }
+        assert!(deferred.defers(61, &[&[1, 2]]) && !Scoring::default().defers(61, &[&[1, 2]]));
+    }
 
     #[test]
     fn balanced_shares_have_their_sizes_and_similar_costs() {
