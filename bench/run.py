@@ -14,6 +14,7 @@ it waits (up to --max-wait-min in all) for the 1-minute load to fall below --max
 compiler or model server to be running, and records the load it measured under.
 """
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -194,6 +195,7 @@ def main():
     # A private copy, so that a rebuild by someone else during the run cannot swap the binary.
     sipt = f"/tmp/sipt-bench-{stamp}.bin"
     shutil.copy2(a.sipt, sipt)
+    atexit.register(lambda: os.path.exists(sipt) and os.remove(sipt))
     threads = a.threads
     os.environ["OMP_NUM_THREADS"] = str(threads)  # sipt (libtorch's default is the core count)
     os.environ["MKL_NUM_THREADS"] = str(threads)

@@ -8,9 +8,11 @@ step (callback from on_step_begin to on_step_end), median over the steps after w
 Prints one JSON line.
 """
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -116,6 +118,7 @@ def main():
         lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
 
     out_dir = tempfile.mkdtemp(prefix="trl-dpo-bench-")
+    atexit.register(shutil.rmtree, out_dir, True)
     args = OnlineDPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=a.prompts,

@@ -17,16 +17,40 @@ fn smollm2_gguf() -> PathBuf {
     path
 }
 
-/// The model folder imported once per test binary.
+/// The model folder, imported once into cargo's scratch folder for integration tests and kept
+/// there for later runs of the same `sipt` build (each run imported 515 MB into a temporary
+/// folder of its own and left it behind). A new build imports again, in case the import
+/// changed. The import goes to a private name and is renamed into place, so test binaries
+/// running at once never see half a folder.
 fn smollm2_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sipt-test-smollm2-{}", std::process::id()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2-135m-q4_1");
+        let stamp = {
+            let meta = std::fs::metadata(env!("CARGO_BIN_EXE_sipt")).unwrap();
+            format!("{} {:?}", meta.len(), meta.modified().ok())
+        };
+        let stamp_file = |d: &std::path::Path| d.join("imported-by-sipt");
+        if std::fs::read_to_string(stamp_file(&dir)).ok().as_deref() == Some(stamp.as_str()) {
+            return dir;
+        }
+        let partial = dir.with_extension(format!("partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&partial);
         let out = run(sipt()
             .args(["import", "gguf"])
             .arg(smollm2_gguf())
-            .arg(&dir));
+            .arg(&partial));
         assert_eq!(out.code, 0, "{}", out.stderr);
+        std::fs::write(stamp_file(&partial), &stamp).unwrap();
+        // An import by an earlier build goes first.
+        if std::fs::read_to_string(stamp_file(&dir)).ok().as_deref() != Some(stamp.as_str()) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if std::fs::rename(&partial, &dir).is_err() {
+            // Another test binary put its import in place first.
+            let _ = std::fs::remove_dir_all(&partial);
+            assert!(stamp_file(&dir).exists(), "{}", dir.display());
+        }
         dir
     })
     .clone()
