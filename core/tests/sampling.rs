@@ -393,6 +393,36 @@ fn chunked_scoring_matches_the_plain_log_probs() {
     assert!(diff < 1e-5, "chunked token log-probs differ by {diff}");
 }
 
+/// Every parameter's gradient, sorted by name, zeroing it for the next pass.
+fn take_grads(p: &Policy) -> Vec<(String, Tensor)> {
+    let mut grads: Vec<(String, Tensor)> =
+        p.vs.variables()
+            .into_iter()
+            .map(|(name, v)| {
+                let g = v.grad().copy();
+                let _ = v.grad().zero_();
+                (name, g)
+            })
+            .collect();
+    grads.sort_by(|x, y| x.0.cmp(&y.0));
+    grads
+}
+
+/// Every parameter has a gradient in `plain`, and `other`'s is within 1e-4 of its scale.
+fn assert_same_grads(what: &str, plain: &[(String, Tensor)], other: &[(String, Tensor)]) {
+    assert_eq!(plain.len(), other.len());
+    for ((name, g), (other_name, h)) in plain.iter().zip(other) {
+        assert_eq!(name, other_name);
+        let scale = g.abs().max().double_value(&[]);
+        let gap = (g - h).abs().max().double_value(&[]);
+        assert!(scale > 0.0, "{what}: {name} has no gradient");
+        assert!(
+            gap <= 1e-4 * scale.max(1.0),
+            "{what}: {name} gradients differ by {gap} of {scale}"
+        );
+    }
+}
+
 /// Continuations of the same prefix scored in shared rows (the prefix computed once) give the
 /// log-probs and the parameter gradients of one row per continuation, with and without
 /// gradients, for groups of several sizes, a prefix seen once and prefixes of other lengths.
@@ -424,16 +454,7 @@ fn shared_prefix_scoring_matches_one_row_per_continuation() {
         };
         let (logp, count) = continuation_logprobs_with(&p.model, &pre, &cont, how);
         (&logp * &weights).sum(Kind::Float).backward();
-        let mut grads: Vec<(String, Tensor)> =
-            p.vs.variables()
-                .into_iter()
-                .map(|(name, v)| {
-                    let g = v.grad().copy();
-                    let _ = v.grad().zero_();
-                    (name, g)
-                })
-                .collect();
-        grads.sort_by(|x, y| x.0.cmp(&y.0));
+        let grads = take_grads(&p);
         let (scored, _) = tch::no_grad(|| continuation_logprobs_with(&p.model, &pre, &cont, how));
         (logp.detach(), count, grads, scored)
     };
@@ -453,16 +474,7 @@ fn shared_prefix_scoring_matches_one_row_per_continuation() {
         Vec::<f32>::try_from(&plain_count).unwrap(),
         Vec::<f32>::try_from(&shared_count).unwrap()
     );
-    for ((name, g), (other, h)) in plain_grads.iter().zip(&shared_grads) {
-        assert_eq!(name, other);
-        let scale = g.abs().max().double_value(&[]);
-        let gap = (g - h).abs().max().double_value(&[]);
-        assert!(scale > 0.0, "{name}: no gradient");
-        assert!(
-            gap <= 1e-4 * scale.max(1.0),
-            "{name}: gradients differ by {gap} of {scale}"
-        );
-    }
+    assert_same_grads("shared", &plain_grads, &shared_grads);
 }
 
 /// The deferred path (log-probs read in chunks, the loss's gradient carried through the output
@@ -489,41 +501,19 @@ fn deferred_scoring_gives_the_plain_gradients() {
         ];
         let cont: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
         let g = Tensor::from_slice(&[0.5f32, -1.25, 2.0, -0.3]);
-        let grads = |p: &Policy| {
-            let mut all: Vec<(String, Tensor)> =
-                p.vs.variables()
-                    .into_iter()
-                    .map(|(name, v)| {
-                        let grad = v.grad().copy();
-                        let _ = v.grad().zero_();
-                        (name, grad)
-                    })
-                    .collect();
-            all.sort_by(|x, y| x.0.cmp(&y.0));
-            all
-        };
         let how = Scoring::default();
         let (plain, _) = continuation_logprobs_with(&p.model, &pre, &cont, how);
         (&plain * &g).sum(Kind::Float).backward();
-        let plain_grads = grads(&p);
+        let plain_grads = take_grads(&p);
         let deferred = score_deferred(&p.model, &pre, &cont, how);
         assert!(!deferred.logp.requires_grad());
         deferred.backward(&p.model, &g);
-        let deferred_grads = grads(&p);
+        let deferred_grads = take_grads(&p);
         let gap = (plain.detach() - &deferred.logp)
             .abs()
             .max()
             .double_value(&[]);
         assert!(gap < 1e-4, "tied {tied}: log-probs differ by {gap}");
-        assert_eq!(plain_grads.len(), deferred_grads.len());
-        for ((name, x), (_, y)) in plain_grads.iter().zip(&deferred_grads) {
-            let scale = x.abs().max().double_value(&[]);
-            let gap = (x - y).abs().max().double_value(&[]);
-            assert!(scale > 0.0, "tied {tied}: {name} has no gradient");
-            assert!(
-                gap <= 1e-4 * scale.max(1.0),
-                "tied {tied}: {name} differs by {gap} of {scale}"
-            );
-        }
+        assert_same_grads(&format!("tied {tied}"), &plain_grads, &deferred_grads);
     }
 }
