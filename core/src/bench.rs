@@ -308,6 +308,10 @@ pub struct SipStepBench {
     /// one forward pass of the prompt shared by its completions.
     #[arg(long)]
     pub unshared_prefixes: bool,
+    /// The policy's log-probs through the full logits with their graph, however many there
+    /// are, instead of in chunks with the gradient deferred above `Scoring`'s threshold.
+    #[arg(long)]
+    pub no_defer: bool,
 }
 
 /// One online-DPO step through the SIP loop's own phases: rollouts (shared prefill), pools, a
@@ -331,6 +335,11 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         dist: std::rc::Rc::new(crate::dist::Dist::single()),
         scoring: crate::sample::Scoring {
             share_prefixes: !b.unshared_prefixes,
+            defer_min_logits: if b.no_defer {
+                usize::MAX
+            } else {
+                crate::sample::Scoring::default().defer_min_logits
+            },
             ..Default::default()
         },
     };
@@ -411,6 +420,11 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         "phase_seconds": phases,
         "optimizer": if learner.optimizer.fused { "fused" } else { "plain" },
         "shared_prefixes": !b.unshared_prefixes,
+        "deferred": learner.scoring.defers(
+            policy.model.config.vocab_size,
+            &vec![&[0u32][..]; b.prompts * b.completions * b.new_tokens],
+        ),
+        "peak_rss_mb": peak_resident_mb(),
         "prompts": b.prompts,
         "completions": b.completions,
         "new_tokens": b.new_tokens,
