@@ -185,7 +185,7 @@ pub fn score(b: &ScoreBench) -> Result<serde_json::Value> {
     let cont: Vec<&[u32]> = continuations.iter().map(Vec::as_slice).collect();
     let mut times = Vec::new();
     let mut total = 0.0;
-    for _ in 0..b.repeats.max(1) {
+    for _ in 0..b.repeats {
         let t0 = Instant::now();
         let (lp, _) = tch::no_grad(|| {
             crate::sample::continuation_logprobs_with(
@@ -335,14 +335,12 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         dist: std::rc::Rc::new(crate::dist::Dist::single()),
         scoring: crate::sample::Scoring {
             share_prefixes: !b.unshared_prefixes,
-            defer_min_logits: if b.no_defer {
-                usize::MAX
-            } else {
-                crate::sample::Scoring::default().defer_min_logits
-            },
             ..Default::default()
         },
     };
+    if b.no_defer {
+        learner.scoring.defer_min_logits = usize::MAX;
+    }
     learner.optimizer.fused = !b.plain_optimizer;
     let mut e = Experiment::default();
     e.data.suffix_tokens = b.new_tokens;
@@ -420,9 +418,9 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         "phase_seconds": phases,
         "optimizer": if learner.optimizer.fused { "fused" } else { "plain" },
         "shared_prefixes": !b.unshared_prefixes,
-        "deferred": learner.scoring.defers(
+        "deferred": learner.scoring.defers_tokens(
             policy.model.config.vocab_size,
-            &vec![&[0u32][..]; b.prompts * b.completions * b.new_tokens],
+            b.prompts * b.completions * b.new_tokens,
         ),
         "peak_rss_mb": peak_resident_mb(),
         "prompts": b.prompts,

@@ -469,7 +469,11 @@ impl Default for Scoring {
 impl Scoring {
     /// Whether log-probs of `continuations` with gradients go through [`score_deferred`].
     pub fn defers(&self, vocab: usize, continuations: &[&[u32]]) -> bool {
-        let tokens: usize = continuations.iter().map(|c| c.len()).sum();
+        self.defers_tokens(vocab, continuations.iter().map(|c| c.len()).sum())
+    }
+
+    /// [`Scoring::defers`] for continuations of `tokens` tokens in all.
+    pub fn defers_tokens(&self, vocab: usize, tokens: usize) -> bool {
         self.chunked && tokens.saturating_mul(vocab) > self.defer_min_logits
     }
 }

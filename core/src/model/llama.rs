@@ -953,9 +953,7 @@ impl Llama {
     /// The output layer and the loss run in chunks of rows ([`chunked_cross_entropy`]): the
     /// full `(B·T, vocab)` logits never exist, forward or backward.
     pub fn ntp_loss(&self, tokens: &Tensor) -> Tensor {
-        let t = tokens.size()[1];
-        let inputs = tokens.narrow(1, 0, t - 1);
-        let targets = tokens.narrow(1, 1, t - 1);
+        let (inputs, targets) = next_token_pairs(tokens);
         let hidden = self.hidden(
             &Batch {
                 ids: &inputs,
@@ -976,9 +974,7 @@ impl Llama {
     /// [`Llama::ntp_loss`] through the full logits and libtorch's own cross-entropy: the plain
     /// path the chunked one is tested and benchmarked against.
     pub fn ntp_loss_unchunked(&self, tokens: &Tensor) -> Tensor {
-        let t = tokens.size()[1];
-        let inputs = tokens.narrow(1, 0, t - 1);
-        let targets = tokens.narrow(1, 1, t - 1);
+        let (inputs, targets) = next_token_pairs(tokens);
         let logits = self.forward(
             &Batch {
                 ids: &inputs,
@@ -992,6 +988,12 @@ impl Llama {
             .reshape([-1, self.config.vocab_size as i64])
             .cross_entropy_for_logits(&targets.reshape([-1]))
     }
+}
+
+/// Inputs `[..T]` and targets `[1..]` of next-token windows `(B, T+1)`.
+fn next_token_pairs(tokens: &Tensor) -> (Tensor, Tensor) {
+    let t = tokens.size()[1];
+    (tokens.narrow(1, 0, t - 1), tokens.narrow(1, 1, t - 1))
 }
 
 /// Rows of logits computed at once by the chunked output layer: about 8M logits (32 MB in f32).

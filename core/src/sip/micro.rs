@@ -249,17 +249,12 @@ impl<'a> Micro<'a> {
     ) -> Result<(Tensor, Tensor)> {
         let own = self.own(pre.len());
         let (start, n) = own;
-        let share = &cont[start..start + n];
-        if differentiable
-            && !self.micro(n)
-            && n > 0
-            && self.scoring.defers(model.config.vocab_size, share)
-        {
+        if differentiable && !self.micro(n) && n > 0 {
             // A share that fits one pass keeps its graph: no second forward pass.
-            return self.deferred(model, &pre[start..start + n], share, own);
-        }
-        if differentiable && !self.micro(own.1) && own.1 > 0 {
-            // A share that fits one pass keeps its graph: no second forward pass.
+            let share = &cont[start..start + n];
+            if self.scoring.defers(model.config.vocab_size, share) {
+                return self.deferred(model, &pre[start..start + n], share, own);
+            }
             let (value, count) = self.sequences_part(model, pre, cont, own);
             let (lp, count) = self.gather(&value.detach(), &count)?;
             let leaf = lp.set_requires_grad(true);

@@ -180,21 +180,21 @@ impl Learner {
             let pre: Vec<&[u32]> = pairs.iter().flat_map(|p| [p.prefix, p.prefix]).collect();
             let cont: Vec<&[u32]> = pairs.iter().flat_map(|p| [p.chosen, p.rejected]).collect();
             let n = pairs.len() as i64;
-            let halves = |logp: Tensor| {
+            let members = |logp: Tensor| {
                 let pairs = logp.view([n, 2]);
                 (pairs.select(1, 0), pairs.select(1, 1))
             };
             let clock = Instant::now();
             let (logp, _) = micro.logprobs(&policy.model, &pre, &cont, true)?;
             phases.policy += clock.elapsed().as_secs_f64();
-            let (chosen, rejected) = halves(logp);
+            let (chosen, rejected) = members(logp);
             inputs.policy_chosen = Some(chosen);
             inputs.policy_rejected = Some(rejected);
             if let Some(r) = &self.reference {
                 let clock = Instant::now();
                 let (ref_logp, _) = tch::no_grad(|| micro.logprobs(&r.model, &pre, &cont, false))?;
                 phases.reference += clock.elapsed().as_secs_f64();
-                let (chosen, rejected) = halves(ref_logp);
+                let (chosen, rejected) = members(ref_logp);
                 inputs.reference_chosen = Some(chosen);
                 inputs.reference_rejected = Some(rejected);
             }
