@@ -596,6 +596,11 @@ fn shared_layout(
             rows.push((p, chunk.to_vec()));
         }
     }
+    if rows.len() == prefixes.len() {
+        // Every continuation got a row of its own: nothing is shared after all, and plain
+        // rows keep libtorch's causal attention kernel instead of an explicit mask.
+        return None;
+    }
     let len = rows
         .iter()
         .map(|(p, members)| {
@@ -874,10 +879,16 @@ mod tests {
         let conts: Vec<Vec<u32>> = (0..64).map(|i| vec![i as u32 % 50; 400]).collect();
         let pre: Vec<&[u32]> = vec![&prefix; 64];
         let cont: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
-        let l = shared_layout(&tiny(None), &pre, &cont, 400).unwrap();
         // Continuations of 400 tokens after 16 shared ones: attention over a packed row of
-        // many would cost more than the 16 tokens it saves.
-        assert!(l.rows > 1, "{} rows", l.rows);
-        assert_eq!(l.index.len(), 64 * 400);
+        // several would cost more than the 16 tokens it saves, so each keeps a plain row.
+        assert!(shared_layout(&tiny(None), &pre, &cont, 400).is_none());
+        // After a long prefix, short continuations share rows, several to a row.
+        let long: Vec<u32> = (0..200).map(|i| i % 50).collect();
+        let short: Vec<Vec<u32>> = (0..64).map(|i| vec![i as u32 % 50; 8]).collect();
+        let pre: Vec<&[u32]> = vec![&long; 64];
+        let cont: Vec<&[u32]> = short.iter().map(Vec::as_slice).collect();
+        let l = shared_layout(&tiny(None), &pre, &cont, 8).unwrap();
+        assert!(l.rows > 1 && l.rows < 64, "{} rows", l.rows);
+        assert_eq!(l.index.len(), 64 * 8);
     }
 }
