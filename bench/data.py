@@ -64,7 +64,11 @@ def measure(cmd, env=None):
     (`%M`): a child forked from this Python would count this process's memory in its own
     maxrss until it execs."""
     started = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "SIPT_PEAK_KB %M", *cmd], capture_output=True, env=env)
+    try:
+        p = subprocess.run(["/usr/bin/time", "-f", "SIPT_PEAK_KB %M", *cmd], capture_output=True, env=env,
+                           timeout=3600)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"{' '.join(cmd)}: no result after 3600 s (killed)")
     wall = time.perf_counter() - started
     err = p.stderr.decode(errors="replace")
     if p.returncode != 0:
@@ -130,7 +134,7 @@ def main():
     if not os.path.exists(os.path.join(model, "tokenizer.json")):
         subprocess.run([args.sipt, "import", "gguf",
                         os.path.join(assets, "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), model],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, timeout=600)
     tokenizer = os.path.join(model, "tokenizer.json")
     docs = documents(assets)
     script = os.path.join(work, "reference.py")

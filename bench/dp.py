@@ -63,7 +63,12 @@ def run_once(sipt, workload, ranks, warmup):
     if ranks > 1:
         cmd += ["--nproc-per-node", str(ranks)]
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        print(f"    FAILED: no result after 1800 s (killed): {' '.join(cmd)}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        return None
     wall = time.time() - t0
     if p.returncode != 0:
         print(f"    FAILED ({p.returncode}):\n{p.stderr[-2000:]}", flush=True)
@@ -110,7 +115,7 @@ def main():
     workloads = args.only or sorted(WORKLOADS)
     quiet = Quiet(args.max_load, args.max_wait_min * 60)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
+                            capture_output=True, text=True, timeout=60).stdout.strip()
     facts = machine_facts()
     print(f"machine: {facts}, commit {commit}", flush=True)
     results = []

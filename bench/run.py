@@ -111,10 +111,18 @@ class Quiet:
         self.first = False
 
 
+# The longest any one measured command may take (TRL's 4 steps take about a minute here).
+RUN_TIMEOUT_S = 1800
+
+
 def run_json(cmd, log, label):
     print(f"  $ OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} " + shlex.join(cmd), flush=True)
     t0, b0, c0 = time.time(), busy_cpu_seconds(), children_cpu_seconds()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"    FAILED: no result after {RUN_TIMEOUT_S}s (killed): {shlex.join(cmd)}", flush=True)
+        return None
     wall = time.time() - t0
     # Cores that other processes used, on average, while this one ran.
     others = max(0.0, (busy_cpu_seconds() - b0) - (children_cpu_seconds() - c0)) / wall
@@ -200,7 +208,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(threads)  # sipt (libtorch's default is the core count)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     torch_version = subprocess.run([py, "-c", "import torch; print(torch.__version__)"],
-                                   capture_output=True, text=True).stdout.strip()
+                                   capture_output=True, text=True, timeout=300).stdout.strip()
     facts = machine_facts()
     facts["torch"] = torch_version
     facts["threads"] = threads
@@ -209,7 +217,7 @@ def main():
     log.write(json.dumps({"_label": "machine", **facts}) + "\n")
 
     if ("rollouts" in only or "dpo" in only) and not os.path.exists(os.path.join(a.model_dir, "config.json")):
-        subprocess.run([sipt, "import", "gguf", a.gguf, a.model_dir], check=True)
+        subprocess.run([sipt, "import", "gguf", a.gguf, a.model_dir], check=True, timeout=600)
 
     quiet = Quiet(a.max_load, a.max_wait_min * 60)
     t_begin = time.time()

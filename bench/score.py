@@ -47,7 +47,11 @@ print(json.dumps({"implementation": "hf", "seconds": sorted(times)[len(times) //
 
 
 def timed(cmd):
-    p = subprocess.run(["/usr/bin/time", "-f", "SIPT_PEAK_KB %M", *cmd], capture_output=True)
+    try:
+        p = subprocess.run(["/usr/bin/time", "-f", "SIPT_PEAK_KB %M", *cmd], capture_output=True,
+                           timeout=1800)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"{' '.join(cmd)}: no result after 1800 s (killed)")
     err = p.stderr.decode(errors="replace")
     if p.returncode != 0:
         sys.exit(f"{cmd[0]} failed: {err[-2000:]}")
@@ -70,7 +74,7 @@ def main():
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.model, "config.json")):
         subprocess.run([args.sipt, "import", "gguf", args.gguf, args.model], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, timeout=600)
     common = ["--model", args.model, "--rows", str(args.rows), "--prefix-tokens", str(args.prefix),
               "--continuation-tokens", str(args.continuation), "--repeats", str(args.repeats)]
     rows = {"chunked": [], "unchunked": [], "hf": []}
