@@ -142,13 +142,17 @@ impl Exit {
         }
     }
 
-    /// The one place failures are printed (a rank of a job says which it is).
+    /// The one place failures are printed (a rank of a job says which it is). The message
+    /// goes out in one write: `eprintln!` writes its pieces one by one to the unbuffered
+    /// stderr, and the ranks of a job share one, so a line could be cut by another rank's.
     fn report(&self) {
+        use std::io::Write;
         let rank = rank_label().map(|r| format!("{r}: ")).unwrap_or_default();
-        match &self.message {
-            Message::Text(text) => eprintln!("{rank}error: {text}"),
-            Message::Problems(problems) => eprintln!("{problems}"),
-        }
+        let text = match &self.message {
+            Message::Text(text) => format!("{rank}error: {text}\n"),
+            Message::Problems(problems) => format!("{problems}\n"),
+        };
+        let _ = std::io::stderr().lock().write_all(text.as_bytes());
     }
 }
 
