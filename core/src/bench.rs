@@ -57,6 +57,14 @@ pub struct TrainBench {
     /// AdamW and clipping one tensor operation at a time instead of libtorch's fused kernels.
     #[arg(long)]
     pub plain_optimizer: bool,
+    /// RMSNorm, SwiGLU and rotary embeddings as libtorch's own ops instead of sipt's fused
+    /// kernels (for measuring the two side by side).
+    #[arg(long)]
+    pub plain_layers: bool,
+    /// Alternate the fused and the plain layers step by step in this one process, and report
+    /// both medians and their ratio (`steps` each); the main figures are then the fused ones.
+    #[arg(long, conflicts_with = "plain_layers")]
+    pub compare_layers: bool,
 }
 
 /// Next-token training steps on random tokens: forward, backward, clip, AdamW.
@@ -82,17 +90,23 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         sliding_window: None,
     };
     let params = config.parameters();
-    let policy = Policy::from_scratch(config, device);
+    let mut policy = Policy::from_scratch(config, device);
+    policy.model.fused_layers = !b.plain_layers;
     let mut opt = AdamW::new(policy.vs.variables().into_iter().collect(), 0.9, 0.95, 0.1);
     opt.fused = !b.plain_optimizer;
     let mut times = Vec::new();
-    for i in 0..b.warmup + b.steps {
+    let mut plain_times = Vec::new();
+    let rounds = if b.compare_layers { 2 } else { 1 };
+    for i in 0..(b.warmup + b.steps) * rounds {
         let ids = Tensor::randint(
             b.vocab as i64,
             [b.batch as i64, b.seq as i64 + 1],
             (Kind::Int64, device),
         );
         sync(device);
+        if b.compare_layers {
+            policy.model.fused_layers = i % 2 == 0;
+        }
         let t0 = Instant::now();
         let loss = autocast(device, b.dtype, || match b.unchunked_loss {
             true => policy.model.ntp_loss_unchunked(&ids),
@@ -103,15 +117,22 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         opt.step(1e-4);
         opt.zero_grad();
         sync(device);
-        if i >= b.warmup {
-            times.push(t0.elapsed().as_secs_f64());
+        if i >= b.warmup * rounds {
+            match policy.model.fused_layers {
+                true => times.push(t0.elapsed().as_secs_f64()),
+                false => plain_times.push(t0.elapsed().as_secs_f64()),
+            }
         }
     }
     let step = median(times);
+    let compared = b.compare_layers.then(|| {
+        let plain = median(plain_times);
+        serde_json::json!({"step_seconds_plain_layers": plain, "plain_over_fused": plain / step})
+    });
     let tokens = (b.batch * b.seq) as f64;
     // Model FLOPs per token: 6 x parameters, plus attention (6 x layers x seq x hidden, causal half counted).
     let flops_per_token = 6.0 * params as f64 + 6.0 * (b.layers * b.seq * b.hidden) as f64;
-    Ok(serde_json::json!({
+    let mut out = serde_json::json!({
         "implementation": "sipt",
         "parameters": params,
         "step_seconds": step,
@@ -121,8 +142,13 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         "threads": tch::get_num_threads(),
         "loss": if b.unchunked_loss { "unchunked" } else { "chunked" },
         "optimizer": if opt.fused { "fused" } else { "plain" },
+        "layers": if b.plain_layers { "plain" } else { "fused" },
         "peak_rss_mb": peak_resident_mb(),
-    }))
+    });
+    if let (Some(out), Some(serde_json::Value::Object(c))) = (out.as_object_mut(), compared) {
+        out.extend(c);
+    }
+    Ok(out)
 }
 
 /// This process's peak resident memory (Linux's VmHWM), in MB.
@@ -153,6 +179,10 @@ pub struct RolloutBench {
     /// Weights in `f32` or `bf16`.
     #[arg(long, default_value = "f32")]
     pub dtype: Dtype,
+    /// RMSNorm, SwiGLU and rotary embeddings as libtorch's own ops instead of sipt's fused
+    /// kernels (for measuring the two side by side).
+    #[arg(long)]
+    pub plain_layers: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -231,6 +261,7 @@ fn random_prompts(policy: &Policy, count: usize, len: usize, seed: u64) -> Vec<V
 pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
     let device = crate::model::select_device(&b.device)?;
     let mut policy = Policy::load(&b.model, device)?;
+    policy.model.fused_layers = !b.plain_layers;
     if b.dtype == Dtype::Bf16 {
         policy.vs.set_kind(Kind::BFloat16);
     }
@@ -266,6 +297,7 @@ pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
         "implementation": "sipt",
         "seconds": seconds,
         "generated_tokens_per_second": generated / seconds,
+        "layers": if b.plain_layers { "plain" } else { "fused" },
         "parameters": policy.model.config.parameters(),
         "device": format!("{device:?}"),
         "threads": tch::get_num_threads(),
@@ -312,6 +344,10 @@ pub struct SipStepBench {
     /// are, instead of in chunks with the gradient deferred above `Scoring`'s threshold.
     #[arg(long)]
     pub no_defer: bool,
+    /// RMSNorm, SwiGLU and rotary embeddings as libtorch's own ops instead of sipt's fused
+    /// kernels (for measuring the two side by side).
+    #[arg(long)]
+    pub plain_layers: bool,
 }
 
 /// One online-DPO step through the SIP loop's own phases: rollouts (shared prefill), pools, a
@@ -320,7 +356,8 @@ pub struct SipStepBench {
 pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
     use crate::sip::{batch::Batch, pool, rollouts::Rollouts, select::Selection, update};
     let device = crate::model::select_device(&b.device)?;
-    let policy = Policy::load(&b.model, device)?;
+    let mut policy = Policy::load(&b.model, device)?;
+    policy.model.fused_layers = !b.plain_layers;
     let tokenizer = Tokenizer::load(&b.model.join(TOKENIZER_JSON))?;
     let objective = crate::objective::build("online-dpo", serde_json::json!({"beta": 0.1}))
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -418,6 +455,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         "phase_seconds": phases,
         "optimizer": if learner.optimizer.fused { "fused" } else { "plain" },
         "shared_prefixes": !b.unshared_prefixes,
+        "layers": if b.plain_layers { "plain" } else { "fused" },
         "deferred": learner.scoring.defers_tokens(
             policy.model.config.vocab_size,
             b.prompts * b.completions * b.new_tokens,

@@ -734,6 +734,7 @@ impl Picked {
                 model.output_weight(),
                 &self.targets,
                 crate::model::llama::chunk_rows(model.config.vocab_size),
+                model.fused_layers,
             )
             .view([self.m, self.n_max])
         })
@@ -816,6 +817,7 @@ impl Deferred {
             &p.targets,
             &weights,
             crate::model::llama::chunk_rows(model.config.vocab_size),
+            model.fused_layers,
         )
         .backward();
     }

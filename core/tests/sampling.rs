@@ -388,9 +388,18 @@ fn chunked_scoring_matches_the_plain_log_probs() {
         .log_softmax(-1, Kind::Float)
         .gather(1, &targets.unsqueeze(1), false)
         .squeeze_dim(1);
-    let parts = tch::no_grad(|| sipt_core::sample::chunked_token_logprobs(&hidden, w, &targets, 3));
-    let diff = (&full.detach() - &parts).abs().max().double_value(&[]);
-    assert!(diff < 1e-5, "chunked token log-probs differ by {diff}");
+    // Each chunk through libtorch's ops and through the fused kernel (97 logits a row: not a
+    // whole number of the kernel's 16-wide steps).
+    for fused in [false, true] {
+        let parts = tch::no_grad(|| {
+            sipt_core::sample::chunked_token_logprobs(&hidden, w, &targets, 3, fused)
+        });
+        let diff = (&full.detach() - &parts).abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-5,
+            "fused {fused}: chunked token log-probs differ by {diff}"
+        );
+    }
 }
 
 /// Every parameter's gradient, sorted by name, zeroing it for the next pass.

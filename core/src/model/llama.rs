@@ -11,6 +11,7 @@
 //! q_proj.weight`, ...), so checkpoints load and save as HF-layout safetensors unchanged. The KV
 //! cache is an explicit value passed to `forward`, never hidden state.
 
+use super::fused;
 use super::packed::{self, Packed, PackedBlock};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
@@ -243,14 +244,18 @@ impl RmsNorm {
         }
     }
 
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        rms_norm(xs, &self.weight, self.eps)
+    fn forward(&self, xs: &Tensor, fused: bool) -> Tensor {
+        rms_norm(xs, &self.weight, self.eps, fused)
     }
 }
 
 /// RMSNorm over the last dimension: normalised in f32 whatever the activation type (as HF
-/// does), back in the input's type, then scaled by `weight`.
-fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+/// does), back in the input's type, then scaled by `weight`. With `fused`, f32 on a CPU goes
+/// through [`fused::rms_norm`].
+fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Tensor {
+    if fused && fused::applies(&[xs, weight]) {
+        return fused::rms_norm(xs, weight, eps);
+    }
     let kind = xs.kind();
     let x = xs.to_kind(Kind::Float);
     let rms = (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + eps).rsqrt();
@@ -526,6 +531,34 @@ impl Attention {
         Some(k.le_tensor(&q).logical_and(&k.gt_tensor(&(q - w))))
     }
 
+    /// q, k and v `(B, heads, T, hd)` from one product with the three matrices side by side,
+    /// q and k rotated together by the fused kernel (`cos`, `sin` `(B, 1, T, hd)`): one
+    /// product and one rotation where the plain path has three and two, each with its
+    /// gradient. The splits are views, and their gradients are one concatenation each.
+    fn fused_qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
+        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let weight = Tensor::cat(&[&self.q.ws, &self.k.ws, &self.v.ws], 0);
+        let bias = match (&self.q.bs, &self.k.bs, &self.v.bs) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)),
+            _ => None,
+        };
+        let qkv = xs.linear(&weight, bias.as_ref());
+        let parts = qkv.split_with_sizes([(heads + kv_heads) * hd, kv_heads * hd], -1);
+        let qk = fused::rope(
+            &parts[0].reshape([b * t, heads + kv_heads, hd]),
+            &cos.view([b * t, hd]),
+            &sin.view([b * t, hd]),
+        );
+        let qk = qk.split_with_sizes([heads, kv_heads], 1);
+        let heads_first = |x: &Tensor, n: i64| x.view([b, t, n, hd]).transpose(1, 2);
+        (
+            heads_first(&qk[0], heads),
+            heads_first(&qk[1], kv_heads),
+            heads_first(&parts[1], kv_heads),
+        )
+    }
+
     fn forward(
         &self,
         xs: &Tensor,
@@ -533,6 +566,7 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<LayerCache>,
         packed: Option<&PackedBlock>,
+        fused: bool,
     ) -> Result<Tensor, String> {
         let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -552,8 +586,8 @@ impl Attention {
                     // The norms' weights come in the paired order of the rows.
                     qk = Tensor::cat(
                         &[
-                            rms_norm(&qk.narrow(2, 0, heads), q_norm, own.eps),
-                            rms_norm(&qk.narrow(2, heads, kv_heads), k_norm, own.eps),
+                            rms_norm(&qk.narrow(2, 0, heads), q_norm, own.eps, fused),
+                            rms_norm(&qk.narrow(2, heads, kv_heads), k_norm, own.eps, fused),
                         ],
                         2,
                     );
@@ -571,12 +605,20 @@ impl Attention {
                     v.view([b, t, kv_heads, hd]).transpose(1, 2),
                 )
             }
+            (_, Rotary::Halves(cos, sin))
+                if fused
+                    && self.qk_norm.is_none()
+                    && cos.size() == [b, 1, t, hd]
+                    && fused::applies(&[xs, &self.q.ws, cos, sin]) =>
+            {
+                self.fused_qkv(xs, cos, sin)
+            }
             (_, Rotary::Halves(cos, sin)) => {
                 let mut q = self.q.forward(xs).view([b, t, heads, hd]);
                 let mut k = self.k.forward(xs).view([b, t, kv_heads, hd]);
                 if let Some((q_norm, k_norm)) = &self.qk_norm {
-                    q = q_norm.forward(&q);
-                    k = k_norm.forward(&k);
+                    q = q_norm.forward(&q, fused);
+                    k = k_norm.forward(&k, fused);
                 }
                 let (q, k) = (q.transpose(1, 2), k.transpose(1, 2));
                 let v = self
@@ -751,17 +793,29 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, xs: &Tensor, packed: Option<&PackedBlock>) -> Result<Tensor, String> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        packed: Option<&PackedBlock>,
+        fused: bool,
+    ) -> Result<Tensor, String> {
+        let swiglu = |gate: &Tensor, up: &Tensor| {
+            if fused && fused::applies(&[gate, up]) {
+                fused::swiglu(gate, up)
+            } else {
+                gate.silu() * up
+            }
+        };
         match packed {
             Some(p) => {
                 let gate_up = packed::linear(xs, &p.gate_up)?;
                 let i = gate_up.size().last().copied().unwrap_or(0) / 2;
-                let h = gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i);
+                let h = swiglu(&gate_up.narrow(-1, 0, i), &gate_up.narrow(-1, i, i));
                 packed::linear(&h, &p.down)
             }
             None => Ok(self
                 .down
-                .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs)))),
+                .forward(&swiglu(&self.gate.forward(xs), &self.up.forward(xs)))),
         }
     }
 }
@@ -781,6 +835,10 @@ pub struct Llama {
     norm: RmsNorm,
     pub(super) lm_head: Option<Tensor>,
     rope: Rope,
+    /// Whether RMSNorm, SwiGLU and rotary embeddings run through the fused kernels of
+    /// [`fused`] where they apply (f32 on a CPU; on by default). Off, every layer is libtorch's
+    /// own ops: the plain path that tests and benchmarks compare against.
+    pub fused_layers: bool,
 }
 
 /// How attention sees a batch: plain causal (no padding) or with an explicit mask.
@@ -850,6 +908,7 @@ impl Llama {
             norm,
             lm_head,
             rope,
+            fused_layers: true,
         }
     }
 
@@ -906,24 +965,26 @@ impl Llama {
                     .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
             });
             let block_packed = packed.map(|p| &p.blocks[i]);
+            let fused = self.fused_layers;
             let h = block.attn.forward(
-                &block.input_norm.forward(&x),
+                &block.input_norm.forward(&x, fused),
                 &rope,
                 batch.mask,
                 layer_cache,
                 block_packed,
+                fused,
             )?;
             // Residual adds must not be in place: autograd keeps `x` for the backward pass.
             x = &x + h;
             x = &x
                 + block
                     .mlp
-                    .forward(&block.post_norm.forward(&x), block_packed)?;
+                    .forward(&block.post_norm.forward(&x, fused), block_packed, fused)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
         }
-        Ok(self.norm.forward(&x))
+        Ok(self.norm.forward(&x, self.fused_layers))
     }
 
     /// Logits for hidden states of any shape `(..., hidden)`.
@@ -968,6 +1029,7 @@ impl Llama {
             self.output_weight(),
             &targets.reshape([-1]),
             chunk_rows(self.config.vocab_size),
+            self.fused_layers,
         )
     }
 
@@ -1002,14 +1064,64 @@ pub fn chunk_rows(vocab: usize) -> i64 {
 }
 
 /// One chunk of rows of the output layer: rows `start..start + len`, their f32 logits
-/// `(len, V)`, the log-sum-exp `(len, 1)`, the targets `(len, 1)` and their logits `(len, 1)`.
+/// `(len, V)` and their targets `(len,)`.
 struct LogitChunk {
     start: i64,
     len: i64,
     logits: Tensor,
-    lse: Tensor,
     targets: Tensor,
-    picked: Tensor,
+}
+
+/// What a chunk's gradient for its logits is scaled by: `1 / n` for every row (a mean over
+/// `n` rows), or a weight per row `(len,)` f32.
+enum RowScale<'a> {
+    Mean(i64),
+    Rows(&'a Tensor),
+}
+
+impl LogitChunk {
+    /// The NLL `(len,)` f32 of each row at its target. With `grad`, the logits are then
+    /// overwritten by the gradient of the scaled NLLs for them: (softmax − one-hot) × the scale.
+    /// `fused`: through [`fused::cross_entropy_rows`] where it applies (f32 on a CPU: three
+    /// passes over each row, where libtorch's ops take six).
+    fn nll(&mut self, fused: bool, grad: Option<RowScale>) -> Tensor {
+        if fused && self.logits.is_contiguous() && fused::applies(&[&self.logits]) {
+            let (weights, scale) = match &grad {
+                Some(RowScale::Rows(w)) => (Some(*w), 1.0),
+                Some(RowScale::Mean(n)) => (None, 1.0 / *n as f64),
+                None => (None, 1.0),
+            };
+            return fused::cross_entropy_rows(
+                &mut self.logits,
+                &self.targets,
+                weights,
+                scale,
+                grad.is_some(),
+            );
+        }
+        let targets = self.targets.unsqueeze(1);
+        let lse = self.logits.logsumexp([-1], true);
+        let picked = self.logits.gather(1, &targets, false);
+        if let Some(scale) = grad {
+            // In place over the logits.
+            let p = &mut self.logits;
+            let _ = p.g_sub_(&lse).exp_();
+            let _ = p.scatter_add_(
+                1,
+                &targets,
+                &Tensor::full([self.len, 1], -1.0, (Kind::Float, p.device())),
+            );
+            match scale {
+                RowScale::Rows(w) => {
+                    let _ = p.g_mul_(&w.unsqueeze(1));
+                }
+                RowScale::Mean(n) => {
+                    let _ = p.g_div_scalar_(n as f64);
+                }
+            }
+        }
+        (lse - picked).squeeze_dim(1)
+    }
 }
 
 /// Call `f` with the logits `hidden (N, d) · weight (V, d)ᵀ`, `rows` rows at a time.
@@ -1028,16 +1140,11 @@ fn for_each_logit_chunk(
             .narrow(0, start, len)
             .matmul(&weight.tr())
             .to_kind(Kind::Float);
-        let targets = targets.narrow(0, start, len).unsqueeze(1);
-        let lse = logits.logsumexp([-1], true);
-        let picked = logits.gather(1, &targets, false);
         f(LogitChunk {
             start,
             len,
             logits,
-            lse,
-            targets,
-            picked,
+            targets: targets.narrow(0, start, len),
         });
         start += len;
     }
@@ -1050,10 +1157,11 @@ pub fn chunked_token_logprobs(
     weight: &Tensor,
     targets: &Tensor,
     rows: i64,
+    fused: bool,
 ) -> Tensor {
     let mut parts = Vec::new();
-    for_each_logit_chunk(hidden, weight, targets, rows, |c| {
-        parts.push((c.picked - c.lse).squeeze_dim(1));
+    for_each_logit_chunk(hidden, weight, targets, rows, |mut c| {
+        parts.push(-c.nll(fused, None));
     });
     if parts.is_empty() {
         return Tensor::zeros([0], (Kind::Float, hidden.device()));
@@ -1067,14 +1175,16 @@ pub fn chunked_token_logprobs(
 /// transpose times the hidden states for the weight), and attached through a surrogate whose
 /// value is zero and whose gradients are those: autograd then carries them into the rest of
 /// the model, scaled by whatever multiplies the loss. Under `no_grad` (or with neither input
-/// requiring a gradient) only the loss is computed.
+/// requiring a gradient) only the loss is computed. `fused`: each chunk's softmax through the
+/// fused kernel where it applies (see `LogitChunk::nll`).
 pub fn chunked_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     rows: i64,
+    fused: bool,
 ) -> Tensor {
-    chunked_nll(hidden, weight, targets, None, rows)
+    chunked_nll(hidden, weight, targets, None, rows, fused)
 }
 
 /// `Σ weights · (−log softmax(hidden · weightᵀ) at targets)` over the rows, computed as
@@ -1088,8 +1198,9 @@ pub fn chunked_weighted_nll(
     targets: &Tensor,
     row_weights: &Tensor,
     rows: i64,
+    fused: bool,
 ) -> Tensor {
-    chunked_nll(hidden, weight, targets, Some(row_weights), rows)
+    chunked_nll(hidden, weight, targets, Some(row_weights), rows, fused)
 }
 
 /// [`chunked_cross_entropy`] (`row_weights` `None`: the mean) and [`chunked_weighted_nll`].
@@ -1099,6 +1210,7 @@ fn chunked_nll(
     targets: &Tensor,
     row_weights: Option<&Tensor>,
     rows: i64,
+    fused: bool,
 ) -> Tensor {
     let n = hidden.size()[0];
     let wants_grad = hidden.requires_grad() || weight.requires_grad();
@@ -1108,31 +1220,21 @@ fn chunked_nll(
         let mut sum = Tensor::zeros([], (Kind::Float, h.device()));
         let mut grad_h = wants_grad.then(|| Tensor::empty_like(&h));
         let mut grad_w: Option<Tensor> = None;
-        for_each_logit_chunk(&h, &w, targets, rows, |c| {
-            let rw = row_weights.map(|r| r.narrow(0, c.start, c.len).unsqueeze(1));
+        for_each_logit_chunk(&h, &w, targets, rows, |mut c| {
+            let rw = row_weights.map(|r| r.narrow(0, c.start, c.len));
+            // d(loss)/d(logits) = (softmax − one-hot) × the row's weight (1 / N for the mean),
+            // left in the logits.
+            let scale = grad_h.is_some().then_some(match &rw {
+                Some(rw) => RowScale::Rows(rw),
+                None => RowScale::Mean(n),
+            });
+            let nll = c.nll(fused, scale);
             match &rw {
-                Some(rw) => sum += (rw * (&c.lse - &c.picked)).sum(Kind::Float),
-                None => sum += (&c.lse - &c.picked).sum(Kind::Float),
+                Some(rw) => sum += (rw * nll).sum(Kind::Float),
+                None => sum += nll.sum(Kind::Float),
             }
             if let Some(gh) = grad_h.as_mut() {
-                // d(loss)/d(logits) = (softmax − one-hot) × the row's weight (1 / N for the
-                // mean), in place over the logits.
-                let mut p = c.logits;
-                let _ = p.g_sub_(&c.lse).exp_();
-                let _ = p.scatter_add_(
-                    1,
-                    &c.targets,
-                    &Tensor::full([c.len, 1], -1.0, (Kind::Float, p.device())),
-                );
-                match &rw {
-                    Some(rw) => {
-                        let _ = p.g_mul_(rw);
-                    }
-                    None => {
-                        let _ = p.g_div_scalar_(n as f64);
-                    }
-                }
-                let p = p.to_kind(w.kind());
+                let p = c.logits.to_kind(w.kind());
                 gh.narrow(0, c.start, c.len).copy_(&p.matmul(&w));
                 // Summed over the chunks in f32, whatever type the products come in.
                 let part = p

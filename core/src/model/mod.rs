@@ -1,6 +1,7 @@
 //! The policy model: a Llama-family decoder with its variables, loaded from and saved to
 //! Hugging Face-layout folders (config.json, model.safetensors, tokenizer.json).
 
+pub mod fused;
 pub mod llama;
 pub mod packed;
 
@@ -74,6 +75,7 @@ impl Policy {
     /// A copy of this model with its weights in `kind` (e.g. bf16 weights to sample with).
     pub fn copy_as(&self, kind: Kind) -> Result<Policy> {
         let mut copy = Policy::zeroed(self.model.config.clone(), self.vs.device());
+        copy.model.fused_layers = self.model.fused_layers;
         copy.vs.set_kind(kind);
         copy.copy_from(self)?;
         Ok(copy)
@@ -735,33 +737,122 @@ mod tests {
             let plain = grads_of(&policy, &plain_loss * 2.5);
             // 48 rows in chunks of 7 (the last one short), scaled after the fact.
             let inputs = tokens.narrow(1, 0, 16);
-            let hidden = policy.model.hidden(
-                &Batch {
-                    ids: &inputs,
-                    positions: None,
-                    mask: None,
-                },
-                None,
-            );
-            let loss = llama::chunked_cross_entropy(
-                &hidden.reshape([-1, 32]),
-                policy.model.output_weight(),
-                &tokens.narrow(1, 1, 16).reshape([-1]),
-                7,
-            );
-            let diff = (&loss - &plain_loss).abs().double_value(&[]);
-            assert!(diff < 1e-5, "tied {tied}: loss differs by {diff}");
-            let chunked = grads_of(&policy, &loss * 2.5);
-            for ((name, a), (_, b)) in plain.iter().zip(&chunked) {
-                let scale = a.abs().max().double_value(&[]).max(1e-8);
-                let d = (a - b).abs().max().double_value(&[]);
-                assert!(d <= 1e-4 * scale, "tied {tied}: {name}: {d} of {scale}");
+            // Each chunk's softmax through libtorch's ops and through the fused kernel.
+            for fused in [false, true] {
+                let hidden = policy.model.hidden(
+                    &Batch {
+                        ids: &inputs,
+                        positions: None,
+                        mask: None,
+                    },
+                    None,
+                );
+                let loss = llama::chunked_cross_entropy(
+                    &hidden.reshape([-1, 32]),
+                    policy.model.output_weight(),
+                    &tokens.narrow(1, 1, 16).reshape([-1]),
+                    7,
+                    fused,
+                );
+                let diff = (&loss - &plain_loss).abs().double_value(&[]);
+                assert!(
+                    diff < 1e-5,
+                    "tied {tied}, fused {fused}: loss differs by {diff}"
+                );
+                let chunked = grads_of(&policy, &loss * 2.5);
+                for ((name, a), (_, b)) in plain.iter().zip(&chunked) {
+                    let scale = a.abs().max().double_value(&[]).max(1e-8);
+                    let d = (a - b).abs().max().double_value(&[]);
+                    assert!(
+                        d <= 1e-4 * scale,
+                        "tied {tied}, fused {fused}: {name}: {d} of {scale}"
+                    );
+                }
             }
             // The model's own loss is the chunked one; without gradients, the same value.
             let own = policy.model.ntp_loss(&tokens);
             let quiet = tch::no_grad(|| policy.model.ntp_loss(&tokens));
             assert!((&own - &quiet).abs().double_value(&[]) < 1e-6);
             assert!(!quiet.requires_grad());
+        }
+    }
+
+    fn logits_of(model: &Llama, ids: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        model.forward(
+            &Batch {
+                ids,
+                positions: None,
+                mask: None,
+            },
+            cache,
+        )
+    }
+
+    #[test]
+    fn the_fused_layers_match_the_plain_ones_in_logits_and_gradients() {
+        // Llama with tied embeddings, Qwen2's q/k/v biases, Qwen3's per-head norms, Mistral's
+        // window (shorter than the sequence).
+        for (family, window) in [
+            (Family::Llama, None),
+            (Family::Qwen2, None),
+            (Family::Qwen3, None),
+            (Family::Mistral, Some(5)),
+        ] {
+            tch::manual_seed(5);
+            let mut config = tiny_config(family == Family::Llama);
+            config.family = family;
+            config.sliding_window = window;
+            let mut policy = Policy::from_scratch(config, Device::Cpu);
+            if family == Family::Qwen2 {
+                // Biases start at zero: make them count.
+                tch::no_grad(|| {
+                    for (name, mut v) in policy.vs.variables() {
+                        if name.ends_with(".bias") {
+                            v.copy_(&(Tensor::randn_like(&v) * 0.5));
+                        }
+                    }
+                });
+            }
+            let tokens = Tensor::randint(96, [3, 17], (Kind::Int64, Device::Cpu));
+            let mut runs = Vec::new();
+            for fused in [false, true] {
+                policy.model.fused_layers = fused;
+                let loss = policy.model.ntp_loss(&tokens);
+                let value = loss.double_value(&[]);
+                let grads = grads_of(&policy, loss);
+                // Logits of the whole sequence, then of its last token after a cached prefix.
+                let ids = tokens.narrow(1, 0, 16);
+                let m = &policy.model;
+                let logits = tch::no_grad(|| logits_of(m, &ids, None));
+                let mut cache = KvCache::new(&m.config, 3, 16, Kind::Float, Device::Cpu);
+                let step = tch::no_grad(|| {
+                    let _ = logits_of(m, &ids.narrow(1, 0, 15), Some(&mut cache));
+                    logits_of(m, &ids.narrow(1, 15, 1), Some(&mut cache))
+                });
+                runs.push((value, grads, logits, step));
+            }
+            let ((v0, g0, l0, s0), (v1, g1, l1, s1)) = (&runs[0], &runs[1]);
+            assert!((v0 - v1).abs() < 1e-5, "{family:?}: loss {v0} vs {v1}");
+            let close = |what: &str, a: &Tensor, b: &Tensor| {
+                let scale = a.abs().max().double_value(&[]).max(1e-8);
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d <= 1e-4 * scale, "{family:?}: {what}: {d} of {scale}");
+            };
+            close("logits", l0, l1);
+            // Not bit-identical: the fused kernels round differently, so they did run.
+            assert!(
+                (l0 - l1).abs().max().double_value(&[]) > 0.0,
+                "{family:?}: the fused layers were not used"
+            );
+            close("cached step", s0, s1);
+            close(
+                "cached step against the whole sequence",
+                &l1.narrow(1, 15, 1),
+                s1,
+            );
+            for ((name, a), (_, b)) in g0.iter().zip(g1) {
+                close(name, a, b);
+            }
         }
     }
 

@@ -35,7 +35,7 @@ extern "C" {
 }
 
 /// Call a shim function that returns a new tensor or fills `err`.
-fn call(f: impl FnOnce(*mut c_char, usize) -> *mut C_tensor) -> Result<Tensor, String> {
+pub(super) fn call(f: impl FnOnce(*mut c_char, usize) -> *mut C_tensor) -> Result<Tensor, String> {
     let mut err = [0 as c_char; 512];
     let ptr = f(err.as_mut_ptr(), err.len());
     if ptr.is_null() {

@@ -1,0 +1,522 @@
+// Fused CPU kernels, forward and backward, for the elementwise layers of a Llama block: RMSNorm,
+// the SwiGLU product silu(gate) · up, and rotate-half rotary embeddings. libtorch eager runs
+// each of them as a chain of separate passes over memory (RMSNorm alone is five forward and
+// about ten backward), each with a fresh buffer; here each is one pass forward and one pass
+// backward, with autograd nodes of their own (`torch::autograd::Function`), so that tch's
+// `backward` reaches them like any other op.
+//
+// f32 tensors on a CPU only; the Rust side (`model::fused`) decides when they apply and keeps
+// libtorch's own ops for everything else. Tensors cross the boundary as the `at::Tensor*`
+// handles tch uses; errors come back as text, never as C++ exceptions.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+// The loops below are compiled for AVX-512, AVX2+FMA and plain x86-64, picked at load time by
+// the CPU (GCC's function multi-versioning), so that a binary built on one machine stays fast
+// and correct on another.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIPT_VECTOR_CLONES \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SIPT_VECTOR_CLONES
+#endif
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+void set_error(char* err, size_t len, const char* message) {
+    if (err == nullptr || len == 0) return;
+    std::strncpy(err, message, len - 1);
+    err[len - 1] = '\0';
+}
+
+// Rows per task of a parallel loop: about 16K elements, so that small inputs (a decode step)
+// stay on the calling thread.
+int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_len)); }
+
+// e^x in f32, written so that the compiler vectorises it (no calls, no branches): x = n ln 2 + r
+// with |r| ≤ ln 2 / 2, e^r by its Taylor series to the 7th power (relative error below 2e-7
+// there), 2^n built in the exponent bits. Inputs are clamped to the range where e^x is a
+// normal f32.
+inline float exp_f32(float x) {
+    x = x < -87.3365447505531f ? -87.3365447505531f : x;
+    x = x > 88.3762626647949f ? 88.3762626647949f : x;
+    // n = round(x / ln 2), by adding and taking away 1.5 · 2^23 (exact for |n| < 2^22).
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    // ln 2 in two parts, so that x − n ln 2 loses nothing.
+    float r = x - n * 0.693145751953125f;
+    r = r - n * 1.42860682030941723212e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    return p * __builtin_bit_cast(float, bits);
+}
+
+// Σ a[j] · b[j] · c[j] (c may be null: Σ a · b), in 16 running sums that the compiler keeps in
+// vector registers (a float sum in one accumulator cannot be vectorised without reordering it).
+inline float dot3(const float* __restrict a, const float* __restrict b,
+                  const float* __restrict c, int64_t n) {
+    constexpr int64_t L = 16;
+    float acc[L] = {};
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+        for (int64_t k = 0; k < L; ++k) {
+            acc[k] += a[j + k] * b[j + k] * (c == nullptr ? 1.0f : c[j + k]);
+        }
+    }
+    float sum = 0.0f;
+    for (int64_t k = 0; k < L; ++k) sum += acc[k];
+    for (; j < n; ++j) sum += a[j] * b[j] * (c == nullptr ? 1.0f : c[j]);
+    return sum;
+}
+
+inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+// ---- RMSNorm: y = x / sqrt(mean(x²) + eps) · w over the last dimension ---------------------
+
+SIPT_VECTOR_CLONES
+void rms_forward_rows(const float* __restrict x, const float* __restrict w, float* __restrict y,
+                      float* __restrict rstd, int64_t d, double eps, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+        const float* xr = x + r * d;
+        float* yr = y + r * d;
+        const float sum = dot3(xr, xr, nullptr, d);
+        const float s = 1.0f / std::sqrt(sum / static_cast<float>(d) + static_cast<float>(eps));
+        rstd[r] = s;
+        for (int64_t j = 0; j < d; ++j) yr[j] = (xr[j] * s) * w[j];
+    }
+}
+
+// dx = s · w · dy − x · s³ · Σ(x · w · dy) / d per row; dw accumulates Σ_rows dy · x · s.
+SIPT_VECTOR_CLONES
+void rms_backward_rows(const float* __restrict x, const float* __restrict w,
+                       const float* __restrict rstd, const float* __restrict dy,
+                       float* __restrict dx, float* __restrict dw, int64_t d, int64_t begin,
+                       int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+        const float* xr = x + r * d;
+        const float* gr = dy + r * d;
+        const float s = rstd[r];
+        if (dx != nullptr) {
+            const float dot = dot3(xr, w, gr, d);
+            const float c = dot * s * s * s / static_cast<float>(d);
+            float* out = dx + r * d;
+            for (int64_t j = 0; j < d; ++j) out[j] = s * w[j] * gr[j] - xr[j] * c;
+        }
+        if (dw != nullptr) {
+            for (int64_t j = 0; j < d; ++j) dw[j] += gr[j] * xr[j] * s;
+        }
+    }
+}
+
+struct RmsNorm : public torch::autograd::Function<RmsNorm> {
+    static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                              const at::Tensor& weight, double eps) {
+        const int64_t d = input.size(-1);
+        TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, "RMSNorm weight of shape ",
+                    weight.sizes(), " for rows of ", d);
+        auto x = input.contiguous();
+        auto w = weight.contiguous();
+        const int64_t rows = d == 0 ? 0 : x.numel() / d;
+        auto y = at::empty_like(x);
+        auto rstd = at::empty({rows}, x.options());
+        const float* xp = x.const_data_ptr<float>();
+        const float* wp = w.const_data_ptr<float>();
+        float* yp = y.mutable_data_ptr<float>();
+        float* sp = rstd.mutable_data_ptr<float>();
+        at::parallel_for(0, rows, grain_rows(d), [&](int64_t begin, int64_t end) {
+            rms_forward_rows(xp, wp, yp, sp, d, eps, begin, end);
+        });
+        ctx->save_for_backward({x, w, rstd});
+        return y;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        const auto& x = saved[0];
+        const auto& w = saved[1];
+        const auto& rstd = saved[2];
+        auto dy = grads[0].contiguous();
+        const int64_t d = x.size(-1);
+        const int64_t rows = rstd.size(0);
+        const bool want_x = ctx->needs_input_grad(0);
+        const bool want_w = ctx->needs_input_grad(1);
+        at::Tensor dx = want_x ? at::empty_like(x) : at::Tensor();
+        // The weight's gradient is summed per task, then over the tasks.
+        const int64_t grain = grain_rows(d);
+        const int64_t tasks =
+            std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
+        at::Tensor partial = want_w ? at::zeros({tasks, d}, x.options()) : at::Tensor();
+        const float* xp = x.const_data_ptr<float>();
+        const float* wp = w.const_data_ptr<float>();
+        const float* sp = rstd.const_data_ptr<float>();
+        const float* gp = dy.const_data_ptr<float>();
+        float* dxp = want_x ? dx.mutable_data_ptr<float>() : nullptr;
+        float* pp = want_w ? partial.mutable_data_ptr<float>() : nullptr;
+        const int64_t per = (rows + tasks - 1) / tasks;
+        at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+            for (int64_t t = first; t < last; ++t) {
+                const int64_t begin = t * per;
+                const int64_t end = std::min(rows, begin + per);
+                if (begin < end) {
+                    rms_backward_rows(xp, wp, sp, gp, dxp, pp == nullptr ? nullptr : pp + t * d,
+                                      d, begin, end);
+                }
+            }
+        });
+        at::Tensor dw = want_w ? partial.sum(0) : at::Tensor();
+        return {dx, dw, at::Tensor()};
+    }
+};
+
+// ---- SwiGLU: y = silu(gate) · up ------------------------------------------------------------
+
+// Rows of `gate` and `up` may be strided (the halves of one fused gate/up product); the output
+// and the gradients are contiguous.
+SIPT_VECTOR_CLONES
+void swiglu_forward_rows(const float* __restrict g, int64_t g_stride, const float* __restrict u,
+                         int64_t u_stride, float* __restrict y, int64_t n, int64_t begin,
+                         int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+        const float* gr = g + r * g_stride;
+        const float* ur = u + r * u_stride;
+        float* yr = y + r * n;
+        for (int64_t j = 0; j < n; ++j) yr[j] = gr[j] * sigmoid_f32(gr[j]) * ur[j];
+    }
+}
+
+// d gate = dy · up · σ(g) · (1 + g · (1 − σ(g))), d up = dy · g · σ(g).
+SIPT_VECTOR_CLONES
+void swiglu_backward_rows(const float* __restrict g, int64_t g_stride,
+                          const float* __restrict u, int64_t u_stride,
+                          const float* __restrict dy, float* __restrict dg,
+                          float* __restrict du, int64_t n, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+        const float* gr = g + r * g_stride;
+        const float* ur = u + r * u_stride;
+        const float* dyr = dy + r * n;
+        float* dgr = dg + r * n;
+        float* dur = du + r * n;
+        for (int64_t j = 0; j < n; ++j) {
+            const float s = sigmoid_f32(gr[j]);
+            const float silu = gr[j] * s;
+            dgr[j] = dyr[j] * ur[j] * s * (1.0f + gr[j] * (1.0f - s));
+            dur[j] = dyr[j] * silu;
+        }
+    }
+}
+
+// A `(rows, n)` view of `t (..., n)` whose last dimension is dense, copied only if it is not.
+at::Tensor rows_view(const at::Tensor& t) {
+    const int64_t n = t.size(-1);
+    auto v = t.reshape({-1, n});
+    if (v.stride(1) != 1 || (v.size(0) > 1 && v.stride(0) < n)) v = v.contiguous();
+    return v;
+}
+
+struct SwiGlu : public torch::autograd::Function<SwiGlu> {
+    static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
+        TORCH_CHECK(gate.sizes() == up.sizes(), "SwiGLU halves of shapes ", gate.sizes(), " and ",
+                    up.sizes());
+        auto g = rows_view(gate);
+        auto u = rows_view(up);
+        const int64_t rows = g.size(0);
+        const int64_t n = g.size(1);
+        auto y = at::empty({rows, n}, g.options());
+        const float* gp = g.const_data_ptr<float>();
+        const float* upp = u.const_data_ptr<float>();
+        float* yp = y.mutable_data_ptr<float>();
+        const int64_t gs = g.stride(0);
+        const int64_t us = u.stride(0);
+        at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+            swiglu_forward_rows(gp, gs, upp, us, yp, n, begin, end);
+        });
+        ctx->save_for_backward({g, u});
+        ctx->saved_data["shape"] = gate.sizes().vec();
+        return y.view(gate.sizes());
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        const auto& g = saved[0];
+        const auto& u = saved[1];
+        auto shape = ctx->saved_data["shape"].toIntVector();
+        auto dy = grads[0].contiguous().view({g.size(0), g.size(1)});
+        const int64_t rows = g.size(0);
+        const int64_t n = g.size(1);
+        auto dg = at::empty({rows, n}, g.options());
+        auto du = at::empty({rows, n}, g.options());
+        const float* gp = g.const_data_ptr<float>();
+        const float* upp = u.const_data_ptr<float>();
+        const float* dyp = dy.const_data_ptr<float>();
+        float* dgp = dg.mutable_data_ptr<float>();
+        float* dup = du.mutable_data_ptr<float>();
+        const int64_t gs = g.stride(0);
+        const int64_t us = u.stride(0);
+        at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+            swiglu_backward_rows(gp, gs, upp, us, dyp, dgp, dup, n, begin, end);
+        });
+        return {dg.view(shape), du.view(shape)};
+    }
+};
+
+// ---- Rotary embeddings, rotate-half layout --------------------------------------------------
+// x (N, H, D): N positions of H heads (rows of positions may be strided); cos and sin (N, D). With x = (x1, x2) the two halves of
+// a head: y1 = x1 · cos1 − x2 · sin1, y2 = x2 · cos2 + x1 · sin2.
+// `inverse`: the transpose of the rotation, which is the gradient of the forward one. The two
+// directions are separate loops, each vectorised.
+SIPT_VECTOR_CLONES
+void rope_rows(const float* __restrict x, int64_t x_stride, const float* __restrict cos,
+               const float* __restrict sin, float* __restrict y, int64_t heads, int64_t d,
+               bool inverse, int64_t begin, int64_t end) {
+    const int64_t half = d / 2;
+    for (int64_t r = begin; r < end; ++r) {
+        const float* c1 = cos + r * d;
+        const float* c2 = c1 + half;
+        const float* s1 = sin + r * d;
+        const float* s2 = s1 + half;
+        for (int64_t h = 0; h < heads; ++h) {
+            const float* x1 = x + r * x_stride + h * d;
+            const float* x2 = x1 + half;
+            float* y1 = y + (r * heads + h) * d;
+            float* y2 = y1 + half;
+            if (inverse) {
+                for (int64_t j = 0; j < half; ++j) {
+                    y1[j] = x1[j] * c1[j] + x2[j] * s2[j];
+                    y2[j] = x2[j] * c2[j] - x1[j] * s1[j];
+                }
+            } else {
+                for (int64_t j = 0; j < half; ++j) {
+                    y1[j] = x1[j] * c1[j] - x2[j] * s1[j];
+                    y2[j] = x2[j] * c2[j] + x1[j] * s2[j];
+                }
+            }
+        }
+    }
+}
+
+void rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y,
+                bool inverse) {
+    const int64_t n = x.size(0);
+    const int64_t heads = x.size(1);
+    const int64_t d = x.size(2);
+    const int64_t stride = x.stride(0);
+    const float* xp = x.const_data_ptr<float>();
+    const float* cp = cos.const_data_ptr<float>();
+    const float* sp = sin.const_data_ptr<float>();
+    float* yp = y.mutable_data_ptr<float>();
+    at::parallel_for(0, n, grain_rows(heads * d), [&](int64_t begin, int64_t end) {
+        rope_rows(xp, stride, cp, sp, yp, heads, d, inverse, begin, end);
+    });
+}
+
+struct Rope : public torch::autograd::Function<Rope> {
+    static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& cos,
+                              const at::Tensor& sin) {
+        TORCH_CHECK(input.dim() == 3 && input.size(2) % 2 == 0, "rotary input of shape ",
+                    input.sizes(), " (expected positions × heads × an even head size)");
+        TORCH_CHECK(cos.dim() == 2 && cos.size(0) == input.size(0) &&
+                        cos.size(1) == input.size(2) && sin.sizes() == cos.sizes(),
+                    "rotary tables of shapes ", cos.sizes(), " and ", sin.sizes(), " for input ",
+                    input.sizes());
+        // Positions may be strided (q and k as slices of one q/k/v product); heads and their
+        // dimensions must be dense.
+        const int64_t heads = input.size(1);
+        const int64_t d = input.size(2);
+        const bool dense_rows = input.stride(2) == 1 && (heads == 1 || input.stride(1) == d) &&
+                                (input.size(0) <= 1 || input.stride(0) >= heads * d);
+        auto x = dense_rows ? input : input.contiguous();
+        auto c = cos.contiguous();
+        auto s = sin.contiguous();
+        auto y = at::empty(input.sizes(), input.options());
+        rope_apply(x, c, s, y, false);
+        ctx->save_for_backward({c, s});
+        return y;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        auto dy = grads[0].contiguous();
+        auto dx = at::empty_like(dy);
+        rope_apply(dy, saved[0], saved[1], dx, true);
+        return {dx, at::Tensor(), at::Tensor()};
+    }
+};
+
+// ---- Cross-entropy of a chunk of logits (no autograd: the chunked loss calls it) -------------
+// Per row of `logits (n, V)`: the NLL at the row's target, lse − logit[target]; and with `grad`,
+// the logits overwritten by the loss's gradient for them, (softmax − one-hot) · w with w the
+// row's weight (`row_w`, or `scale` for every row). Three passes over a row: its maximum, the
+// exponentials and their sum (kept in place when the gradient is wanted), the scaling.
+
+// Σ a[j], in 16 running sums as in `dot3`.
+inline float sum_of(const float* __restrict a, int64_t n) {
+    constexpr int64_t L = 16;
+    float acc[L] = {};
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+        for (int64_t k = 0; k < L; ++k) acc[k] += a[j + k];
+    }
+    float sum = 0.0f;
+    for (int64_t k = 0; k < L; ++k) sum += acc[k];
+    for (; j < n; ++j) sum += a[j];
+    return sum;
+}
+
+// 16 floats as one value (GCC's and Clang's vector extension), for a maximum that the
+// vectoriser does not find on its own: one AVX-512 register, two AVX2 ones, four SSE ones.
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline float row_max(const float* __restrict x, int64_t n) {
+    f32x16 acc;
+    for (int k = 0; k < 16; ++k) acc[k] = -INFINITY;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        f32x16 v;
+        std::memcpy(&v, x + j, sizeof v);
+        acc = v > acc ? v : acc;
+    }
+    float m = -INFINITY;
+    for (int k = 0; k < 16; ++k) m = acc[k] > m ? acc[k] : m;
+    for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+SIPT_VECTOR_CLONES
+void xent_rows(float* __restrict logits, int64_t V, const int64_t* __restrict targets,
+               const float* __restrict row_w, float scale, bool grad, float* __restrict nll,
+               int64_t begin, int64_t end) {
+    constexpr int64_t L = 16;
+    for (int64_t r = begin; r < end; ++r) {
+        float* x = logits + r * V;
+        const float m = row_max(x, V);
+        const int64_t t = targets[r];
+        const float picked = x[t];
+        float sum;
+        if (grad) {
+            // A row (32 KB at a vocabulary of 8192) stays in cache between these passes.
+            for (int64_t j = 0; j < V; ++j) x[j] = exp_f32(x[j] - m);
+            sum = sum_of(x, V);
+        } else {
+            float acc[L] = {};
+            int64_t j = 0;
+            for (; j + L <= V; j += L) {
+                for (int64_t k = 0; k < L; ++k) acc[k] += exp_f32(x[j + k] - m);
+            }
+            sum = 0.0f;
+            for (int64_t k = 0; k < L; ++k) sum += acc[k];
+            for (; j < V; ++j) sum += exp_f32(x[j] - m);
+        }
+        nll[r] = m + std::log(sum) - picked;
+        if (grad) {
+            const float w = row_w == nullptr ? scale : row_w[r];
+            const float f = w / sum;
+            for (int64_t i = 0; i < V; ++i) x[i] *= f;
+            x[t] -= w;
+        }
+    }
+}
+
+bool is_cpu_f32(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+
+template <typename F>
+at::Tensor* guarded(char* err, size_t len, F f) {
+    try {
+        return new at::Tensor(f());
+    } catch (const std::exception& e) {
+        set_error(err, len, e.what());
+        return nullptr;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// RMSNorm of `input (..., d)` by `weight (d,)`: a new tensor, or null with `err`.
+at::Tensor* sipt_fused_rms_norm(const at::Tensor* input, const at::Tensor* weight, double eps,
+                                char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        TORCH_CHECK(is_cpu_f32(*input) && is_cpu_f32(*weight), "fused RMSNorm takes f32 on a CPU");
+        return RmsNorm::apply(*input, *weight, eps);
+    });
+}
+
+// silu(gate) · up, both `(..., n)`.
+at::Tensor* sipt_fused_swiglu(const at::Tensor* gate, const at::Tensor* up, char* err,
+                              size_t err_len) {
+    return guarded(err, err_len, [&] {
+        TORCH_CHECK(is_cpu_f32(*gate) && is_cpu_f32(*up), "fused SwiGLU takes f32 on a CPU");
+        return SwiGlu::apply(*gate, *up);
+    });
+}
+
+// Rotate-half rotary embeddings of `input (N, H, D)` by `cos`, `sin (N, D)`.
+at::Tensor* sipt_fused_rope(const at::Tensor* input, const at::Tensor* cos, const at::Tensor* sin,
+                            char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        TORCH_CHECK(is_cpu_f32(*input) && is_cpu_f32(*cos) && is_cpu_f32(*sin),
+                    "fused rotary embeddings take f32 on a CPU");
+        return Rope::apply(*input, *cos, *sin);
+    });
+}
+
+// The NLL `(n,)` of each row of `logits (n, V)` (f32, contiguous, on a CPU) at `targets (n,)`
+// (int64); with `grad` nonzero, `logits` is overwritten by the gradient of Σ w · NLL, w from
+// `row_weights (n,)` (f32) when given, else `scale` for every row.
+at::Tensor* sipt_fused_xent_chunk(const at::Tensor* logits, const at::Tensor* targets,
+                                  const at::Tensor* row_weights, double scale, int grad,
+                                  char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        const auto& x = *logits;
+        TORCH_CHECK(is_cpu_f32(x) && x.dim() == 2 && x.is_contiguous(),
+                    "fused cross-entropy takes contiguous f32 logits (rows, vocabulary) on a CPU");
+        const int64_t n = x.size(0);
+        const int64_t V = x.size(1);
+        auto t = targets->to(at::kLong).contiguous().view({-1});
+        TORCH_CHECK(t.size(0) == n, "fused cross-entropy: ", t.size(0), " targets for ", n,
+                    " rows");
+        if (n > 0) {
+            const int64_t lo = t.min().item<int64_t>();
+            const int64_t hi = t.max().item<int64_t>();
+            TORCH_CHECK(lo >= 0 && hi < V, "fused cross-entropy: targets in ", lo, "..", hi,
+                        " for a vocabulary of ", V);
+        }
+        at::Tensor w;
+        if (row_weights != nullptr) {
+            w = row_weights->to(at::kFloat).contiguous().view({-1});
+            TORCH_CHECK(w.size(0) == n, "fused cross-entropy: ", w.size(0), " row weights for ",
+                        n, " rows");
+        }
+        auto nll = at::empty({n}, x.options());
+        float* xp = x.mutable_data_ptr<float>();
+        const int64_t* tp = t.const_data_ptr<int64_t>();
+        const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
+        float* np = nll.mutable_data_ptr<float>();
+        const float sc = static_cast<float>(scale);
+        const bool g = grad != 0;
+        at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
+            xent_rows(xp, V, tp, wp, sc, g, np, begin, end);
+        });
+        return nll;
+    });
+}
+
+}  // extern "C"

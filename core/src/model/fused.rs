@@ -1,0 +1,295 @@
+//! Fused CPU kernels for the elementwise layers of a Llama block (`core/cpp/fused_layers.cpp`):
+//! RMSNorm, SwiGLU and rotate-half rotary embeddings, each one pass over memory forward and one
+//! backward, with autograd nodes of their own. libtorch eager runs each as a chain of separate
+//! passes with a fresh buffer per pass (RMSNorm: five forward, about ten backward), which is
+//! where torch.compile's lead over eager training on a CPU comes from.
+//!
+//! They take f32 tensors on a CPU ([`applies`]); everywhere else (CUDA, bf16) the model keeps
+//! libtorch's own ops. [`super::Llama::fused_layers`] turns them off, for tests and for
+//! measuring the two side by side.
+
+use super::packed::call;
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn sipt_fused_rms_norm(
+        input: *const C_tensor,
+        weight: *const C_tensor,
+        eps: f64,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn sipt_fused_swiglu(
+        gate: *const C_tensor,
+        up: *const C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn sipt_fused_xent_chunk(
+        logits: *const C_tensor,
+        targets: *const C_tensor,
+        row_weights: *const C_tensor,
+        scale: f64,
+        grad: std::ffi::c_int,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn sipt_fused_rope(
+        input: *const C_tensor,
+        cos: *const C_tensor,
+        sin: *const C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+}
+
+/// Whether the fused kernels take these tensors: all f32, all on a CPU.
+pub fn applies(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device() == Device::Cpu && t.kind() == Kind::Float)
+}
+
+/// The kernels check only what the model guarantees (types, matching shapes); a failure is a
+/// bug in the caller, reported the way tch reports a failed libtorch op.
+fn expect(what: &str, result: Result<Tensor, String>) -> Tensor {
+    result.unwrap_or_else(|e| panic!("fused {what} failed: {e}"))
+}
+
+/// RMSNorm of `xs (..., d)` by `weight (d,)`: `xs / sqrt(mean(xs²) + eps) · weight`.
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    // SAFETY: both handles stay alive for the call; the result is a fresh tensor we own.
+    expect(
+        "RMSNorm",
+        call(|err, len| unsafe {
+            sipt_fused_rms_norm(xs.as_ptr(), weight.as_ptr(), eps, err, len)
+        }),
+    )
+}
+
+/// `silu(gate) · up`, both `(..., n)`; rows may be strided (the halves of one product).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Tensor {
+    // SAFETY: as in `rms_norm`.
+    expect(
+        "SwiGLU",
+        call(|err, len| unsafe { sipt_fused_swiglu(gate.as_ptr(), up.as_ptr(), err, len) }),
+    )
+}
+
+/// Rotate-half rotary embeddings of `xs (N, H, D)` (N positions of H heads) by `cos` and
+/// `sin (N, D)`: `xs · cos + rotate_half(xs) · sin` per head.
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    // SAFETY: as in `rms_norm`.
+    expect(
+        "rotary embeddings",
+        call(|err, len| unsafe {
+            sipt_fused_rope(xs.as_ptr(), cos.as_ptr(), sin.as_ptr(), err, len)
+        }),
+    )
+}
+
+/// The NLL `(n,)` of each row of `logits (n, V)` (contiguous f32 on a CPU) at `targets (n,)`:
+/// `logsumexp(row) − row[target]`. With `grad`, `logits` is then overwritten by the gradient of
+/// `Σ w · NLL` for them, `(softmax − one-hot) · w`, with `w` the row's entry of `row_weights`
+/// (f32) or `scale` for every row.
+pub fn cross_entropy_rows(
+    logits: &mut Tensor,
+    targets: &Tensor,
+    row_weights: Option<&Tensor>,
+    scale: f64,
+    grad: bool,
+) -> Tensor {
+    expect(
+        "cross-entropy",
+        try_cross_entropy_rows(logits, targets, row_weights, scale, grad),
+    )
+}
+
+fn try_cross_entropy_rows(
+    logits: &mut Tensor,
+    targets: &Tensor,
+    row_weights: Option<&Tensor>,
+    scale: f64,
+    grad: bool,
+) -> Result<Tensor, String> {
+    let weights = row_weights.map_or(std::ptr::null(), |w| w.as_ptr());
+    // SAFETY: every handle stays alive for the call (`weights` is null or borrowed from
+    // `row_weights`); the kernel writes only into `logits`, which we hold mutably.
+    call(|err, len| unsafe {
+        sipt_fused_xent_chunk(
+            logits.as_ptr(),
+            targets.as_ptr(),
+            weights,
+            scale,
+            grad.into(),
+            err,
+            len,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each kernel against the same layer written with libtorch's own ops, in value and in
+    //! every gradient, on sizes that are not whole numbers of the kernels' 16-wide steps.
+    use super::*;
+
+    fn leaf(shape: &[i64], scale: f64) -> Tensor {
+        (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * scale).set_requires_grad(true)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Gradients of `Σ out · upstream` for `inputs`, zeroed after.
+    fn grads(out: &Tensor, upstream: &Tensor, inputs: &[&Tensor]) -> Vec<Tensor> {
+        (out * upstream).sum(Kind::Float).backward();
+        inputs
+            .iter()
+            .map(|t| {
+                let mut t = (*t).shallow_clone();
+                let g = t.grad().copy();
+                t.zero_grad();
+                g
+            })
+            .collect()
+    }
+
+    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+        let scale = b.abs().max().double_value(&[]).max(1.0);
+        let d = max_diff(a, b);
+        assert!(d <= tol * scale, "{what}: differs by {d} (of {scale})");
+    }
+
+    #[test]
+    fn rms_norm_matches_libtorch_forward_and_backward() {
+        tch::manual_seed(1);
+        let x = leaf(&[3, 5, 37], 2.0);
+        let w = leaf(&[37], 1.0);
+        let up = Tensor::randn([3, 5, 37], (Kind::Float, Device::Cpu));
+        let plain = |x: &Tensor| {
+            (x * (x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + 1e-5).rsqrt()) * &w
+        };
+        // Dense, and a transposed (non-contiguous) input.
+        for transposed in [false, true] {
+            let input = |x: &Tensor| match transposed {
+                true => x.transpose(0, 1).contiguous().transpose(0, 1),
+                false => x.shallow_clone(),
+            };
+            let expected = plain(&input(&x));
+            let want = grads(&expected, &up, &[&x, &w]);
+            let ours = rms_norm(&input(&x), &w, 1e-5);
+            assert_close("RMSNorm", &ours, &expected, 1e-5);
+            let got = grads(&ours, &up, &[&x, &w]);
+            assert_close("RMSNorm d input", &got[0], &want[0], 1e-5);
+            assert_close("RMSNorm d weight", &got[1], &want[1], 1e-5);
+        }
+        // Without gradients: the value only, and no graph.
+        let quiet = tch::no_grad(|| rms_norm(&x, &w, 1e-5));
+        assert!(!quiet.requires_grad());
+        assert_close("RMSNorm, no grad", &quiet, &plain(&x).detach(), 1e-5);
+    }
+
+    #[test]
+    fn swiglu_matches_libtorch_on_strided_halves_and_large_inputs() {
+        tch::manual_seed(2);
+        // The halves of one product, as the packed weights give them: rows strided by 2 × 29.
+        let gate_up = leaf(&[2, 3, 58], 3.0);
+        // Values where e^x under- and overflows f32 on the way.
+        let extremes = Tensor::from_slice(&[-120.0f32, -90.0, -30.0, 0.0, 30.0, 90.0, 120.0])
+            .view([1, 7])
+            .set_requires_grad(true);
+        let up = Tensor::randn([2, 3, 29], (Kind::Float, Device::Cpu));
+        let (g, u) = (gate_up.narrow(-1, 0, 29), gate_up.narrow(-1, 29, 29));
+        let expected = g.silu() * &u;
+        let want = grads(&expected, &up, &[&gate_up]);
+        let ours = swiglu(&g, &u);
+        assert_close("SwiGLU", &ours, &expected, 1e-5);
+        let got = grads(&ours, &up, &[&gate_up]);
+        assert_close("SwiGLU d gate, d up", &got[0], &want[0], 1e-5);
+        let ones = extremes.ones_like();
+        let expected = extremes.silu() * &ones;
+        let want = grads(&expected, &ones, &[&extremes]);
+        let ours = swiglu(&extremes, &ones);
+        assert_close("SwiGLU at the extremes", &ours, &expected, 1e-6);
+        let got = grads(&ours, &ones, &[&extremes]);
+        assert_close("SwiGLU d gate at the extremes", &got[0], &want[0], 1e-6);
+    }
+
+    #[test]
+    fn rope_matches_rotate_half_on_strided_rows() {
+        tch::manual_seed(3);
+        // 6 positions of 5 heads of 10; the rotation takes heads 1..4 (rows strided by 50).
+        let x = leaf(&[6, 5, 10], 1.0);
+        let cos = Tensor::randn([6, 10], (Kind::Float, Device::Cpu));
+        let sin = Tensor::randn([6, 10], (Kind::Float, Device::Cpu));
+        let up = Tensor::randn([6, 3, 10], (Kind::Float, Device::Cpu));
+        let part = x.narrow(1, 1, 3);
+        let rotate_half =
+            |t: &Tensor| Tensor::cat(&[&(-t.narrow(-1, 5, 5)), &t.narrow(-1, 0, 5)], -1);
+        let expected = &part * cos.unsqueeze(1) + rotate_half(&part) * sin.unsqueeze(1);
+        let want = grads(&expected, &up, &[&x]);
+        let ours = rope(&part, &cos, &sin);
+        assert_close("rotary embeddings", &ours, &expected, 1e-6);
+        let got = grads(&ours, &up, &[&x]);
+        assert_close("rotary embeddings d input", &got[0], &want[0], 1e-6);
+    }
+
+    #[test]
+    fn cross_entropy_rows_match_log_softmax_and_its_gradient() {
+        tch::manual_seed(4);
+        // 53 logits a row, some rows far from zero (e^x over- and underflows there).
+        let logits = Tensor::randn([7, 53], (Kind::Float, Device::Cpu))
+            * Tensor::from_slice(&[1.0f32, 5.0, 30.0, 200.0, 1.0, 0.1, 80.0]).unsqueeze(1);
+        let targets = Tensor::from_slice(&[0i64, 52, 7, 3, 40, 11, 19]);
+        let weights = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0, 1.5, 1.0, -0.25]);
+        let logp = logits.log_softmax(-1, Kind::Float);
+        let expected = -logp.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+        let softmax_minus_onehot = logp.exp() - targets.one_hot(53).to_kind(Kind::Float);
+        // No gradient: the logits stay as they are.
+        let mut kept = logits.copy();
+        let nll = cross_entropy_rows(&mut kept, &targets, None, 1.0, false);
+        assert_close("NLL", &nll, &expected, 1e-5);
+        assert_eq!(
+            max_diff(&kept, &logits),
+            0.0,
+            "the logits changed without a gradient"
+        );
+        // Per-row weights, then one scale for every row.
+        let mut g = logits.copy();
+        let nll = cross_entropy_rows(&mut g, &targets, Some(&weights), 1.0, true);
+        assert_close("NLL with a gradient", &nll, &expected, 1e-5);
+        assert_close(
+            "d logits, row weights",
+            &g,
+            &(&softmax_minus_onehot * weights.unsqueeze(1)),
+            1e-5,
+        );
+        let mut g = logits.copy();
+        let _ = cross_entropy_rows(&mut g, &targets, None, 1.0 / 7.0, true);
+        assert_close(
+            "d logits, the mean",
+            &g,
+            &(&softmax_minus_onehot / 7.0),
+            1e-5,
+        );
+        // A target outside the vocabulary is an error, not a read past the row.
+        let mut g = logits.copy();
+        let bad = Tensor::from_slice(&[0i64, 53, 7, 3, 40, 11, 19]);
+        let err = try_cross_entropy_rows(&mut g, &bad, None, 1.0, true).unwrap_err();
+        assert!(
+            err.contains("targets in 0..53 for a vocabulary of 53"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_f32_on_a_cpu_applies() {
+        let f = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        let b = Tensor::zeros([2], (Kind::BFloat16, Device::Cpu));
+        assert!(applies(&[&f, &f]));
+        assert!(!applies(&[&f, &b]));
+    }
+}
