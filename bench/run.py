@@ -3,7 +3,7 @@
 (see docs/benchmarks.md). Every pair is measured in this one run, interleaved A, B, A, B over
 several rounds; the summary gives medians over rounds and the median of the per-round ratios.
 
-  training  : `sipt bench train`     vs bench/torch_train.py (eager) and --compile
+  training  : `sipt bench train`     vs bench/torch_train.py (eager) and --compile, at two sizes
   rollouts  : `sipt bench rollouts`  vs bench/hf_generate.py, 1 prefix x 16 and 4 prefixes x 4
   SIP step  : `sipt bench sip-step`  vs bench/trl_dpo.py (skipped on the sipt side if the
               subcommand does not exist yet; the TRL reference is then measured alone)
@@ -221,12 +221,19 @@ def main():
 
     quiet = Quiet(a.max_load, a.max_wait_min * 60)
     t_begin = time.time()
-    train_cmd = [sipt, "bench", "train", "--vocab", "8192", "--hidden", "256", "--layers", "4", "--heads", "8",
-                 "--kv-heads", "4", "--ffn", "688", "--seq", "256", "--batch", "16",
-                 "--steps", str(a.train_steps), "--warmup", "3"]
-    torch_cmd = [py, "bench/torch_train.py", "--vocab", "8192", "--hidden", "256", "--layers", "4", "--heads", "8",
-                 "--kv-heads", "4", "--ffn", "688", "--seq", "256", "--batch", "16",
-                 "--steps", str(a.train_steps), "--threads", str(threads)]
+    # The two training configurations: "tiny" (5.0M parameters, 16 x 256 tokens a step) and
+    # "small" (twice the width: 15.8M parameters, 8 x 256 tokens a step).
+    train_shapes = {
+        "tiny": ["--vocab", "8192", "--hidden", "256", "--layers", "4", "--heads", "8",
+                 "--kv-heads", "4", "--ffn", "688", "--seq", "256", "--batch", "16"],
+        "small": ["--vocab", "8192", "--hidden", "512", "--layers", "4", "--heads", "8",
+                  "--kv-heads", "4", "--ffn", "1376", "--seq", "256", "--batch", "8"],
+    }
+    train_cmds = {
+        name: ([sipt, "bench", "train", *shape, "--steps", str(a.train_steps), "--warmup", "3"],
+               [py, "bench/torch_train.py", *shape, "--steps", str(a.train_steps), "--threads", str(threads)])
+        for name, shape in train_shapes.items()
+    }
     settings = [(1, 16), (4, 4)]
     SHORT = 16  # new tokens of the short rollout runs (see below)
 
@@ -251,10 +258,12 @@ def main():
         quiet.wait(f"round {rnd}")
         add("peak", run_json(peak_cmd, log, "peak"))
         if "train" in only:
-            add("train/sipt", run_json(train_cmd, log, "train/sipt"))
-            add("train/eager", run_json(torch_cmd + ["--warmup", "3"], log, "train/eager"))
-            add("train/compile", run_json(torch_cmd + ["--warmup", str(a.compile_warmup), "--compile"], log,
-                                          "train/compile"))
+            for name, (train_cmd, torch_cmd) in train_cmds.items():
+                tag = "train" if name == "tiny" else f"train-{name}"
+                add(f"{tag}/sipt", run_json(train_cmd, log, f"{tag}/sipt"))
+                add(f"{tag}/eager", run_json(torch_cmd + ["--warmup", "3"], log, f"{tag}/eager"))
+                add(f"{tag}/compile", run_json(torch_cmd + ["--warmup", str(a.compile_warmup), "--compile"],
+                                               log, f"{tag}/compile"))
         if "rollouts" in only:
             for p, k in settings:
                 s, h = rollout_cmds(p, k)
@@ -336,22 +345,23 @@ def main():
     print("\n| benchmark | sipt | reference | ratio sipt/ref (median of rounds) | target |")
     print("|---|---|---|---|---|")
     if "train" in only:
-        s_tps = med(vals("train/sipt", "tokens_per_second"))
-        for ref, name in (("train/eager", "PyTorch eager"), ("train/compile", "torch.compile")):
-            r_tps = med(vals(ref, "tokens_per_second"))
-            ratio = ratios("train/sipt", ref, "tokens_per_second")
-            mfu_s = med(vals("train/sipt", "model_flops_per_second"))
-            mfu_r = med(vals(ref, "model_flops_per_second"))
-            mfu = lambda f: "n/a" if not (f and peak) else f"{f / (peak * 1e9):.2f}"
-            cell, verdict = ratio_cell("train/sipt", ref, "tokens_per_second",
-                                       1.15 if ref == "train/eager" else 1.0)
-            print(f"| NTP training tok/s vs {name} (MFU sipt {mfu(mfu_s)}, ref {mfu(mfu_r)}) | "
-                  f"{fmt(s_tps)} | {fmt(r_tps)} | {cell} | {verdict} |")
-        mfu_s = med(vals("train/sipt", "model_flops_per_second"))
-        if mfu_s and peak:
-            m = mfu_s / (peak * 1e9)
-            print(f"| NTP training MFU (of the measured fp32 matmul peak) | {m:.2f} | - | - | "
-                  f">= 0.70: {'**met**' if m >= 0.70 else 'missed'} |")
+        for shape in train_cmds:
+            tag = "train" if shape == "tiny" else f"train-{shape}"
+            s_tps = med(vals(f"{tag}/sipt", "tokens_per_second"))
+            for ref, name in ((f"{tag}/eager", "PyTorch eager"), (f"{tag}/compile", "torch.compile")):
+                r_tps = med(vals(ref, "tokens_per_second"))
+                mfu_s = med(vals(f"{tag}/sipt", "model_flops_per_second"))
+                mfu_r = med(vals(ref, "model_flops_per_second"))
+                mfu = lambda f: "n/a" if not (f and peak) else f"{f / (peak * 1e9):.2f}"
+                cell, verdict = ratio_cell(f"{tag}/sipt", ref, "tokens_per_second",
+                                           1.15 if ref.endswith("/eager") else 1.0)
+                print(f"| NTP training ({shape}) tok/s vs {name} (MFU sipt {mfu(mfu_s)}, ref {mfu(mfu_r)}) | "
+                      f"{fmt(s_tps)} | {fmt(r_tps)} | {cell} | {verdict} |")
+            mfu_s = med(vals(f"{tag}/sipt", "model_flops_per_second"))
+            if mfu_s and peak:
+                m = mfu_s / (peak * 1e9)
+                print(f"| NTP training ({shape}) MFU (of the measured fp32 matmul peak) | {m:.2f} | - | - | "
+                      f">= 0.70: {'**met**' if m >= 0.70 else 'missed'} |")
     if "rollouts" in only:
         for p, k in settings:
             base = f"roll/{p}x{k}"
