@@ -1133,13 +1133,23 @@ fn for_each_logit_chunk(
     mut f: impl FnMut(LogitChunk),
 ) {
     let n = hidden.size()[0];
+    // f32 products on a CPU write every chunk into one buffer: a fresh 32 MB tensor per chunk
+    // would be a fresh mapping from the system each time (glibc maps blocks that large and
+    // unmaps them when freed), and its pages would fault in anew.
+    let reuse = hidden.device() == Device::Cpu
+        && hidden.kind() == Kind::Float
+        && weight.kind() == Kind::Float
+        && n > rows;
+    let buffer =
+        reuse.then(|| Tensor::empty([rows, weight.size()[0]], (Kind::Float, hidden.device())));
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
-        let logits = hidden
-            .narrow(0, start, len)
-            .matmul(&weight.tr())
-            .to_kind(Kind::Float);
+        let chunk = hidden.narrow(0, start, len);
+        let logits = match &buffer {
+            Some(buf) => chunk.mm_out(&buf.narrow(0, 0, len), &weight.tr()),
+            None => chunk.matmul(&weight.tr()).to_kind(Kind::Float),
+        };
         f(LogitChunk {
             start,
             len,
