@@ -235,3 +235,54 @@ speed = 2
         out.stderr
     );
 }
+
+#[test]
+fn bench_train_reports_plain_fused_and_compared_layers() {
+    // A model small enough for a test: 2 steps of 2 × 16 tokens.
+    let tiny = [
+        "bench",
+        "train",
+        "--vocab",
+        "64",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--ffn",
+        "48",
+        "--seq",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ];
+    let json = |extra: &[&str]| {
+        let out = run(sipt().args(tiny).args(extra));
+        assert_eq!(out.code, 0, "{extra:?}: {}", out.stderr);
+        let line = out.stdout.lines().last().unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("{extra:?}: {e}: {line:?}"))
+    };
+    assert_eq!(json(&[])["layers"], "fused");
+    let plain = json(&["--plain-layers"]);
+    assert_eq!(plain["layers"], "plain");
+    assert!(plain["step_seconds"].as_f64().unwrap() > 0.0);
+    assert!(plain.get("plain_over_fused").is_none());
+    let compared = json(&["--compare-layers"]);
+    assert!(compared["step_seconds_plain_layers"].as_f64().unwrap() > 0.0);
+    assert!(compared["plain_over_fused"].as_f64().unwrap() > 0.0);
+    // The two together make no sense: refused by the parser, with no backtrace.
+    let out = run(sipt()
+        .args(tiny)
+        .args(["--plain-layers", "--compare-layers"]));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be used with"), "{}", out.stderr);
+    assert!(!out.stderr.contains("backtrace"), "{}", out.stderr);
+}

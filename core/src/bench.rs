@@ -118,9 +118,10 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         opt.zero_grad();
         sync(device);
         if i >= b.warmup * rounds {
-            match policy.model.fused_layers {
-                true => times.push(t0.elapsed().as_secs_f64()),
-                false => plain_times.push(t0.elapsed().as_secs_f64()),
+            // Compared, the odd steps are the plain layers'.
+            match b.compare_layers && !policy.model.fused_layers {
+                false => times.push(t0.elapsed().as_secs_f64()),
+                true => plain_times.push(t0.elapsed().as_secs_f64()),
             }
         }
     }
