@@ -125,6 +125,11 @@ SiptGroup* sipt_dist_init(const char* host, int port, int rank, int size, int64_
 
 void sipt_dist_free(SiptGroup* g) { delete g; }
 
+// Close the process group's connections and keep the store: peers blocked in a collective
+// with this rank wake up, and can still read what this rank posted in the store. No
+// collective may follow.
+void sipt_dist_close_backend(SiptGroup* g) { g->backend.reset(); }
+
 // Sum `tensor` over the group, in place.
 int sipt_dist_all_reduce_sum(SiptGroup* g, at::Tensor* tensor, char* err, size_t err_len) {
     return guarded(err, err_len, [&] {
@@ -209,6 +214,8 @@ SiptGroup* sipt_dist_init(const char*, int, int, int, int64_t, const char*, int,
 }
 
 void sipt_dist_free(SiptGroup*) {}
+
+void sipt_dist_close_backend(SiptGroup*) {}
 
 int sipt_dist_all_reduce_sum(SiptGroup*, at::Tensor*, char* err, size_t err_len) {
     set_error(err, err_len, "no process groups in this build");

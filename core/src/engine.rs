@@ -77,16 +77,17 @@ pub fn run_experiment(
     if let Err(err) = &result {
         dist.post_error(&format!("{err:#}"));
         if dist.is_writer() {
-            // Rank 0 serves the store the others read errors from: give them a moment to read
-            // this one before the store goes away with this process.
-            std::thread::sleep(ERROR_LINGER);
+            // Rank 0 serves the store the others read errors from: it wakes the ranks waiting
+            // for it in a collective and keeps the store up until they have read this error.
+            dist.close_after_error(ERROR_LINGER);
         }
     }
     result
 }
 
-/// How long rank 0 keeps the rendezvous store up after posting its error.
-const ERROR_LINGER: Duration = Duration::from_secs(2);
+/// How long rank 0 keeps the rendezvous store up at most, after posting its error, for the
+/// other ranks to read it.
+const ERROR_LINGER: Duration = Duration::from_secs(10);
 
 /// Refusals that need the world size, before any work: each in one line.
 fn check_world(e: &Experiment, world: &World) -> Result<()> {

@@ -31,6 +31,7 @@ extern "C" {
         err_len: usize,
     ) -> *mut c_void;
     fn sipt_dist_free(group: *mut c_void);
+    fn sipt_dist_close_backend(group: *mut c_void);
     fn sipt_dist_all_reduce_sum(
         group: *mut c_void,
         tensor: *mut C_tensor,
@@ -303,6 +304,8 @@ pub struct Group {
     timeout: Duration,
     /// Collectives run so far, for the error key of a failing one.
     calls: std::cell::Cell<u64>,
+    /// The connections were closed after this rank's failure (`close_after_error`).
+    closed: std::cell::Cell<bool>,
 }
 
 impl Drop for Group {
@@ -364,6 +367,7 @@ impl Group {
             size: world.size,
             timeout,
             calls: std::cell::Cell::new(0),
+            closed: std::cell::Cell::new(false),
         })
     }
 
@@ -390,6 +394,9 @@ impl Group {
     }
 
     fn collective(&self, what: &str, f: impl FnOnce(*mut c_char, usize) -> i64) -> Result<()> {
+        if self.closed.get() {
+            bail!("{what} after this rank's group was closed on its failure");
+        }
         self.calls.set(self.calls.get() + 1);
         call(what, f).map(|_| ()).map_err(|e| self.failure(what, e))
     }
@@ -441,6 +448,27 @@ impl Group {
                 len,
             ) as i64
         });
+    }
+
+    /// After posting this rank's fatal error: close the group's connections, so that peers
+    /// waiting in a collective with this rank fail now, and keep the store (which rank 0 serves)
+    /// up until every other rank has posted its own error (each reads this one first) or
+    /// `deadline` passes. Without it the store could go away with this process before a peer
+    /// had read the error, which it then could not name. No collective may follow.
+    pub fn close_after_error(&self, deadline: Duration) {
+        if self.closed.replace(true) {
+            return;
+        }
+        // SAFETY: `ptr` is live; the shim keeps the store and drops only the backend.
+        unsafe { sipt_dist_close_backend(self.ptr) };
+        let until = std::time::Instant::now() + deadline;
+        let others = || (0..self.size).filter(|&r| r != self.rank);
+        while std::time::Instant::now() < until {
+            if others().all(|r| self.posted_error(r).is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The error rank `rank` posted, if it did.
@@ -653,6 +681,13 @@ impl Dist {
     pub fn post_error(&self, message: &str) {
         if let Some(g) = &self.group {
             g.post_error(message);
+        }
+    }
+
+    /// [`Group::close_after_error`] (no-op alone).
+    pub fn close_after_error(&self, deadline: Duration) {
+        if let Some(g) = &self.group {
+            g.close_after_error(deadline);
         }
     }
 
