@@ -163,6 +163,23 @@ mod tests {
         assert!(d <= tol * scale, "{what}: differs by {d} (of {scale})");
     }
 
+    /// `ours` against `expected` in value, then in the gradients of `inputs` under `upstream`.
+    fn assert_same(
+        what: &str,
+        ours: &Tensor,
+        expected: &Tensor,
+        upstream: &Tensor,
+        inputs: &[&Tensor],
+        tol: f64,
+    ) {
+        assert_close(what, ours, expected, tol);
+        let want = grads(expected, upstream, inputs);
+        let got = grads(ours, upstream, inputs);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_close(&format!("{what}: d input {i}"), g, w, tol);
+        }
+    }
+
     #[test]
     fn rms_norm_matches_libtorch_forward_and_backward() {
         tch::manual_seed(1);
@@ -179,12 +196,8 @@ mod tests {
                 false => x.shallow_clone(),
             };
             let expected = plain(&input(&x));
-            let want = grads(&expected, &up, &[&x, &w]);
             let ours = rms_norm(&input(&x), &w, 1e-5);
-            assert_close("RMSNorm", &ours, &expected, 1e-5);
-            let got = grads(&ours, &up, &[&x, &w]);
-            assert_close("RMSNorm d input", &got[0], &want[0], 1e-5);
-            assert_close("RMSNorm d weight", &got[1], &want[1], 1e-5);
+            assert_same("RMSNorm", &ours, &expected, &up, &[&x, &w], 1e-5);
         }
         // Without gradients: the value only, and no graph.
         let quiet = tch::no_grad(|| rms_norm(&x, &w, 1e-5));
@@ -203,19 +216,18 @@ mod tests {
             .set_requires_grad(true);
         let up = Tensor::randn([2, 3, 29], (Kind::Float, Device::Cpu));
         let (g, u) = (gate_up.narrow(-1, 0, 29), gate_up.narrow(-1, 29, 29));
-        let expected = g.silu() * &u;
-        let want = grads(&expected, &up, &[&gate_up]);
-        let ours = swiglu(&g, &u);
-        assert_close("SwiGLU", &ours, &expected, 1e-5);
-        let got = grads(&ours, &up, &[&gate_up]);
-        assert_close("SwiGLU d gate, d up", &got[0], &want[0], 1e-5);
+        let (expected, ours) = (g.silu() * &u, swiglu(&g, &u));
+        assert_same("SwiGLU", &ours, &expected, &up, &[&gate_up], 1e-5);
         let ones = extremes.ones_like();
-        let expected = extremes.silu() * &ones;
-        let want = grads(&expected, &ones, &[&extremes]);
-        let ours = swiglu(&extremes, &ones);
-        assert_close("SwiGLU at the extremes", &ours, &expected, 1e-6);
-        let got = grads(&ours, &ones, &[&extremes]);
-        assert_close("SwiGLU d gate at the extremes", &got[0], &want[0], 1e-6);
+        let (expected, ours) = (extremes.silu() * &ones, swiglu(&extremes, &ones));
+        assert_same(
+            "SwiGLU at the extremes",
+            &ours,
+            &expected,
+            &ones,
+            &[&extremes],
+            1e-6,
+        );
     }
 
     #[test]
@@ -230,11 +242,8 @@ mod tests {
         let rotate_half =
             |t: &Tensor| Tensor::cat(&[&(-t.narrow(-1, 5, 5)), &t.narrow(-1, 0, 5)], -1);
         let expected = &part * cos.unsqueeze(1) + rotate_half(&part) * sin.unsqueeze(1);
-        let want = grads(&expected, &up, &[&x]);
         let ours = rope(&part, &cos, &sin);
-        assert_close("rotary embeddings", &ours, &expected, 1e-6);
-        let got = grads(&ours, &up, &[&x]);
-        assert_close("rotary embeddings d input", &got[0], &want[0], 1e-6);
+        assert_same("rotary embeddings", &ours, &expected, &up, &[&x], 1e-6);
     }
 
     #[test]
