@@ -239,32 +239,35 @@ speed = 2
 #[test]
 fn bench_train_reports_plain_fused_and_compared_layers() {
     // A model small enough for a test: 2 steps of 2 × 16 tokens.
-    let tiny = [
-        "bench",
-        "train",
-        "--vocab",
-        "64",
-        "--hidden",
-        "32",
-        "--layers",
-        "1",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--ffn",
-        "48",
-        "--seq",
-        "16",
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-    ];
+    let tiny_of = |hidden: &'static str| {
+        vec![
+            "bench",
+            "train",
+            "--vocab",
+            "64",
+            "--hidden",
+            hidden,
+            "--layers",
+            "1",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--ffn",
+            "48",
+            "--seq",
+            "16",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]
+    };
+    let tiny = tiny_of("32");
     let json = |extra: &[&str]| {
-        let out = run(sipt().args(tiny).args(extra));
+        let out = run(sipt().args(&tiny).args(extra));
         assert_eq!(out.code, 0, "{extra:?}: {}", out.stderr);
         let line = out.stdout.lines().last().unwrap_or_default();
         serde_json::from_str::<serde_json::Value>(line)
@@ -285,4 +288,13 @@ fn bench_train_reports_plain_fused_and_compared_layers() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("cannot be used with"), "{}", out.stderr);
     assert!(!out.stderr.contains("backtrace"), "{}", out.stderr);
+    // A width the heads cannot split into even head sizes: one line, before any work.
+    let out = run(sipt().args(tiny_of("28")));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--hidden 28 --heads 4 --kv-heads 2: expected the heads to divide the width into an even head size"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
 }

@@ -278,6 +278,13 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
             config.hidden_size
         );
     }
+    if config.head_dim() % 2 != 0 {
+        bail!(
+            "{}: a head size of {} (head_dim, or hidden_size / num_attention_heads): rotary embeddings need an even head size",
+            path.display(),
+            config.head_dim()
+        );
+    }
     if config.vocab_size == 0 || config.hidden_size == 0 || config.num_hidden_layers == 0 {
         bail!(
             "{}: vocab_size, hidden_size and num_hidden_layers must be positive",
@@ -617,6 +624,10 @@ mod tests {
             (
                 serde_json::json!({"hidden_size": 30}),
                 "hidden_size = 30 is not divisible",
+            ),
+            (
+                serde_json::json!({"hidden_size": 28}),
+                "a head size of 7 (head_dim, or hidden_size / num_attention_heads): rotary embeddings need an even head size",
             ),
         ] {
             let err = config_error(extra.clone());
