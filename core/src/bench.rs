@@ -69,15 +69,6 @@ pub struct TrainBench {
 
 /// Next-token training steps on random tokens: forward, backward, clip, AdamW.
 pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
-    let even_heads = b.heads > 0 && b.hidden % b.heads == 0 && (b.hidden / b.heads) % 2 == 0;
-    if !even_heads || b.kv_heads == 0 || b.heads % b.kv_heads != 0 {
-        anyhow::bail!(
-            "--hidden {} --heads {} --kv-heads {}: expected the heads to divide the width into an even head size (rotary embeddings turn pairs) and the KV heads to divide the heads",
-            b.hidden,
-            b.heads,
-            b.kv_heads
-        );
-    }
     let device = crate::model::select_device(&b.device)?;
     tch::manual_seed(0);
     let config = LlamaConfig {
@@ -98,6 +89,14 @@ pub fn train(b: &TrainBench) -> Result<serde_json::Value> {
         rope_scaling: None,
         sliding_window: None,
     };
+    config.check_heads().map_err(|e| {
+        anyhow::anyhow!(
+            "--hidden {} --heads {} --kv-heads {}: expected the heads to divide the width into an even head size and the KV heads to divide the heads ({e})",
+            b.hidden,
+            b.heads,
+            b.kv_heads
+        )
+    })?;
     let params = config.parameters();
     let mut policy = Policy::from_scratch(config, device);
     policy.model.fused_layers = !b.plain_layers;

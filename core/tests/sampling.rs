@@ -402,21 +402,6 @@ fn chunked_scoring_matches_the_plain_log_probs() {
     }
 }
 
-/// Every parameter's gradient, sorted by name, zeroing it for the next pass.
-fn take_grads(p: &Policy) -> Vec<(String, Tensor)> {
-    let mut grads: Vec<(String, Tensor)> =
-        p.vs.variables()
-            .into_iter()
-            .map(|(name, v)| {
-                let g = v.grad().copy();
-                let _ = v.grad().zero_();
-                (name, g)
-            })
-            .collect();
-    grads.sort_by(|x, y| x.0.cmp(&y.0));
-    grads
-}
-
 /// Every parameter has a gradient in `plain`, and `other`'s is within 1e-4 of its scale.
 fn assert_same_grads(what: &str, plain: &[(String, Tensor)], other: &[(String, Tensor)]) {
     assert_eq!(plain.len(), other.len());
@@ -463,7 +448,7 @@ fn shared_prefix_scoring_matches_one_row_per_continuation() {
         };
         let (logp, count) = continuation_logprobs_with(&p.model, &pre, &cont, how);
         (&logp * &weights).sum(Kind::Float).backward();
-        let grads = take_grads(&p);
+        let grads = p.take_grads();
         let (scored, _) = tch::no_grad(|| continuation_logprobs_with(&p.model, &pre, &cont, how));
         (logp.detach(), count, grads, scored)
     };
@@ -513,11 +498,11 @@ fn deferred_scoring_gives_the_plain_gradients() {
         let how = Scoring::default();
         let (plain, _) = continuation_logprobs_with(&p.model, &pre, &cont, how);
         (&plain * &g).sum(Kind::Float).backward();
-        let plain_grads = take_grads(&p);
+        let plain_grads = p.take_grads();
         let deferred = score_deferred(&p.model, &pre, &cont, how);
         assert!(!deferred.logp.requires_grad());
         deferred.backward(&p.model, &g);
-        let deferred_grads = take_grads(&p);
+        let deferred_grads = p.take_grads();
         let gap = (plain.detach() - &deferred.logp)
             .abs()
             .max()

@@ -131,6 +131,31 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Heads the model can compute with: positive counts, the query heads a multiple of the
+    /// KV heads, a width the heads divide (unless `head_dim` is given), and an even head size
+    /// (rotary embeddings turn pairs of dimensions). The error names the fields and values.
+    pub fn check_heads(&self) -> Result<(), String> {
+        let (heads, kv) = (self.num_attention_heads, self.kv_heads());
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            return Err(format!(
+                "num_attention_heads = {heads} and num_key_value_heads = {kv}: expected positive counts, the first a multiple of the second"
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+            return Err(format!(
+                "hidden_size = {} is not divisible by num_attention_heads = {heads} (and no head_dim is given)",
+                self.hidden_size
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!(
+                "a head size of {} (head_dim, or hidden_size / num_attention_heads): rotary embeddings need an even head size",
+                self.head_dim()
+            ));
+        }
+        Ok(())
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)

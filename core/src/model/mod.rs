@@ -72,6 +72,23 @@ impl Policy {
         Ok(policy)
     }
 
+    /// Every variable's gradient (a copy), sorted by name, each zeroed for the next pass: for
+    /// comparing the gradients of two ways of computing one loss.
+    pub fn take_grads(&self) -> Vec<(String, Tensor)> {
+        let mut grads: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, v)| {
+                let g = v.grad().copy();
+                let _ = v.grad().zero_();
+                (name, g)
+            })
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        grads
+    }
+
     /// A copy of this model with its weights in `kind` (e.g. bf16 weights to sample with).
     pub fn copy_as(&self, kind: Kind) -> Result<Policy> {
         let mut copy = Policy::zeroed(self.model.config.clone(), self.vs.device());
@@ -263,28 +280,9 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let mut config: LlamaConfig = serde_json::from_value(value)
         .with_context(|| format!("{}: not a Llama-family config", path.display()))?;
     config.family = family;
-    let heads = config.num_attention_heads;
-    if heads == 0 || config.kv_heads() == 0 || heads % config.kv_heads() != 0 {
-        bail!(
-            "{}: num_attention_heads = {heads} and num_key_value_heads = {}: expected positive counts, the first a multiple of the second",
-            path.display(),
-            config.kv_heads()
-        );
-    }
-    if config.head_dim.is_none() && config.hidden_size % heads != 0 {
-        bail!(
-            "{}: hidden_size = {} is not divisible by num_attention_heads = {heads} (and no head_dim is given)",
-            path.display(),
-            config.hidden_size
-        );
-    }
-    if config.head_dim() % 2 != 0 {
-        bail!(
-            "{}: a head size of {} (head_dim, or hidden_size / num_attention_heads): rotary embeddings need an even head size",
-            path.display(),
-            config.head_dim()
-        );
-    }
+    config
+        .check_heads()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     if config.vocab_size == 0 || config.hidden_size == 0 || config.num_hidden_layers == 0 {
         bail!(
             "{}: vocab_size, hidden_size and num_hidden_layers must be positive",
@@ -723,18 +721,7 @@ mod tests {
     /// Gradients of every variable after `loss` (then cleared).
     fn grads_of(policy: &Policy, loss: Tensor) -> Vec<(String, Tensor)> {
         loss.backward();
-        let mut out: Vec<(String, Tensor)> = policy
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(name, mut v)| {
-                let g = v.grad().copy();
-                v.zero_grad();
-                (name, g)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        policy.take_grads()
     }
 
     #[test]

@@ -430,17 +430,7 @@ mod tests {
         let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 0.25, -0.75]);
         (&logp * &w).sum(Kind::Float).backward();
         micro.backward(&p.model);
-        let mut grads: Vec<(String, Tensor)> =
-            p.vs.variables()
-                .into_iter()
-                .map(|(n, v)| {
-                    let g = v.grad().copy();
-                    let _ = v.grad().zero_();
-                    (n, g)
-                })
-                .collect();
-        grads.sort_by(|x, y| x.0.cmp(&y.0));
-        (logp.detach(), grads)
+        (logp.detach(), p.take_grads())
     }
 
     #[test]
