@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -517,6 +518,15 @@ at::Tensor* sipt_fused_xent_chunk(const at::Tensor* logits, const at::Tensor* ta
         });
         return nll;
     });
+}
+
+// How many threads `at::parallel_for` spreads `tasks` tasks over (one per chunk it hands out):
+// the check that the shims are compiled with OpenMP, without which every loop below would run
+// on the calling thread alone.
+int64_t sipt_fused_parallel_threads(int64_t tasks) {
+    std::atomic<int64_t> chunks{0};
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+    return chunks.load();
 }
 
 }  // extern "C"

@@ -134,6 +134,12 @@ fn build_cpp(name: &str, files: &[&str], defines: &[&str], includes: &[std::path
     // The system's folder (Gloo) comes after libtorch's own headers.
     // Optimised whatever the profile: the fused kernels are written for the vectoriser, which
     // a debug build's -O0/-O1 does not run.
+    //
+    // With OpenMP: `at::parallel_for` is defined in libtorch's headers and runs its loop on the
+    // calling thread alone unless the code that includes them is compiled with OpenMP. The shims
+    // link libgomp by its soname, which at run time is the copy libtorch itself loads (next to
+    // it, found through the binary's run path): one thread pool, sized by `set_num_threads`.
+    println!("cargo:rustc-link-lib=gomp");
     build
         .cpp(true)
         .opt_level(3)
@@ -142,6 +148,7 @@ fn build_cpp(name: &str, files: &[&str], defines: &[&str], includes: &[std::path
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
+        .flag("-fopenmp")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .includes(includes)

@@ -35,6 +35,8 @@ extern "C" {
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> *mut C_tensor;
+    #[cfg(test)]
+    fn sipt_fused_parallel_threads(tasks: i64) -> i64;
     fn sipt_fused_rope(
         input: *const C_tensor,
         cos: *const C_tensor,
@@ -137,6 +139,15 @@ mod tests {
 
     fn leaf(shape: &[i64], scale: f64) -> Tensor {
         (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * scale).set_requires_grad(true)
+    }
+
+    #[test]
+    fn the_kernels_loops_run_on_libtorchs_threads() {
+        // Without OpenMP in the shims' build, `at::parallel_for` would run every kernel on
+        // the calling thread alone while libtorch's own ops use all of them.
+        let threads = i64::from(tch::get_num_threads()).min(64);
+        // SAFETY: a plain call with no pointers.
+        assert_eq!(unsafe { sipt_fused_parallel_threads(64) }, threads);
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
