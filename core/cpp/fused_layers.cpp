@@ -3,7 +3,8 @@
 // each of them as a chain of separate passes over memory (RMSNorm alone is five forward and
 // about ten backward), each with a fresh buffer; here each is one pass forward and one pass
 // backward, with autograd nodes of their own (`torch::autograd::Function`), so that tch's
-// `backward` reaches them like any other op.
+// `backward` reaches them like any other op. Also, forward only: the chunked loss's softmax, and
+// the attention of a decode step over shared prefixes.
 //
 // f32 tensors on a CPU only; the Rust side (`model::fused`) decides when they apply and keeps
 // libtorch's own ops for everything else. Tensors cross the boundary as the `at::Tensor*`
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <vector>
 
 // The loops below are compiled for AVX-512, AVX2+FMA and plain x86-64, picked at load time by
@@ -435,6 +437,179 @@ void xent_rows(float* __restrict logits, int64_t V, const int64_t* __restrict ta
     }
 }
 
+// ---- Attention of one new position per row over a shared prefix and the row's own keys -------
+//
+// A decode step of rollouts that continue shared prefixes: row r continues prefix r / per; its
+// query heads kv·G .. (kv+1)·G − 1 read key/value head kv (grouped-query attention). Scores over
+// the prefix's Lp positions (those its padding mask keeps) then the row's S own positions, one
+// softmax over both, the sliding window's band applied to both. libtorch runs this as about
+// fifteen small ops per layer (products, permuted copies, a concatenation, masks, a softmax);
+// here each (row, KV head) is one task that reads its keys and values once for all G heads.
+
+struct DecodeView {
+    const float* data;
+    int64_t s0, s1, s2;  // element strides of the first three dimensions; the last is 1
+};
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+#if defined(__clang__)
+#define SIPT_SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define SIPT_SHUFFLE1(a, ...) __builtin_shufflevector(a, a, __VA_ARGS__)
+#else
+#define SIPT_SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, i32x16{__VA_ARGS__})
+#define SIPT_SHUFFLE1(a, ...) __builtin_shuffle(a, i32x16{__VA_ARGS__})
+#endif
+
+// out[l] = the sum of the 16 lanes of a[l], for 16 vectors at once: four rounds of pairwise
+// shuffles and adds (15 adds in all) where 16 separate horizontal sums take 16 × 15 scalar adds.
+// After the rounds lane 2m holds vector perm(m) and lane 2m + 1 vector 8 + perm(m), with perm
+// the 3-bit reversal (its own inverse); the last shuffle puts them in order.
+inline f32x16 lane_sums16(const f32x16* a) {
+    f32x16 b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i) {
+        b[i] = SIPT_SHUFFLE2(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
+                             21, 22, 23) +
+               SIPT_SHUFFLE2(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
+                             27, 28, 29, 30, 31);
+    }
+    for (int i = 0; i < 4; ++i) {
+        c[i] = SIPT_SHUFFLE2(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24,
+                             25, 26, 27) +
+               SIPT_SHUFFLE2(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15,
+                             28, 29, 30, 31);
+    }
+    for (int i = 0; i < 2; ++i) {
+        d[i] = SIPT_SHUFFLE2(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12,
+                             13, 28, 29) +
+               SIPT_SHUFFLE2(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27,
+                             14, 15, 30, 31);
+    }
+    const f32x16 e = SIPT_SHUFFLE2(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28,
+                                   14, 30) +
+                     SIPT_SHUFFLE2(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29,
+                                   15, 31);
+    return SIPT_SHUFFLE1(e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+SIPT_VECTOR_CLONES
+void decode_attention_tasks(const float* __restrict q, DecodeView pk, DecodeView pv,
+                            const bool* pmask, DecodeView ok, DecodeView ov, const bool* band,
+                            float* __restrict out, int64_t KV, int64_t G, int64_t D, int64_t Lp,
+                            int64_t S, int64_t per, float scale, int64_t begin, int64_t end) {
+    const int64_t n = Lp + S;
+    std::vector<float> scores(static_cast<size_t>(G * n));
+    std::vector<float> acc(static_cast<size_t>(G * D));
+    std::vector<const float*> keys(static_cast<size_t>(n)), values(static_cast<size_t>(n));
+    std::vector<char> live(static_cast<size_t>(n));
+    float* __restrict sc = scores.data();
+    float* __restrict ac = acc.data();
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const bool blocks = D % 16 == 0;
+    for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / KV;
+        const int64_t kv = task % KV;
+        const int64_t p = r / per;
+        const float* qg = q + task * G * D;
+        for (int64_t j = 0; j < n; ++j) {
+            const bool prefix = j < Lp;
+            live[j] = (band == nullptr || band[j]) &&
+                      (!prefix || pmask == nullptr || pmask[p * Lp + j]);
+            keys[j] = prefix ? pk.data + p * pk.s0 + kv * pk.s1 + j * pk.s2
+                             : ok.data + r * ok.s0 + kv * ok.s1 + (j - Lp) * ok.s2;
+            values[j] = prefix ? pv.data + p * pv.s0 + kv * pv.s1 + j * pv.s2
+                               : ov.data + r * ov.s0 + kv * ov.s1 + (j - Lp) * ov.s2;
+        }
+        // Scores, 16 keys at a time (one running vector per key over the head's dimension,
+        // summed across lanes together), for every head of the group while the keys are in L1.
+        int64_t j0 = 0;
+        for (; blocks && j0 + 16 <= n; j0 += 16) {
+            for (int64_t g = 0; g < G; ++g) {
+                const float* qv = qg + g * D;
+                f32x16 a[16] = {};
+                for (int64_t c = 0; c < D; c += 16) {
+                    f32x16 qc;
+                    std::memcpy(&qc, qv + c, sizeof qc);
+                    for (int l = 0; l < 16; ++l) {
+                        f32x16 kc;
+                        std::memcpy(&kc, keys[j0 + l] + c, sizeof kc);
+                        a[l] += qc * kc;
+                    }
+                }
+                const f32x16 dots = lane_sums16(a) * scale;
+                std::memcpy(sc + g * n + j0, &dots, sizeof dots);
+            }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+            float* s = sc + g * n;
+            for (int64_t j = j0; j < n; ++j) s[j] = dot3(qg + g * D, keys[j], nullptr, D) * scale;
+            for (int64_t j = 0; j < n; ++j) s[j] = live[j] ? s[j] : neg_inf;
+        }
+        for (int64_t g = 0; g < G; ++g) {
+            float* s = sc + g * n;
+            const float m = row_max(s, n);
+            for (int64_t j = 0; j < n; ++j) s[j] = exp_f32(s[j] - m);
+            const float sum = sum_of(s, n);
+            // A row that sees no key at all (never the case in a decode step, whose own
+            // position is always live) gets zeros rather than NaN.
+            const float inv = m == neg_inf ? 0.0f : 1.0f / sum;
+            for (int64_t j = 0; j < n; ++j) s[j] = live[j] ? s[j] * inv : 0.0f;
+        }
+        // Outputs, 32 keys at a time for every head of the group (the values stay in L1),
+        // 64 columns at a time in four running vectors.
+        for (int64_t i = 0; i < G * D; ++i) ac[i] = 0.0f;
+        for (int64_t k0 = 0; k0 < n; k0 += 32) {
+            const int64_t k1 = std::min(n, k0 + 32);
+            for (int64_t g = 0; g < G; ++g) {
+                const float* __restrict w = sc + g * n;
+                float* __restrict a = ac + g * D;
+                int64_t c = 0;
+                for (; blocks && c + 64 <= D; c += 64) {
+                    f32x16 a0, a1, a2, a3;
+                    std::memcpy(&a0, a + c, sizeof a0);
+                    std::memcpy(&a1, a + c + 16, sizeof a1);
+                    std::memcpy(&a2, a + c + 32, sizeof a2);
+                    std::memcpy(&a3, a + c + 48, sizeof a3);
+                    for (int64_t j = k0; j < k1; ++j) {
+                        const float* vj = values[j] + c;
+                        f32x16 v0, v1, v2, v3;
+                        std::memcpy(&v0, vj, sizeof v0);
+                        std::memcpy(&v1, vj + 16, sizeof v1);
+                        std::memcpy(&v2, vj + 32, sizeof v2);
+                        std::memcpy(&v3, vj + 48, sizeof v3);
+                        a0 += w[j] * v0;
+                        a1 += w[j] * v1;
+                        a2 += w[j] * v2;
+                        a3 += w[j] * v3;
+                    }
+                    std::memcpy(a + c, &a0, sizeof a0);
+                    std::memcpy(a + c + 16, &a1, sizeof a1);
+                    std::memcpy(a + c + 32, &a2, sizeof a2);
+                    std::memcpy(a + c + 48, &a3, sizeof a3);
+                }
+                for (; blocks && c < D; c += 16) {
+                    f32x16 a0;
+                    std::memcpy(&a0, a + c, sizeof a0);
+                    for (int64_t j = k0; j < k1; ++j) {
+                        f32x16 v0;
+                        std::memcpy(&v0, values[j] + c, sizeof v0);
+                        a0 += w[j] * v0;
+                    }
+                    std::memcpy(a + c, &a0, sizeof a0);
+                }
+                for (int64_t j = k0; c < D && j < k1; ++j) {
+                    const float* __restrict vj = values[j];
+                    for (int64_t d = c; d < D; ++d) a[d] += w[j] * vj[d];
+                }
+            }
+        }
+        std::memcpy(out + task * G * D, ac, static_cast<size_t>(G * D) * sizeof(float));
+    }
+}
+
+DecodeView decode_view(const at::Tensor& t) {
+    return DecodeView{t.const_data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
 bool is_cpu_f32(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
 
 template <typename F>
@@ -517,6 +692,68 @@ at::Tensor* sipt_fused_xent_chunk(const at::Tensor* logits, const at::Tensor* ta
             xent_rows(xp, V, tp, wp, sc, g, np, begin, end);
         });
         return nll;
+    });
+}
+
+// Attention of one new position per row (`q (R, H, 1, D)`) over shared prefixes
+// (`prefix_k`, `prefix_v (P, KV, Lp, D)`, rows p·per .. (p+1)·per − 1 continue prefix p;
+// `prefix_mask (P, 1, 1, Lp)` bool, true at real positions, or null) followed by each row's own
+// positions (`own_k`, `own_v (R, KV, S, D)`, e.g. views of a cache); `band (1, Lp + S)` bool, the
+// keys a sliding window still sees, or null. All f32 on a CPU, last dimensions contiguous.
+// Returns `(R, H, 1, D)`.
+at::Tensor* sipt_fused_decode_attention(const at::Tensor* q, const at::Tensor* prefix_k,
+                                        const at::Tensor* prefix_v,
+                                        const at::Tensor* prefix_mask, const at::Tensor* own_k,
+                                        const at::Tensor* own_v, const at::Tensor* band,
+                                        int64_t per, char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        for (const at::Tensor* t : {q, prefix_k, prefix_v, own_k, own_v}) {
+            TORCH_CHECK(is_cpu_f32(*t) && t->dim() == 4,
+                        "fused decode attention takes 4-d f32 tensors on a CPU, not ",
+                        t->scalar_type(), " of shape ", t->sizes());
+        }
+        const int64_t R = q->size(0), H = q->size(1), D = q->size(3);
+        const int64_t P = prefix_k->size(0), KV = prefix_k->size(1), Lp = prefix_k->size(2);
+        const int64_t S = own_k->size(2);
+        TORCH_CHECK(q->size(2) == 1, "fused decode attention takes one query position, not ",
+                    q->size(2));
+        TORCH_CHECK(KV > 0 && H % KV == 0 && per > 0 && P * per == R,
+                    "fused decode attention: ", H, " heads over ", KV, " key/value heads, ", R,
+                    " rows for ", P, " prefixes of ", per);
+        TORCH_CHECK(prefix_v->sizes() == prefix_k->sizes(), "prefix values of shape ",
+                    prefix_v->sizes(), " for keys of ", prefix_k->sizes());
+        TORCH_CHECK(own_k->sizes() == at::IntArrayRef({R, KV, S, D}) &&
+                        own_v->sizes() == own_k->sizes() && prefix_k->size(3) == D,
+                    "fused decode attention: own keys ", own_k->sizes(), ", values ",
+                    own_v->sizes(), ", prefix ", prefix_k->sizes(), " for queries ", q->sizes());
+        auto last_dense = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+        auto qc = q->contiguous();
+        auto pk = last_dense(*prefix_k), pv = last_dense(*prefix_v);
+        auto ok = last_dense(*own_k), ov = last_dense(*own_v);
+        at::Tensor pm, bd;
+        if (prefix_mask != nullptr) {
+            TORCH_CHECK(prefix_mask->numel() == P * Lp, "prefix mask of shape ",
+                        prefix_mask->sizes(), " for ", P, " prefixes of ", Lp);
+            pm = prefix_mask->to(at::kBool).contiguous();
+        }
+        if (band != nullptr) {
+            TORCH_CHECK(band->numel() == Lp + S, "window band of shape ", band->sizes(), " for ",
+                        Lp + S, " keys");
+            bd = band->to(at::kBool).contiguous();
+        }
+        auto out = at::empty({R, H, 1, D}, qc.options());
+        const float* qp = qc.const_data_ptr<float>();
+        float* op = out.mutable_data_ptr<float>();
+        const bool* pmp = pm.defined() ? pm.const_data_ptr<bool>() : nullptr;
+        const bool* bp = bd.defined() ? bd.const_data_ptr<bool>() : nullptr;
+        const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+        const DecodeView vpk = decode_view(pk), vpv = decode_view(pv);
+        const DecodeView vok = decode_view(ok), vov = decode_view(ov);
+        at::parallel_for(0, R * KV, 1, [&](int64_t begin, int64_t end) {
+            decode_attention_tasks(qp, vpk, vpv, pmp, vok, vov, bp, op, KV, H / KV, D, Lp, S, per,
+                                   scale, begin, end);
+        });
+        return out;
     });
 }
 

@@ -13,9 +13,14 @@ use tch::{Device, Kind, Tensor};
 static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn policy() -> Policy {
+    policy_with(|_| {})
+}
+
+/// The test model with `change` made to its configuration.
+fn policy_with(change: impl FnOnce(&mut LlamaConfig)) -> Policy {
     let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(11);
-    let config = LlamaConfig {
+    let mut config = LlamaConfig {
         vocab_size: 97,
         hidden_size: 32,
         intermediate_size: 64,
@@ -33,6 +38,7 @@ fn policy() -> Policy {
         rope_scaling: None,
         sliding_window: None,
     };
+    change(&mut config);
     let p = Policy::from_scratch(config, Device::Cpu);
     // Sharpen the random model so that greedy choices are not near-ties.
     tch::no_grad(|| {
@@ -116,6 +122,45 @@ fn shared_prefix_rollouts_are_reproducible_and_differ() {
     let g = generate(&p.model, &prefixes, 3, &greedy(6), &[], 0);
     assert_eq!(g.tokens[0], g.tokens[1]);
     assert_eq!(g.tokens[1], g.tokens[2]);
+}
+
+/// The fused decode attention (`model::fused::decode_attention`, f32 on a CPU) against
+/// libtorch's ops in rollouts of shared prefixes: the same tokens at a fixed seed and the same
+/// log-probs within rounding. Padded prefixes of two lengths, plain weights (9 new tokens) and
+/// packed ones (24), head size 8 (the kernel's scalar loops) and 16 (its 16-wide blocks, with
+/// a sliding window shorter than the rollout).
+#[test]
+fn fused_and_plain_decode_attention_give_the_same_rollouts() {
+    let wide = |c: &mut LlamaConfig| {
+        c.hidden_size = 64;
+        c.sliding_window = Some(7);
+    };
+    for (name, mut p) in [
+        ("head size 8", policy()),
+        ("head size 16", policy_with(wide)),
+    ] {
+        let prefixes = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![2u32, 7]];
+        for n in [9usize, 24] {
+            let s = Sampling {
+                max_new_tokens: n,
+                temperature: 1.0,
+                ..Sampling::default()
+            };
+            p.model.fused_layers = false;
+            let plain = generate(&p.model, &prefixes, 3, &s, &[], 5);
+            p.model.fused_layers = true;
+            let fused = generate(&p.model, &prefixes, 3, &s, &[], 5);
+            assert_eq!(plain.tokens, fused.tokens, "{name}, {n} tokens");
+            for (a, b) in plain
+                .logprobs
+                .iter()
+                .flatten()
+                .zip(fused.logprobs.iter().flatten())
+            {
+                assert!((a - b).abs() < 1e-4, "{name}, {n} tokens: {a} vs {b}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -35,6 +35,18 @@ extern "C" {
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> *mut C_tensor;
+    fn sipt_fused_decode_attention(
+        q: *const C_tensor,
+        prefix_k: *const C_tensor,
+        prefix_v: *const C_tensor,
+        prefix_mask: *const C_tensor,
+        own_k: *const C_tensor,
+        own_v: *const C_tensor,
+        band: *const C_tensor,
+        per: i64,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
     #[cfg(test)]
     fn sipt_fused_parallel_threads(tasks: i64) -> i64;
     fn sipt_fused_rope(
@@ -87,6 +99,42 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         "rotary embeddings",
         call(|err, len| unsafe {
             sipt_fused_rope(xs.as_ptr(), cos.as_ptr(), sin.as_ptr(), err, len)
+        }),
+    )
+}
+
+/// Attention of one new position per row, `q (R, H, 1, D)`, over shared prefixes (`prefix`:
+/// keys and values `(P, KV, Lp, D)`; rows `p·per .. (p+1)·per` continue prefix `p`;
+/// `prefix_mask (P, 1, 1, Lp)` true at real positions) followed by each row's own positions
+/// (`own`: `(R, KV, S, D)`, views of a cache are fine), `band (1, Lp + S)` the keys a sliding
+/// window still sees. One task per row and KV head reads its keys and values once for all the
+/// heads of its group. Returns `(R, H, 1, D)`.
+pub fn decode_attention(
+    q: &Tensor,
+    prefix: &(Tensor, Tensor),
+    own: &(Tensor, Tensor),
+    per: i64,
+    prefix_mask: Option<&Tensor>,
+    band: Option<&Tensor>,
+) -> Tensor {
+    let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr());
+    // SAFETY: every handle stays alive for the call (the optional ones are null or borrowed);
+    // the result is a fresh tensor we own.
+    expect(
+        "decode attention",
+        call(|err, len| unsafe {
+            sipt_fused_decode_attention(
+                q.as_ptr(),
+                prefix.0.as_ptr(),
+                prefix.1.as_ptr(),
+                opt(prefix_mask),
+                own.0.as_ptr(),
+                own.1.as_ptr(),
+                opt(band),
+                per,
+                err,
+                len,
+            )
         }),
     )
 }
@@ -303,6 +351,45 @@ mod tests {
             err.contains("targets in 0..53 for a vocabulary of 53"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn decode_attention_matches_the_ops_it_replaces() {
+        use super::super::llama::shared_prefix_attention;
+        let randn = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        // (prefixes, rows per prefix, heads, KV heads, head size, prefix length, own length,
+        // padding mask, sliding-window band): head sizes 64 and 32 run the kernel's 16-wide
+        // blocks, 24 its scalar loops; lengths that are not whole blocks; grouped heads (3 per
+        // KV head) and one per KV head.
+        for (p, per, h, kv, d, lp, s, masked, banded) in [
+            (1, 4, 6, 2, 64, 37, 5, true, false),
+            (3, 2, 4, 4, 32, 16, 1, false, true),
+            (2, 2, 2, 1, 24, 20, 19, true, true),
+            (1, 16, 9, 3, 64, 256, 64, false, false),
+        ] {
+            let r = p * per;
+            let q = randn(&[r, h, 1, d]);
+            let prefix = (randn(&[p, kv, lp, d]), randn(&[p, kv, lp, d]));
+            // The row's own keys and values as the cache holds them: the first `s` of more.
+            let (ck, cv) = (randn(&[r, kv, s + 3, d]), randn(&[r, kv, s + 3, d]));
+            let own = (ck.narrow(2, 0, s), cv.narrow(2, 0, s));
+            let mask = masked.then(|| {
+                let m = Tensor::rand([p, 1, 1, lp], (Kind::Float, Device::Cpu)).gt(0.3);
+                // Left padding keeps at least the prefix's last position.
+                let _ = m.narrow(3, lp - 1, 1).fill_(1);
+                m
+            });
+            let band = banded.then(|| {
+                let b = Tensor::rand([1, lp + s], (Kind::Float, Device::Cpu)).gt(0.4);
+                let _ = b.narrow(1, lp + s - 1, 1).fill_(1);
+                b
+            });
+            let plain =
+                shared_prefix_attention(&q, &prefix, &own, per, mask.as_ref(), band.as_ref());
+            let fused = decode_attention(&q, &prefix, &own, per, mask.as_ref(), band.as_ref());
+            assert_eq!(fused.size(), [r, h, 1, d]);
+            assert_close(&format!("{p}x{per}, d {d}"), &fused, &plain, 1e-5);
+        }
     }
 
     #[test]

@@ -671,17 +671,16 @@ impl Attention {
             // The prefix fills cache indices 0..Lp, the row's own positions follow.
             let lp = prefix.0.size()[2];
             let band = self.window_band(lp + start, t, lp + start + t, xs.device());
-            let y = shared_prefix_attention(
-                &q.to_kind(ck.kind()),
-                prefix,
-                &own,
-                per,
-                prefix_mask,
-                band.as_ref(),
-            )
-            .transpose(1, 2)
-            .reshape([b, t, self.heads * self.head_dim])
-            .to_kind(xs.kind());
+            let q = q.to_kind(ck.kind());
+            let y =
+                if fused && t == 1 && fused::applies(&[&q, &prefix.0, &prefix.1, &own.0, &own.1]) {
+                    fused::decode_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
+                } else {
+                    shared_prefix_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
+                }
+                .transpose(1, 2)
+                .reshape([b, t, self.heads * self.head_dim])
+                .to_kind(xs.kind());
             return o(&y);
         }
         let first = cache.as_ref().map_or(0, |c| c.start);
@@ -744,7 +743,7 @@ impl Attention {
 /// (`prefix`: keys and values `(P, KV, Lp, D)`, rows `p*per .. (p+1)*per` continue prefix `p`;
 /// `prefix_mask (P, 1, 1, Lp)` true at real positions) followed by each row's own positions
 /// (`own`: `(R, KV, S, D)`, all valid). One softmax over both parts. Returns `(R, H, 1, D)`.
-fn shared_prefix_attention(
+pub(super) fn shared_prefix_attention(
     q: &Tensor,
     prefix: &(Tensor, Tensor),
     own: &(Tensor, Tensor),
