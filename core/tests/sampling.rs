@@ -125,7 +125,8 @@ fn shared_prefix_rollouts_are_reproducible_and_differ() {
 }
 
 /// The fused decode attention (`model::fused::decode_attention`, f32 on a CPU) against
-/// libtorch's ops in rollouts of shared prefixes: the same tokens at a fixed seed and the same
+/// libtorch's ops in rollouts, of shared prefixes (3 per prefix) and of one row per prefix
+/// (each row's cache with its padding mask): the same tokens at a fixed seed and the same
 /// log-probs within rounding. Padded prefixes of two lengths, plain weights (9 new tokens) and
 /// packed ones (24), head size 8 (the kernel's scalar loops) and 16 (its 16-wide blocks, with
 /// a sliding window shorter than the rollout).
@@ -140,24 +141,25 @@ fn fused_and_plain_decode_attention_give_the_same_rollouts() {
         ("head size 16", policy_with(wide)),
     ] {
         let prefixes = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![2u32, 7]];
-        for n in [9usize, 24] {
+        for (n, k) in [(9usize, 3), (24, 3), (9, 1), (24, 1)] {
             let s = Sampling {
                 max_new_tokens: n,
                 temperature: 1.0,
                 ..Sampling::default()
             };
             p.model.fused_layers = false;
-            let plain = generate(&p.model, &prefixes, 3, &s, &[], 5);
+            let plain = generate(&p.model, &prefixes, k, &s, &[], 5);
             p.model.fused_layers = true;
-            let fused = generate(&p.model, &prefixes, 3, &s, &[], 5);
-            assert_eq!(plain.tokens, fused.tokens, "{name}, {n} tokens");
+            let fused = generate(&p.model, &prefixes, k, &s, &[], 5);
+            let what = format!("{name}, {n} tokens, {k} per prefix");
+            assert_eq!(plain.tokens, fused.tokens, "{what}");
             for (a, b) in plain
                 .logprobs
                 .iter()
                 .flatten()
                 .zip(fused.logprobs.iter().flatten())
             {
-                assert!((a - b).abs() < 1e-4, "{name}, {n} tokens: {a} vs {b}");
+                assert!((a - b).abs() < 1e-4, "{what}: {a} vs {b}");
             }
         }
     }

@@ -108,7 +108,8 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 /// `prefix_mask (P, 1, 1, Lp)` true at real positions) followed by each row's own positions
 /// (`own`: `(R, KV, S, D)`, views of a cache are fine), `band (1, Lp + S)` the keys a sliding
 /// window still sees. One task per row and KV head reads its keys and values once for all the
-/// heads of its group. Returns `(R, H, 1, D)`.
+/// heads of its group. Returns `(R, H, 1, D)`. A decode step without a shared prefix passes
+/// each row's cache as a prefix of its own (`per` 1, the padding mask per row, `own` empty).
 pub fn decode_attention(
     q: &Tensor,
     prefix: &(Tensor, Tensor),

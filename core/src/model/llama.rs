@@ -684,6 +684,7 @@ impl Attention {
             return o(&y);
         }
         let first = cache.as_ref().map_or(0, |c| c.start);
+        let cached = cache.is_some();
         let (q, k, v) = match cache {
             Some(LayerCache {
                 kv: (ck, cv),
@@ -702,9 +703,28 @@ impl Attention {
             }
             None => (q, k, v),
         };
+        let keys = k.size()[2];
+        // Padding masks of one row of keys per row (a decode step's), or none.
+        let row_mask = mask.filter(|m| m.size() == [b, 1, 1, keys]);
+        if fused
+            && cached
+            && t == 1
+            && mask.is_none() == row_mask.is_none()
+            && fused::applies(&[&q, &k, &v])
+        {
+            // A decode step without a shared prefix: each row's cache is a "prefix" of its own
+            // (one row per prefix, no positions after it).
+            let band = self.window_band(first, 1, keys, xs.device());
+            let after = (k.narrow(2, 0, 0), v.narrow(2, 0, 0));
+            let y = fused::decode_attention(&q, &(k, v), &after, 1, row_mask, band.as_ref())
+                .transpose(1, 2)
+                .reshape([b, t, self.heads * self.head_dim])
+                .to_kind(xs.kind());
+            return o(&y);
+        }
         let gqa = self.kv_heads != self.heads;
         let banded;
-        let mask = match self.window_band(first, t, k.size()[2], xs.device()) {
+        let mask = match self.window_band(first, t, keys, xs.device()) {
             Some(band) => {
                 let band = band.view([1, 1, t, -1]);
                 banded = match mask {
