@@ -732,14 +732,17 @@ at::Tensor* sipt_fused_decode_attention(const at::Tensor* q, const at::Tensor* p
         auto ok = last_dense(*own_k), ov = last_dense(*own_v);
         at::Tensor pm, bd;
         if (prefix_mask != nullptr) {
-            TORCH_CHECK(prefix_mask->numel() == P * Lp, "prefix mask of shape ",
-                        prefix_mask->sizes(), " for ", P, " prefixes of ", Lp);
-            pm = prefix_mask->to(at::kBool).contiguous();
+            TORCH_CHECK(prefix_mask->scalar_type() == at::kBool && prefix_mask->numel() == P * Lp,
+                        "prefix mask of ", prefix_mask->scalar_type(), " and shape ",
+                        prefix_mask->sizes(), " for ", P, " prefixes of ", Lp,
+                        " (expected bool, true where seen)");
+            pm = prefix_mask->contiguous();
         }
         if (band != nullptr) {
-            TORCH_CHECK(band->numel() == Lp + S, "window band of shape ", band->sizes(), " for ",
-                        Lp + S, " keys");
-            bd = band->to(at::kBool).contiguous();
+            TORCH_CHECK(band->scalar_type() == at::kBool && band->numel() == Lp + S,
+                        "window band of ", band->scalar_type(), " and shape ", band->sizes(),
+                        " for ", Lp + S, " keys (expected bool, true where seen)");
+            bd = band->contiguous();
         }
         auto out = at::empty({R, H, 1, D}, qc.options());
         const float* qp = qc.const_data_ptr<float>();

@@ -672,15 +672,18 @@ impl Attention {
             let lp = prefix.0.size()[2];
             let band = self.window_band(lp + start, t, lp + start + t, xs.device());
             let q = q.to_kind(ck.kind());
-            let y =
-                if fused && t == 1 && fused::applies(&[&q, &prefix.0, &prefix.1, &own.0, &own.1]) {
-                    fused::decode_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
-                } else {
-                    shared_prefix_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
-                }
-                .transpose(1, 2)
-                .reshape([b, t, self.heads * self.head_dim])
-                .to_kind(xs.kind());
+            let y = if fused
+                && t == 1
+                && prefix_mask.map_or(true, |m| m.kind() == Kind::Bool)
+                && fused::applies(&[&q, &prefix.0, &prefix.1, &own.0, &own.1])
+            {
+                fused::decode_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
+            } else {
+                shared_prefix_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
+            }
+            .transpose(1, 2)
+            .reshape([b, t, self.heads * self.head_dim])
+            .to_kind(xs.kind());
             return o(&y);
         }
         let first = cache.as_ref().map_or(0, |c| c.start);
@@ -704,8 +707,8 @@ impl Attention {
             None => (q, k, v),
         };
         let keys = k.size()[2];
-        // Padding masks of one row of keys per row (a decode step's), or none.
-        let row_mask = mask.filter(|m| m.size() == [b, 1, 1, keys]);
+        // Padding masks (true: seen) of one row of keys per row (a decode step's), or none.
+        let row_mask = mask.filter(|m| m.kind() == Kind::Bool && m.size() == [b, 1, 1, keys]);
         if fused
             && cached
             && t == 1
