@@ -8,6 +8,7 @@
 //! libtorch's own ops. [`super::Llama::fused_layers`] turns them off, for tests and for
 //! measuring the two side by side.
 
+use super::llama::DecodeKeys;
 use super::packed::call;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -103,21 +104,12 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     )
 }
 
-/// Attention of one new position per row, `q (R, H, 1, D)`, over shared prefixes (`prefix`:
-/// keys and values `(P, KV, Lp, D)`; rows `p·per .. (p+1)·per` continue prefix `p`;
-/// `prefix_mask (P, 1, 1, Lp)` true at real positions) followed by each row's own positions
-/// (`own`: `(R, KV, S, D)`, views of a cache are fine), `band (1, Lp + S)` the keys a sliding
-/// window still sees. One task per row and KV head reads its keys and values once for all the
-/// heads of its group. Returns `(R, H, 1, D)`. A decode step without a shared prefix passes
-/// each row's cache as a prefix of its own (`per` 1, the padding mask per row, `own` empty).
-pub fn decode_attention(
-    q: &Tensor,
-    prefix: &(Tensor, Tensor),
-    own: &(Tensor, Tensor),
-    per: i64,
-    prefix_mask: Option<&Tensor>,
-    band: Option<&Tensor>,
-) -> Tensor {
+/// `llama::shared_prefix_attention` in one kernel, with the same result: the
+/// attention of one new position per row, `q (R, H, 1, D)`, over its prefix and its own cached
+/// positions. One task per row and KV head reads its keys and values once for all the heads of
+/// its group. Masks are bool, true where seen. A decode step without a shared prefix passes each
+/// row's cache as a prefix of its own (`per` 1, the padding mask per row, `own` empty).
+pub(super) fn decode_attention(q: &Tensor, keys: &DecodeKeys) -> Tensor {
     let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr());
     // SAFETY: every handle stays alive for the call (the optional ones are null or borrowed);
     // the result is a fresh tensor we own.
@@ -126,13 +118,13 @@ pub fn decode_attention(
         call(|err, len| unsafe {
             sipt_fused_decode_attention(
                 q.as_ptr(),
-                prefix.0.as_ptr(),
-                prefix.1.as_ptr(),
-                opt(prefix_mask),
-                own.0.as_ptr(),
-                own.1.as_ptr(),
-                opt(band),
-                per,
+                keys.prefix.0.as_ptr(),
+                keys.prefix.1.as_ptr(),
+                opt(keys.prefix_mask),
+                keys.own.0.as_ptr(),
+                keys.own.1.as_ptr(),
+                opt(keys.band),
+                keys.per,
                 err,
                 len,
             )
@@ -385,9 +377,15 @@ mod tests {
                 let _ = b.narrow(1, lp + s - 1, 1).fill_(1);
                 b
             });
-            let plain =
-                shared_prefix_attention(&q, &prefix, &own, per, mask.as_ref(), band.as_ref());
-            let fused = decode_attention(&q, &prefix, &own, per, mask.as_ref(), band.as_ref());
+            let keys = DecodeKeys {
+                prefix: &prefix,
+                own: &own,
+                per,
+                prefix_mask: mask.as_ref(),
+                band: band.as_ref(),
+            };
+            let plain = shared_prefix_attention(&q, &keys);
+            let fused = decode_attention(&q, &keys);
             assert_eq!(fused.size(), [r, h, 1, d]);
             assert_close(&format!("{p}x{per}, d {d}"), &fused, &plain, 1e-5);
         }

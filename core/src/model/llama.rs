@@ -672,14 +672,21 @@ impl Attention {
             let lp = prefix.0.size()[2];
             let band = self.window_band(lp + start, t, lp + start + t, xs.device());
             let q = q.to_kind(ck.kind());
+            let keys = DecodeKeys {
+                prefix,
+                own: &own,
+                per,
+                prefix_mask,
+                band: band.as_ref(),
+            };
             let y = if fused
                 && t == 1
                 && prefix_mask.map_or(true, |m| m.kind() == Kind::Bool)
                 && fused::applies(&[&q, &prefix.0, &prefix.1, &own.0, &own.1])
             {
-                fused::decode_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
+                fused::decode_attention(&q, &keys)
             } else {
-                shared_prefix_attention(&q, prefix, &own, per, prefix_mask, band.as_ref())
+                shared_prefix_attention(&q, &keys)
             }
             .transpose(1, 2)
             .reshape([b, t, self.heads * self.head_dim])
@@ -718,8 +725,16 @@ impl Attention {
             // A decode step without a shared prefix: each row's cache is a "prefix" of its own
             // (one row per prefix, no positions after it).
             let band = self.window_band(first, 1, keys, xs.device());
+            let rows = (k.shallow_clone(), v.shallow_clone());
             let after = (k.narrow(2, 0, 0), v.narrow(2, 0, 0));
-            let y = fused::decode_attention(&q, &(k, v), &after, 1, row_mask, band.as_ref())
+            let keys = DecodeKeys {
+                prefix: &rows,
+                own: &after,
+                per: 1,
+                prefix_mask: row_mask,
+                band: band.as_ref(),
+            };
+            let y = fused::decode_attention(&q, &keys)
                 .transpose(1, 2)
                 .reshape([b, t, self.heads * self.head_dim])
                 .to_kind(xs.kind());
@@ -762,18 +777,30 @@ impl Attention {
     }
 }
 
-/// Attention of one new position per row, `q (R, H, 1, D)`, over a shared prefix
-/// (`prefix`: keys and values `(P, KV, Lp, D)`, rows `p*per .. (p+1)*per` continue prefix `p`;
-/// `prefix_mask (P, 1, 1, Lp)` true at real positions) followed by each row's own positions
-/// (`own`: `(R, KV, S, D)`, all valid). One softmax over both parts. Returns `(R, H, 1, D)`.
-pub(super) fn shared_prefix_attention(
-    q: &Tensor,
-    prefix: &(Tensor, Tensor),
-    own: &(Tensor, Tensor),
-    per: i64,
-    prefix_mask: Option<&Tensor>,
-    band: Option<&Tensor>,
-) -> Tensor {
+/// What the attention of a decode step reads besides its queries: a shared prefix (`prefix`:
+/// keys and values `(P, KV, Lp, D)`, rows `p*per .. (p+1)*per` continue prefix `p`;
+/// `prefix_mask (P, 1, 1, Lp)` bool, true at real positions) followed by each row's own
+/// positions (`own`: `(R, KV, S, D)`, all valid); `band (1, Lp + S)` the keys a sliding window
+/// still sees.
+#[derive(Clone, Copy)]
+pub(super) struct DecodeKeys<'a> {
+    pub(super) prefix: &'a (Tensor, Tensor),
+    pub(super) own: &'a (Tensor, Tensor),
+    pub(super) per: i64,
+    pub(super) prefix_mask: Option<&'a Tensor>,
+    pub(super) band: Option<&'a Tensor>,
+}
+
+/// Attention of one new position per row, `q (R, H, 1, D)`, over `keys`: one softmax over the
+/// prefix and the row's own positions. Returns `(R, H, 1, D)`.
+pub(super) fn shared_prefix_attention(q: &Tensor, keys: &DecodeKeys) -> Tensor {
+    let DecodeKeys {
+        prefix,
+        own,
+        per,
+        prefix_mask,
+        band,
+    } = *keys;
     let (r, h, _, d) = q.size4().unwrap_or((1, 1, 1, 1));
     let (p, kv, lp, _) = prefix.0.size4().unwrap_or((1, 1, 1, 1));
     let g = h / kv;
