@@ -114,6 +114,36 @@ pub fn compile_distributed(name: &str, file: &str) {
     build_cpp(name, &[file], &defines, &includes);
 }
 
+/// Links the OpenMP runtime libtorch itself was built against, so that the shims' parallel
+/// loops share its thread pool (sized by `set_num_threads`) instead of starting a second one:
+/// the libgomp next to libtorch (`libgomp.so.1` in the Python wheels, a name with a hash in the
+/// libtorch archives), by its file name, which makes its soname the dependency; the system's
+/// libgomp when libtorch brings none.
+fn link_openmp(lib: &Path) {
+    // Once per build script (rustc refuses a library given twice with modifiers).
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| link_openmp_once(lib));
+}
+
+fn link_openmp_once(lib: &Path) {
+    let bundled = std::fs::read_dir(lib).ok().and_then(|entries| {
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("libgomp") && n.contains(".so"))
+            .collect();
+        names.sort();
+        names.into_iter().next()
+    });
+    match bundled {
+        Some(name) => {
+            println!("cargo:rustc-link-search=native={}", lib.display());
+            println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
+        }
+        None => println!("cargo:rustc-link-lib=gomp"),
+    }
+}
+
 fn build_cpp(name: &str, files: &[&str], defines: &[&str], includes: &[std::path::PathBuf]) {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     for f in files {
@@ -136,10 +166,8 @@ fn build_cpp(name: &str, files: &[&str], defines: &[&str], includes: &[std::path
     // a debug build's -O0/-O1 does not run.
     //
     // With OpenMP: `at::parallel_for` is defined in libtorch's headers and runs its loop on the
-    // calling thread alone unless the code that includes them is compiled with OpenMP. The shims
-    // link libgomp by its soname, which at run time is the copy libtorch itself loads (next to
-    // it, found through the binary's run path): one thread pool, sized by `set_num_threads`.
-    println!("cargo:rustc-link-lib=gomp");
+    // calling thread alone unless the code that includes them is compiled with OpenMP.
+    link_openmp(Path::new(&lib));
     build
         .cpp(true)
         .opt_level(3)
