@@ -4,7 +4,7 @@
 // about ten backward), each with a fresh buffer; here each is one pass forward and one pass
 // backward, with autograd nodes of their own (`torch::autograd::Function`), so that tch's
 // `backward` reaches them like any other op. Also, forward only: the chunked loss's softmax, and
-// the attention of a decode step over shared prefixes.
+// the attention of a decode step.
 //
 // f32 tensors on a CPU only; the Rust side (`model::fused`) decides when they apply and keeps
 // libtorch's own ops for everything else. Tensors cross the boundary as the `at::Tensor*`
@@ -442,7 +442,8 @@ void xent_rows(float* __restrict logits, int64_t V, const int64_t* __restrict ta
 // A decode step of rollouts that continue shared prefixes: row r continues prefix r / per; its
 // query heads kv·G .. (kv+1)·G − 1 read key/value head kv (grouped-query attention). Scores over
 // the prefix's Lp positions (those its padding mask keeps) then the row's S own positions, one
-// softmax over both, the sliding window's band applied to both. libtorch runs this as about
+// softmax over both, the sliding window's band applied to both. (A decode step without a shared
+// prefix passes each row's cache as its prefix: per 1, S 0.) libtorch runs this as about
 // fifteen small ops per layer (products, permuted copies, a concatenation, masks, a softmax);
 // here each (row, KV head) is one task that reads its keys and values once for all G heads.
 

@@ -655,9 +655,16 @@ impl Attention {
             }
             (None, Rotary::Pairs(_)) => unreachable!("paired rotations come with packed weights"),
         };
-        let o = |y: &Tensor| match packed {
-            Some(p) => packed::linear(y, &p.o),
-            None => Ok(self.o.forward(y)),
+        // The output projection of the heads' results `(B, heads, T, hd)`.
+        let o = |y: Tensor| {
+            let y = y
+                .transpose(1, 2)
+                .reshape([b, t, self.heads * self.head_dim])
+                .to_kind(xs.kind());
+            match packed {
+                Some(p) => packed::linear(&y, &p.o),
+                None => Ok(self.o.forward(&y)),
+            }
         };
         if let Some(LayerCache {
             kv: (ck, cv),
@@ -687,11 +694,8 @@ impl Attention {
                 fused::decode_attention(&q, &keys)
             } else {
                 shared_prefix_attention(&q, &keys)
-            }
-            .transpose(1, 2)
-            .reshape([b, t, self.heads * self.head_dim])
-            .to_kind(xs.kind());
-            return o(&y);
+            };
+            return o(y);
         }
         let first = cache.as_ref().map_or(0, |c| c.start);
         let cached = cache.is_some();
@@ -714,14 +718,11 @@ impl Attention {
             None => (q, k, v),
         };
         let keys = k.size()[2];
-        // Padding masks (true: seen) of one row of keys per row (a decode step's), or none.
-        let row_mask = mask.filter(|m| m.kind() == Kind::Bool && m.size() == [b, 1, 1, keys]);
-        if fused
-            && cached
-            && t == 1
-            && mask.is_none() == row_mask.is_none()
-            && fused::applies(&[&q, &k, &v])
-        {
+        // The kernel takes no mask or a decode step's: one bool row of keys per row.
+        let row_mask = mask.map_or(true, |m| {
+            m.kind() == Kind::Bool && m.size() == [b, 1, 1, keys]
+        });
+        if fused && cached && t == 1 && row_mask && fused::applies(&[&q, &k, &v]) {
             // A decode step without a shared prefix: each row's cache is a "prefix" of its own
             // (one row per prefix, no positions after it).
             let band = self.window_band(first, 1, keys, xs.device());
@@ -731,14 +732,10 @@ impl Attention {
                 prefix: &rows,
                 own: &after,
                 per: 1,
-                prefix_mask: row_mask,
+                prefix_mask: mask,
                 band: band.as_ref(),
             };
-            let y = fused::decode_attention(&q, &keys)
-                .transpose(1, 2)
-                .reshape([b, t, self.heads * self.head_dim])
-                .to_kind(xs.kind());
-            return o(&y);
+            return o(fused::decode_attention(&q, &keys));
         }
         let gqa = self.kv_heads != self.heads;
         let banded;
@@ -769,11 +766,7 @@ impl Attention {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa)
             }
         };
-        let y = y
-            .transpose(1, 2)
-            .reshape([b, t, self.heads * self.head_dim])
-            .to_kind(xs.kind());
-        o(&y)
+        o(y)
     }
 }
 
