@@ -1,5 +1,5 @@
 //! The one rule for tests that need something a machine may lack (a real Slurm, the real LLM
-//! server, the `wandb` CLI, a font for plots, a CPU feature):
+//! server, the `wandb` CLI, a font for plots):
 //!
 //! - present: the test runs;
 //! - absent: the test fails, saying what is missing and how to get it — `scripts/test.sh` sets
@@ -32,10 +32,6 @@ pub const NEEDS: &[(&str, &str)] = &[
     (
         "fonts",
         "apt-get install fonts-dejavu-core, or SIPT_PLOT_FONT=/path/to/font.ttf",
-    ),
-    (
-        "cpu-bf16",
-        "a CPU with AVX512-BF16 or AMX (libtorch's bf16 oneDNN kernels)",
     ),
 ];
 
