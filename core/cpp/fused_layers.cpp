@@ -3,12 +3,13 @@
 // each of them as a chain of separate passes over memory (RMSNorm alone is five forward and
 // about ten backward), each with a fresh buffer; here each is one pass forward and one pass
 // backward, with autograd nodes of their own (`torch::autograd::Function`), so that tch's
-// `backward` reaches them like any other op. Also, forward only: the chunked loss's softmax, and
-// the attention of a decode step.
+// `backward` reaches them like any other op. Also, forward only: the chunked loss's softmax, the
+// attention of a decode step, and the sampler's pick of each row's next token.
 //
-// f32 tensors on a CPU only; the Rust side (`model::fused`) decides when they apply and keeps
-// libtorch's own ops for everything else. Tensors cross the boundary as the `at::Tensor*`
-// handles tch uses; errors come back as text, never as C++ exceptions.
+// f32 tensors on a CPU only (the sampler also reads bf16 logits); the Rust side (`model::fused`)
+// decides when they apply and keeps libtorch's own ops for everything else. Tensors cross the
+// boundary as the `at::Tensor*` handles tch uses; errors come back as text, never as C++
+// exceptions.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -437,6 +438,116 @@ void xent_rows(float* __restrict logits, int64_t V, const int64_t* __restrict ta
     }
 }
 
+// ---- Sampling: the next token of each row from its logits ---------------------------------------
+//
+// What `sample::pick` runs as five passes over the logits with libtorch (log-softmax, exp, a
+// cumulative sum, a sorted search, a gather), in three passes over each row while it is in
+// cache: its maximum; Σ e^(x − m) (the log-softmax's normaliser) and the sampling weights
+// w = e^((x − m) / T) summed per block of `kPickBlock`; then the token, the first whose
+// cumulative weight reaches u · Σ w (inverse-CDF sampling, as the libtorch path), found by
+// walking the block sums and then the entries of one block. Greedy rows take the first maximum.
+// Cumulative sums are kept in double, as libtorch's CPU cumsum does, and compared in f32.
+
+constexpr int64_t kPickBlock = 256;
+
+// Entries [j, j + n) of a row of f32 or bf16 logits as f32: the row itself, or converted into
+// `buf`.
+inline const float* block_f32(const void* row, bool bf16, int64_t j, int64_t n, float* buf) {
+    if (!bf16) return static_cast<const float*>(row) + j;
+    const uint16_t* h = static_cast<const uint16_t*>(row) + j;
+    for (int64_t i = 0; i < n; ++i) {
+        buf[i] = __builtin_bit_cast(float, static_cast<uint32_t>(h[i]) << 16);
+    }
+    return buf;
+}
+
+inline float entry_f32(const void* row, bool bf16, int64_t j) {
+    if (!bf16) return static_cast<const float*>(row)[j];
+    return __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<const uint16_t*>(row)[j])
+                                         << 16);
+}
+
+SIPT_VECTOR_CLONES
+void pick_rows(const void* logits, bool bf16, int64_t V, const float* __restrict u, float inv_t,
+               bool greedy, int64_t* __restrict token, float* __restrict logp, int64_t begin,
+               int64_t end) {
+    constexpr int64_t L = 16;
+    const int64_t nb = (V + kPickBlock - 1) / kPickBlock;
+    std::vector<float> block_sum(nb);
+    alignas(64) float buf[kPickBlock];
+    const bool tempered = inv_t != 1.0f;
+    for (int64_t r = begin; r < end; ++r) {
+        const void* row = static_cast<const char*>(logits) + r * V * (bf16 ? 2 : 4);
+        float m = -INFINITY;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t j = b * kPickBlock, n = std::min(kPickBlock, V - j);
+            const float bm = row_max(block_f32(row, bf16, j, n, buf), n);
+            m = bm > m ? bm : m;
+        }
+        double norm = 0.0;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t j = b * kPickBlock, n = std::min(kPickBlock, V - j);
+            const float* x = block_f32(row, bf16, j, n, buf);
+            float acc[L] = {}, acc_t[L] = {};
+            int64_t i = 0;
+            for (; i + L <= n; i += L) {
+                for (int64_t k = 0; k < L; ++k) acc[k] += exp_f32(x[i + k] - m);
+                if (tempered && !greedy) {
+                    for (int64_t k = 0; k < L; ++k) acc_t[k] += exp_f32((x[i + k] - m) * inv_t);
+                }
+            }
+            float s = 0.0f, s_t = 0.0f;
+            for (int64_t k = 0; k < L; ++k) {
+                s += acc[k];
+                s_t += acc_t[k];
+            }
+            for (; i < n; ++i) {
+                s += exp_f32(x[i] - m);
+                if (tempered && !greedy) s_t += exp_f32((x[i] - m) * inv_t);
+            }
+            norm += s;
+            block_sum[b] = tempered ? s_t : s;
+        }
+        const float lse = m + static_cast<float>(std::log(norm));
+        int64_t t = V - 1;
+        if (greedy) {
+            for (int64_t j = 0; j < V; ++j) {
+                if (entry_f32(row, bf16, j) == m) {
+                    t = j;
+                    break;
+                }
+            }
+        } else {
+            double total = 0.0;
+            for (int64_t b = 0; b < nb; ++b) total += block_sum[b];
+            const float target = u[r] * static_cast<float>(total);
+            double cum = 0.0;
+            int64_t b = 0;
+            for (; b < nb && static_cast<float>(cum + block_sum[b]) < target; ++b) {
+                cum += block_sum[b];
+            }
+            // The block sums and the entries round differently: the scan goes on past the
+            // block if it must, and a target that no prefix reaches takes the last token with
+            // any weight.
+            int64_t last = -1;
+            for (int64_t j = b * kPickBlock; j < V; ++j) {
+                const float xj = entry_f32(row, bf16, j);
+                const float w = xj == -INFINITY ? 0.0f : exp_f32((xj - m) * inv_t);
+                if (w > 0.0f) last = j;
+                cum += w;
+                if (static_cast<float>(cum) >= target && w > 0.0f) {
+                    last = -2;
+                    t = j;
+                    break;
+                }
+            }
+            if (last >= 0) t = last;
+        }
+        token[r] = t;
+        logp[r] = entry_f32(row, bf16, t) - lse;
+    }
+}
+
 // ---- Attention of one new position per row over a shared prefix and the row's own keys -------
 //
 // A decode step of rollouts that continue shared prefixes: row r continues prefix r / per; its
@@ -758,6 +869,45 @@ at::Tensor* sipt_fused_decode_attention(const at::Tensor* q, const at::Tensor* p
                                    scale, begin, end);
         });
         return out;
+    });
+}
+
+// The next token of each row of `logits (N, V)` (f32 or bf16, contiguous, on a CPU): written
+// into `tokens (N,)` (int64, contiguous); returns each token's log-probability `(N,)` (f32,
+// temperature 1). `temperature` ≤ 0 is greedy; else `draws (N,)` (f32 in [0, 1)) are the rows'
+// uniform draws for inverse-CDF sampling at that temperature.
+at::Tensor* sipt_fused_sample_pick(const at::Tensor* logits, const at::Tensor* draws,
+                                   double temperature, at::Tensor* tokens, char* err,
+                                   size_t err_len) {
+    return guarded(err, err_len, [&] {
+        const auto& x = *logits;
+        const bool bf16 = x.scalar_type() == at::kBFloat16;
+        TORCH_CHECK(x.device().is_cpu() && (bf16 || x.scalar_type() == at::kFloat) &&
+                        x.dim() == 2 && x.is_contiguous() && x.size(1) > 0,
+                    "fused sampling takes contiguous f32 or bf16 logits (rows, vocabulary) on a "
+                    "CPU, not ", x.scalar_type(), " of shape ", x.sizes());
+        const int64_t n = x.size(0), V = x.size(1);
+        TORCH_CHECK(tokens->device().is_cpu() && tokens->scalar_type() == at::kLong &&
+                        tokens->is_contiguous() && tokens->numel() == n,
+                    "fused sampling writes ", n, " int64 tokens, not into ",
+                    tokens->scalar_type(), " of shape ", tokens->sizes());
+        const bool greedy = temperature <= 0.0;
+        at::Tensor u;
+        if (!greedy) {
+            TORCH_CHECK(draws != nullptr && draws->numel() == n, "fused sampling takes ", n,
+                        " draws");
+            u = draws->to(at::kFloat).contiguous();
+        }
+        auto logp = at::empty({n}, x.options().dtype(at::kFloat));
+        const void* xp = x.const_data_ptr();
+        const float* up = greedy ? nullptr : u.const_data_ptr<float>();
+        int64_t* tp = tokens->mutable_data_ptr<int64_t>();
+        float* lp = logp.mutable_data_ptr<float>();
+        const float inv_t = greedy ? 1.0f : static_cast<float>(1.0 / temperature);
+        at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
+            pick_rows(xp, bf16, V, up, inv_t, greedy, tp, lp, begin, end);
+        });
+        return logp;
     });
 }
 

@@ -5,7 +5,7 @@
 //! Decoding is a plain Rust loop over libtorch calls, one batched forward per token.
 
 pub use crate::model::llama::chunked_token_logprobs;
-use crate::model::{Batch, KvCache, Llama, Packed};
+use crate::model::{fused, Batch, KvCache, Llama, Packed};
 use sipt_experiment::rng::SplitMix;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use tch::{Device, Kind, Tensor};
@@ -80,7 +80,24 @@ fn left_pad(prefixes: &[Vec<u32>], device: Device) -> (Tensor, Tensor, Tensor, b
 /// Uniform draws come from `rngs`, one stream per row, not from libtorch's global generator,
 /// so that sampling is reproducible whatever else in the process draws random numbers, on any
 /// device, and whichever other rows share the batch.
-pub fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [SplitMix]) -> (Tensor, Tensor) {
+///
+/// With `fused`, logits in f32 or bf16 on a CPU, and no top-k or top-p, one kernel
+/// ([`fused::sample_pick`]) does it all in three passes over each row while it is in cache; it
+/// draws the same numbers and, but for rounding, picks the same tokens as libtorch's ops here.
+pub fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [SplitMix], fused: bool) -> (Tensor, Tensor) {
+    let vocab = logits.size().last().copied().unwrap_or(0);
+    let unrestricted =
+        s.temperature <= 0.0 || ((s.top_k == 0 || s.top_k as i64 >= vocab) && s.top_p >= 1.0);
+    if fused
+        && unrestricted
+        && logits.dim() == 2
+        && logits.device() == Device::Cpu
+        && matches!(logits.kind(), Kind::Float | Kind::BFloat16)
+    {
+        let draws: Option<Vec<f32>> =
+            (s.temperature > 0.0).then(|| rngs.iter_mut().map(|r| r.next_f64() as f32).collect());
+        return fused::sample_pick(&logits.contiguous(), draws.as_deref(), s.temperature);
+    }
     let logp = logits.log_softmax(-1, Kind::Float);
     let token = if s.temperature <= 0.0 {
         logits.argmax(-1, false)
@@ -367,7 +384,7 @@ fn decode(
     let mut tokens = Vec::with_capacity(s.max_new_tokens);
     let mut logps = Vec::with_capacity(s.max_new_tokens);
     for step in 0..s.max_new_tokens {
-        let (token, logp) = pick(&logits, s, &mut rngs);
+        let (token, logp) = pick(&logits, s, &mut rngs, model.fused_layers);
         tokens.push(token.shallow_clone());
         logps.push(logp);
         if let Some(eos_t) = &eos_t {
@@ -835,6 +852,68 @@ mod tests {
         .unwrap();
         c.sliding_window = window;
         c
+    }
+
+    /// The fused sampling kernel against libtorch's ops in `pick`: the same draws give the same
+    /// tokens and log-probs within rounding, greedy and at two temperatures, in f32 and bf16,
+    /// for vocabularies that are not whole blocks of the kernel (and one of a single token), a
+    /// row with most of its logits at minus infinity, and one sharp row (a near-certain token).
+    #[test]
+    fn the_fused_sampler_picks_what_libtorchs_ops_pick() {
+        for vocab in [1i64, 37, 256, 1000, 5003] {
+            let logits = Tensor::randn([48, vocab], (Kind::Float, Device::Cpu)) * 3.0;
+            if vocab > 1 {
+                let _ = logits
+                    .get(0)
+                    .narrow(0, 1, vocab - 1)
+                    .fill_(f64::NEG_INFINITY);
+                let _ = logits.get(1).narrow(0, 0, 1).fill_(40.0);
+            }
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let logits = logits.to_kind(kind);
+                for temperature in [0.0, 1.0, 0.7] {
+                    let s = Sampling {
+                        temperature,
+                        ..Sampling::default()
+                    };
+                    let streams = |seed| (0..48).map(|r| SplitMix::derive(seed, 1, r)).collect();
+                    let (mut a, mut b): (Vec<SplitMix>, Vec<SplitMix>) = (streams(9), streams(9));
+                    let (t0, l0) = pick(&logits, &s, &mut a, false);
+                    let (t1, l1) = pick(&logits, &s, &mut b, true);
+                    let what = format!("vocabulary {vocab}, {kind:?}, temperature {temperature}");
+                    assert_eq!(t1.kind(), Kind::Int64, "{what}");
+                    assert_eq!(
+                        Vec::<i64>::try_from(&t0).unwrap(),
+                        Vec::<i64>::try_from(&t1).unwrap(),
+                        "{what}"
+                    );
+                    let gap = (&l0 - &l1).abs().max().double_value(&[]);
+                    assert!(gap < 1e-5, "{what}: log-probs differ by {gap}");
+                    assert!(l1.isfinite().all().int64_value(&[]) == 1, "{what}");
+                    // Both drew one number per row when sampling, none when greedy.
+                    assert_eq!(a[0].next_f64(), b[0].next_f64(), "{what}");
+                }
+            }
+        }
+        // Over many draws the kernel's tokens follow the distribution.
+        let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, -1.0])
+            .view([1, 4])
+            .repeat([4000, 1]);
+        let mut rngs: Vec<SplitMix> = (0..4000).map(|r| SplitMix::derive(3, 2, r)).collect();
+        let (t, _) = pick(&logits, &Sampling::default(), &mut rngs, true);
+        let p = logits.get(0).softmax(0, Kind::Float);
+        for token in 0..4 {
+            let share = t
+                .eq(token)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[]);
+            let want = p.double_value(&[token]);
+            assert!(
+                (share - want).abs() < 0.03,
+                "token {token}: {share} vs {want}"
+            );
+        }
     }
 
     #[test]

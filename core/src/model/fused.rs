@@ -4,6 +4,9 @@
 //! passes with a fresh buffer per pass (RMSNorm: five forward, about ten backward), which is
 //! where torch.compile's lead over eager training on a CPU comes from.
 //!
+//! Forward only, also: the chunked loss's softmax, the attention of a decode step, and the
+//! sampler's pick of the next token ([`sample_pick`], which reads bf16 logits as well).
+//!
 //! They take f32 tensors on a CPU ([`applies`]); everywhere else (CUDA, bf16) the model keeps
 //! libtorch's own ops. [`super::Llama::fused_layers`] turns them off, for tests and for
 //! measuring the two side by side.
@@ -45,6 +48,14 @@ extern "C" {
         own_v: *const C_tensor,
         band: *const C_tensor,
         per: i64,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn sipt_fused_sample_pick(
+        logits: *const C_tensor,
+        draws: *const C_tensor,
+        temperature: f64,
+        tokens: *mut C_tensor,
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> *mut C_tensor;
@@ -170,6 +181,32 @@ fn try_cross_entropy_rows(
             len,
         )
     })
+}
+
+/// The next token of each row of `logits (N, V)` (contiguous, f32 or bf16, on a CPU) and its
+/// log-probability at temperature 1, both `(N,)`: the first maximum when `temperature` ≤ 0,
+/// else inverse-CDF sampling at `temperature` with one uniform draw in [0, 1) per row.
+pub fn sample_pick(logits: &Tensor, draws: Option<&[f32]>, temperature: f64) -> (Tensor, Tensor) {
+    let rows = logits.size().first().copied().unwrap_or(0);
+    let mut tokens = Tensor::empty([rows], (Kind::Int64, Device::Cpu));
+    let draws = draws.map(Tensor::from_slice);
+    let opt = draws.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
+    // SAFETY: every handle stays alive for the call (`opt` is null or borrowed from `draws`);
+    // the kernel writes only into `tokens`, a fresh tensor of `rows` int64s that we own.
+    let logp = expect(
+        "sampling",
+        call(|err, len| unsafe {
+            sipt_fused_sample_pick(
+                logits.as_ptr(),
+                opt,
+                temperature,
+                tokens.as_mut_ptr(),
+                err,
+                len,
+            )
+        }),
+    );
+    (tokens, logp)
 }
 
 #[cfg(test)]
