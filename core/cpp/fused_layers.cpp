@@ -475,7 +475,7 @@ void pick_rows(const void* logits, bool bf16, int64_t V, const float* __restrict
     const int64_t nb = (V + kPickBlock - 1) / kPickBlock;
     std::vector<float> block_sum(nb);
     alignas(64) float buf[kPickBlock];
-    const bool tempered = inv_t != 1.0f;
+    const bool tempered = inv_t != 1.0f;  // never when greedy (inv_t 1)
     for (int64_t r = begin; r < end; ++r) {
         const void* row = static_cast<const char*>(logits) + r * V * (bf16 ? 2 : 4);
         float m = -INFINITY;
@@ -492,7 +492,7 @@ void pick_rows(const void* logits, bool bf16, int64_t V, const float* __restrict
             int64_t i = 0;
             for (; i + L <= n; i += L) {
                 for (int64_t k = 0; k < L; ++k) acc[k] += exp_f32(x[i + k] - m);
-                if (tempered && !greedy) {
+                if (tempered) {
                     for (int64_t k = 0; k < L; ++k) acc_t[k] += exp_f32((x[i + k] - m) * inv_t);
                 }
             }
@@ -503,7 +503,7 @@ void pick_rows(const void* logits, bool bf16, int64_t V, const float* __restrict
             }
             for (; i < n; ++i) {
                 s += exp_f32(x[i] - m);
-                if (tempered && !greedy) s_t += exp_f32((x[i] - m) * inv_t);
+                if (tempered) s_t += exp_f32((x[i] - m) * inv_t);
             }
             norm += s;
             block_sum[b] = tempered ? s_t : s;
@@ -529,19 +529,13 @@ void pick_rows(const void* logits, bool bf16, int64_t V, const float* __restrict
             // The block sums and the entries round differently: the scan goes on past the
             // block if it must, and a target that no prefix reaches takes the last token with
             // any weight.
-            int64_t last = -1;
             for (int64_t j = b * kPickBlock; j < V; ++j) {
                 const float xj = entry_f32(row, bf16, j);
-                const float w = xj == -INFINITY ? 0.0f : exp_f32((xj - m) * inv_t);
-                if (w > 0.0f) last = j;
-                cum += w;
-                if (static_cast<float>(cum) >= target && w > 0.0f) {
-                    last = -2;
-                    t = j;
-                    break;
-                }
+                if (xj == -INFINITY) continue;
+                t = j;
+                cum += exp_f32((xj - m) * inv_t);
+                if (static_cast<float>(cum) >= target) break;
             }
-            if (last >= 0) t = last;
         }
         token[r] = t;
         logp[r] = entry_f32(row, bf16, t) - lse;

@@ -94,8 +94,7 @@ pub fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [SplitMix], fused: bool) -
         && logits.device() == Device::Cpu
         && matches!(logits.kind(), Kind::Float | Kind::BFloat16)
     {
-        let draws: Option<Vec<f32>> =
-            (s.temperature > 0.0).then(|| rngs.iter_mut().map(|r| r.next_f64() as f32).collect());
+        let draws = (s.temperature > 0.0).then(|| uniform_draws(rngs));
         return fused::sample_pick(&logits.contiguous(), draws.as_deref(), s.temperature);
     }
     let logp = logits.log_softmax(-1, Kind::Float);
@@ -114,7 +113,7 @@ pub fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [SplitMix], fused: bool) -
         let cdf = probs.cumsum(-1, Kind::Float);
         let rows = cdf.size()[0];
         debug_assert_eq!(rows as usize, rngs.len());
-        let draws: Vec<f32> = rngs.iter_mut().map(|r| r.next_f64() as f32).collect();
+        let draws = uniform_draws(rngs);
         let u = Tensor::from_slice(&draws)
             .view([rows, 1])
             .to_device(cdf.device())
@@ -125,6 +124,11 @@ pub fn pick(logits: &Tensor, s: &Sampling, rngs: &mut [SplitMix], fused: bool) -
     };
     let chosen = logp.gather(1, &token.unsqueeze(1), false).squeeze_dim(1);
     (token, chosen)
+}
+
+/// One uniform draw in [0, 1) per row, from the row's stream.
+fn uniform_draws(rngs: &mut [SplitMix]) -> Vec<f32> {
+    rngs.iter_mut().map(|r| r.next_f64() as f32).collect()
 }
 
 /// Log-probs `(N, V)` divided by the temperature, with tokens outside top-k and nucleus top-p
