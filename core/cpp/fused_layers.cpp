@@ -4,9 +4,10 @@
 // about ten backward), each with a fresh buffer; here each is one pass forward and one pass
 // backward, with autograd nodes of their own (`torch::autograd::Function`), so that tch's
 // `backward` reaches them like any other op. Also, forward only: the chunked loss's softmax, the
-// attention of a decode step, and the sampler's pick of each row's next token.
+// attention of a decode step, the sampler's pick of each row's next token, and for inference
+// (no autograd) each residual add with the RMSNorm after it, and SwiGLU, in f32 or bf16.
 //
-// f32 tensors on a CPU only (the sampler also reads bf16 logits); the Rust side (`model::fused`)
+// f32 tensors on a CPU (the sampler and the inference kernels also take bf16); the Rust side (`model::fused`)
 // decides when they apply and keeps libtorch's own ops for everything else. Tensors cross the
 // boundary as the `at::Tensor*` handles tch uses; errors come back as text, never as C++
 // exceptions.
@@ -280,6 +281,184 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
         return {dg.view(shape), du.view(shape)};
     }
 };
+
+// ---- Inference: RMSNorm with the residual add before it, and SwiGLU, in f32 or bf16 ---------
+// Without autograd (decoding runs under no_grad), for activations of either type: what a bf16
+// model's plain path runs as about eight libtorch ops per norm (the conversions to f32 and
+// back, the square, the mean, the rsqrt, two products) and three for a residual add with its
+// norm. Arithmetic is in f32 and rounds to the activations' type where the plain path's ops
+// do: `x + h`, then `x · s`, then that times the weight; `silu(g)`, then that times `u`.
+// bf16 rounds to nearest even, as libtorch converts.
+
+inline float bf16_to_f32(uint16_t h) {
+    return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16);
+}
+
+inline uint16_t f32_to_bf16(float f) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, f);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>(rounded);
+}
+
+// Loads, stores and the rounding of an intermediate result, per activation type.
+template <typename T>
+struct Act;
+template <>
+struct Act<float> {
+    static float load(float x) { return x; }
+    static float store(float x) { return x; }
+    static float round(float x) { return x; }
+};
+template <>
+struct Act<uint16_t> {
+    static float load(uint16_t x) { return bf16_to_f32(x); }
+    static uint16_t store(float x) { return f32_to_bf16(x); }
+    static float round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+};
+
+// Rows [begin, end) of `x (rows, d)`: x ← x + h when `h` is given, then y = RMSNorm(x) · w.
+// `buf` holds d floats (a row of x in f32).
+template <typename T>
+inline __attribute__((always_inline)) void add_rms_rows_of(T* __restrict x, const T* __restrict h,
+                                                           const T* __restrict w,
+                                                           T* __restrict y, float* __restrict buf,
+                                                           int64_t d, float eps, int64_t begin,
+                                                           int64_t end) {
+    using A = Act<T>;
+    for (int64_t r = begin; r < end; ++r) {
+        T* xr = x + r * d;
+        if (h != nullptr) {
+            const T* hr = h + r * d;
+            for (int64_t j = 0; j < d; ++j) {
+                const T sum = A::store(A::load(xr[j]) + A::load(hr[j]));
+                xr[j] = sum;
+                buf[j] = A::load(sum);
+            }
+        } else {
+            for (int64_t j = 0; j < d; ++j) buf[j] = A::load(xr[j]);
+        }
+        const float s = 1.0f / std::sqrt(dot3(buf, buf, nullptr, d) / static_cast<float>(d) + eps);
+        T* yr = y + r * d;
+        for (int64_t j = 0; j < d; ++j) yr[j] = A::store(A::round(buf[j] * s) * A::load(w[j]));
+    }
+}
+
+SIPT_VECTOR_CLONES
+void add_rms_rows(void* x, const void* h, const void* w, void* y, bool bf16, int64_t d,
+                  float eps, int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(d));
+    if (bf16) {
+        add_rms_rows_of(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(h),
+                        static_cast<const uint16_t*>(w), static_cast<uint16_t*>(y), buf.data(),
+                        d, eps, begin, end);
+    } else {
+        add_rms_rows_of(static_cast<float*>(x), static_cast<const float*>(h),
+                        static_cast<const float*>(w), static_cast<float*>(y), buf.data(), d, eps,
+                        begin, end);
+    }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void swiglu_rows_of(const T* __restrict g, int64_t gs,
+                                                          const T* __restrict u, int64_t us,
+                                                          T* __restrict y, int64_t n,
+                                                          int64_t begin, int64_t end) {
+    using A = Act<T>;
+    for (int64_t r = begin; r < end; ++r) {
+        const T* gr = g + r * gs;
+        const T* ur = u + r * us;
+        T* yr = y + r * n;
+        for (int64_t j = 0; j < n; ++j) {
+            const float gj = A::load(gr[j]);
+            yr[j] = A::store(A::round(gj * sigmoid_f32(gj)) * A::load(ur[j]));
+        }
+    }
+}
+
+SIPT_VECTOR_CLONES
+void swiglu_infer_rows(const void* g, int64_t gs, const void* u, int64_t us, void* y, bool bf16,
+                       int64_t n, int64_t begin, int64_t end) {
+    if (bf16) {
+        swiglu_rows_of(static_cast<const uint16_t*>(g), gs, static_cast<const uint16_t*>(u), us,
+                       static_cast<uint16_t*>(y), n, begin, end);
+    } else {
+        swiglu_rows_of(static_cast<const float*>(g), gs, static_cast<const float*>(u), us,
+                       static_cast<float*>(y), n, begin, end);
+    }
+}
+
+bool is_cpu_act(const at::Tensor& t) {
+    return t.device().is_cpu() &&
+           (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
+
+// Whether no gradient can flow through these tensors: gradients are off, or none needs one.
+bool no_gradient(std::initializer_list<const at::Tensor*> ts) {
+    if (!at::GradMode::is_enabled()) return true;
+    for (const at::Tensor* t : ts) {
+        if (t != nullptr && t->requires_grad()) return false;
+    }
+    return true;
+}
+
+at::Tensor add_rms_norm_infer(at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                              double eps) {
+    const int64_t d = x.dim() == 0 ? 0 : x.size(-1);
+    TORCH_CHECK(is_cpu_act(x) && weight.scalar_type() == x.scalar_type() &&
+                    weight.device().is_cpu(),
+                "inference RMSNorm takes f32 or bf16 activations on a CPU with weights of the "
+                "same type, not ", x.scalar_type(), " and ", weight.scalar_type());
+    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, "RMSNorm weight of shape ",
+                weight.sizes(), " for rows of ", d);
+    TORCH_CHECK(no_gradient({&x, residual, &weight}),
+                "inference RMSNorm runs without gradients (under no_grad)");
+    at::Tensor h;
+    if (residual != nullptr) {
+        // x is updated in place, so it must be the dense tensor itself.
+        TORCH_CHECK(x.is_contiguous() && residual->sizes() == x.sizes() &&
+                        residual->scalar_type() == x.scalar_type(),
+                    "residual add of ", residual->scalar_type(), " ", residual->sizes(),
+                    " into ", x.scalar_type(), " ", x.sizes(), " (contiguous)");
+        h = residual->contiguous();
+    }
+    // Without a residual x is only read: a dense copy will do.
+    at::Tensor xs = residual != nullptr ? x : x.contiguous();
+    auto w = weight.contiguous();
+    auto y = at::empty_like(xs, at::MemoryFormat::Contiguous);
+    const int64_t rows = d == 0 ? 0 : xs.numel() / d;
+    const bool bf16 = xs.scalar_type() == at::kBFloat16;
+    void* xp = xs.data_ptr();
+    const void* hp = residual != nullptr ? h.const_data_ptr() : nullptr;
+    const void* wp = w.const_data_ptr();
+    void* yp = y.data_ptr();
+    const float e = static_cast<float>(eps);
+    at::parallel_for(0, rows, grain_rows(d), [&](int64_t begin, int64_t end) {
+        add_rms_rows(xp, hp, wp, yp, bf16, d, e, begin, end);
+    });
+    if (residual != nullptr) x.unsafeGetTensorImpl()->bump_version();
+    return y;
+}
+
+at::Tensor swiglu_infer(const at::Tensor& gate, const at::Tensor& up) {
+    TORCH_CHECK(gate.sizes() == up.sizes(), "SwiGLU halves of shapes ", gate.sizes(), " and ",
+                up.sizes());
+    TORCH_CHECK(no_gradient({&gate, &up}), "inference SwiGLU runs without gradients");
+    auto g = rows_view(gate);
+    auto u = rows_view(up);
+    const int64_t rows = g.size(0);
+    const int64_t n = g.size(1);
+    auto y = at::empty({rows, n}, g.options());
+    const bool bf16 = g.scalar_type() == at::kBFloat16;
+    const void* gp = g.const_data_ptr();
+    const void* upp = u.const_data_ptr();
+    void* yp = y.data_ptr();
+    const int64_t gs = g.stride(0);
+    const int64_t us = u.stride(0);
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+        swiglu_infer_rows(gp, gs, upp, us, yp, bf16, n, begin, end);
+    });
+    return y.view(gate.sizes());
+}
 
 // ---- Rotary embeddings, rotate-half layout --------------------------------------------------
 // x (N, H, D): N positions of H heads (rows of positions may be strided); cos and sin (N, D). With x = (x1, x2) the two halves of
@@ -741,11 +920,30 @@ at::Tensor* sipt_fused_rms_norm(const at::Tensor* input, const at::Tensor* weigh
     });
 }
 
+// Without gradients: `x ← x + residual` in place (when `residual` is not null), then the RMSNorm
+// of x by `weight (d,)`, f32 or bf16 (all three of one type): a new tensor, or null with `err`.
+at::Tensor* sipt_fused_add_rms_norm(at::Tensor* x, const at::Tensor* residual,
+                                    const at::Tensor* weight, double eps, char* err,
+                                    size_t err_len) {
+    return guarded(err, err_len, [&] { return add_rms_norm_infer(*x, residual, *weight, eps); });
+}
+
+// Whether gradients are on (libtorch's grad mode), which decides where the inference kernels
+// may run.
+int sipt_fused_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
 // silu(gate) · up, both `(..., n)`.
 at::Tensor* sipt_fused_swiglu(const at::Tensor* gate, const at::Tensor* up, char* err,
                               size_t err_len) {
     return guarded(err, err_len, [&] {
-        TORCH_CHECK(is_cpu_f32(*gate) && is_cpu_f32(*up), "fused SwiGLU takes f32 on a CPU");
+        // bf16 only without gradients; f32 without them too takes the inference kernel (the
+        // same arithmetic as the autograd node's forward, without saving its inputs).
+        const bool f32 = is_cpu_f32(*gate) && is_cpu_f32(*up);
+        if (no_gradient({gate, up}) && is_cpu_act(*gate) &&
+            gate->scalar_type() == up->scalar_type()) {
+            return swiglu_infer(*gate, *up);
+        }
+        TORCH_CHECK(f32, "fused SwiGLU takes f32 on a CPU (or bf16 without gradients)");
         return SwiGlu::apply(*gate, *up);
     });
 }

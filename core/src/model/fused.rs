@@ -4,11 +4,13 @@
 //! passes with a fresh buffer per pass (RMSNorm: five forward, about ten backward), which is
 //! where torch.compile's lead over eager training on a CPU comes from.
 //!
-//! Forward only, also: the chunked loss's softmax, the attention of a decode step, and the
-//! sampler's pick of the next token ([`sample_pick`], which reads bf16 logits as well).
+//! Forward only, also: the chunked loss's softmax, the attention of a decode step, the
+//! sampler's pick of the next token ([`sample_pick`], which reads bf16 logits as well), and for
+//! inference in f32 or bf16 ([`infers`]) each residual add with the RMSNorm after it
+//! ([`add_rms_norm`]) and SwiGLU.
 //!
-//! They take f32 tensors on a CPU ([`applies`]); everywhere else (CUDA, bf16) the model keeps
-//! libtorch's own ops. [`super::Llama::fused_layers`] turns them off, for tests and for
+//! They take f32 tensors on a CPU ([`applies`]), or bf16 ones without gradients; everywhere
+//! else (CUDA, bf16 training) the model keeps libtorch's own ops. [`super::Llama::fused_layers`] turns them off, for tests and for
 //! measuring the two side by side.
 
 use super::llama::DecodeKeys;
@@ -59,6 +61,15 @@ extern "C" {
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> *mut C_tensor;
+    fn sipt_fused_add_rms_norm(
+        x: *mut C_tensor,
+        residual: *const C_tensor,
+        weight: *const C_tensor,
+        eps: f64,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+    fn sipt_fused_grad_enabled() -> std::ffi::c_int;
     #[cfg(test)]
     fn sipt_fused_parallel_threads(tasks: i64) -> i64;
     fn sipt_fused_rope(
@@ -75,6 +86,19 @@ pub fn applies(tensors: &[&Tensor]) -> bool {
     tensors
         .iter()
         .all(|t| t.device() == Device::Cpu && t.kind() == Kind::Float)
+}
+
+/// Whether the inference kernels ([`add_rms_norm`], and [`swiglu`] in bf16) take these tensors:
+/// all f32 or all bf16, on a CPU, with gradients off (under `no_grad`, as decoding runs).
+pub fn infers(tensors: &[&Tensor]) -> bool {
+    // SAFETY: reads libtorch's thread-local grad mode.
+    let grad = unsafe { sipt_fused_grad_enabled() } != 0;
+    let kind = tensors.first().map(|t| t.kind());
+    !grad
+        && matches!(kind, Some(Kind::Float) | Some(Kind::BFloat16))
+        && tensors
+            .iter()
+            .all(|t| t.device() == Device::Cpu && Some(t.kind()) == kind)
 }
 
 /// The kernels check only what the model guarantees (types, matching shapes); a failure is a
@@ -94,7 +118,30 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     )
 }
 
-/// `silu(gate) · up`, both `(..., n)`; rows may be strided (the halves of one product).
+/// Inference only ([`infers`]): `x ← x + residual` in place when a residual is given, then
+/// the RMSNorm of `x (..., d)` by `weight (d,)`, in f32 or bf16. The arithmetic is f32 and rounds
+/// to the activations' type where the plain path's ops do (the sum, the normalised `x`, its
+/// product with the weight), so that a bf16 model decodes as with libtorch's ops. `x` must be
+/// contiguous when a residual is added into it.
+pub fn add_rms_norm(
+    x: &mut Tensor,
+    residual: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f64,
+) -> Tensor {
+    let residual = residual.map_or(std::ptr::null(), |r| r.as_ptr());
+    // SAFETY: every handle stays alive for the call; `x` is borrowed mutably for the in-place
+    // add; the result is a fresh tensor we own.
+    expect(
+        "RMSNorm",
+        call(|err, len| unsafe {
+            sipt_fused_add_rms_norm(x.as_mut_ptr(), residual, weight.as_ptr(), eps, err, len)
+        }),
+    )
+}
+
+/// `silu(gate) · up`, both `(..., n)`; rows may be strided (the halves of one product). f32, or
+/// bf16 where [`infers`] holds (rounded where the plain path's two ops round).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Tensor {
     // SAFETY: as in `rms_norm`.
     expect(
@@ -316,6 +363,118 @@ mod tests {
             &ones,
             &[&extremes],
             1e-6,
+        );
+    }
+
+    /// The plain path's RMSNorm of a model in `x`'s type (as `llama::rms_norm` writes it with
+    /// libtorch's ops): normalised in f32, rounded back, then times the weight.
+    fn plain_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+        let f = x.to_kind(Kind::Float);
+        let rms = (f.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + eps).rsqrt();
+        (f * rms).to_kind(x.kind()) * w
+    }
+
+    /// The largest difference of `a` from `b` in units of `b`'s rounding step (bf16: 8 bits of
+    /// mantissa), element by element.
+    fn ulps(a: &Tensor, b: &Tensor, bits: i32) -> f64 {
+        let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+        let step = (b.abs() * 2f64.powi(-bits)).clamp_min(1e-30);
+        ((a - &b).abs() / step).max().double_value(&[])
+    }
+
+    /// bf16 `ours` against the plain ops' `expected`: at most 2 steps of bf16 anywhere, and
+    /// bit for bit in all but a few elements (where the plain ops' other order of summing
+    /// tips a rounding), so that each rounding the plain ops make is made here too.
+    fn assert_rounds_alike(what: &str, ours: &Tensor, expected: &Tensor) {
+        let worst = ulps(ours, expected, 8);
+        let differ = ours
+            .ne_tensor(expected)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float);
+        let differ = differ.double_value(&[]);
+        assert!(
+            worst <= 2.0 && differ <= 0.02,
+            "{what}: {worst} steps, {differ} differ"
+        );
+    }
+
+    #[test]
+    fn inference_rms_norm_adds_the_residual_in_place_and_rounds_as_the_plain_ops() {
+        tch::manual_seed(6);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let randn = |shape: &[i64], scale: f64| {
+                (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * scale).to_kind(kind)
+            };
+            // 37 wide: not a whole number of the kernels' 16-wide steps.
+            let (x0, h, w) = (
+                randn(&[3, 5, 37], 2.0),
+                randn(&[3, 5, 37], 1.0),
+                randn(&[37], 1.0),
+            );
+            tch::no_grad(|| {
+                assert!(infers(&[&x0, &h, &w]), "{kind:?}");
+                let sum = &x0 + &h;
+                let mut x = x0.copy();
+                let ours = add_rms_norm(&mut x, Some(&h), &w, 1e-5);
+                // The sum is rounded once, as libtorch's add rounds it.
+                assert!(x.equal(&sum), "{kind:?}: the residual add");
+                let expected = plain_rms_norm(&sum, &w, 1e-5);
+                // Without a residual, on a transposed (non-contiguous) input, left unchanged.
+                let t = x0.transpose(0, 1);
+                let alone = add_rms_norm(&mut t.shallow_clone(), None, &w, 1e-5);
+                assert!(t.equal(&x0.transpose(0, 1)), "{kind:?}: input changed");
+                let expected_alone = plain_rms_norm(&t, &w, 1e-5);
+                match kind {
+                    Kind::Float => {
+                        assert_close("add + RMSNorm", &ours, &expected, 1e-5);
+                        assert_close("RMSNorm", &alone, &expected_alone, 1e-5);
+                    }
+                    // The plain ops sum the squares in another order: a rounding of the
+                    // normalised x may fall the other way, by one step of bf16 (then a second
+                    // rounding by the weight).
+                    _ => {
+                        assert_rounds_alike("bf16 add + RMSNorm", &ours, &expected);
+                        assert_rounds_alike("bf16 RMSNorm", &alone, &expected_alone);
+                    }
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn inference_swiglu_takes_bf16_and_rounds_as_the_plain_ops() {
+        tch::manual_seed(7);
+        let gate_up =
+            (Tensor::randn([2, 3, 58], (Kind::Float, Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);
+        let (g, u) = (gate_up.narrow(-1, 0, 29), gate_up.narrow(-1, 29, 29));
+        tch::no_grad(|| {
+            assert!(infers(&[&g, &u]));
+            let ours = swiglu(&g, &u);
+            assert_eq!(ours.kind(), Kind::BFloat16);
+            assert_rounds_alike("bf16 SwiGLU", &ours, &(g.silu() * &u));
+        });
+    }
+
+    #[test]
+    fn the_inference_kernels_need_gradients_off() {
+        let x = Tensor::ones([2, 4], (Kind::BFloat16, Device::Cpu));
+        let w = Tensor::ones([4], (Kind::BFloat16, Device::Cpu));
+        assert!(!infers(&[&x, &w]), "grad mode is on");
+        assert!(tch::no_grad(|| infers(&[&x, &w])));
+        assert!(!tch::no_grad(|| infers(&[&x, &w.to_kind(Kind::Float)])));
+        // Called anyway where a gradient would flow: an error, not a silent wrong gradient.
+        let leaf = x.to_kind(Kind::Float).set_requires_grad(true);
+        let wf = w.to_kind(Kind::Float);
+        let refused =
+            std::panic::catch_unwind(|| add_rms_norm(&mut leaf.shallow_clone(), None, &wf, 1e-5));
+        let message = refused
+            .err()
+            .and_then(|e| e.downcast_ref::<String>().cloned());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("without gradients")),
+            "{message:?}"
         );
     }
 

@@ -274,12 +274,21 @@ impl RmsNorm {
     }
 }
 
+/// The norm before block `i`'s attention, or the final norm after the last block.
+fn block_norm<'a>(blocks: &'a [Block], i: usize, last: &'a RmsNorm) -> &'a RmsNorm {
+    blocks.get(i).map_or(last, |b| &b.input_norm)
+}
+
 /// RMSNorm over the last dimension: normalised in f32 whatever the activation type (as HF
 /// does), back in the input's type, then scaled by `weight`. With `fused`, f32 on a CPU goes
 /// through [`fused::rms_norm`].
 fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Tensor {
     if fused && fused::applies(&[xs, weight]) {
         return fused::rms_norm(xs, weight, eps);
+    }
+    if fused && fused::infers(&[xs, weight]) {
+        // bf16 without gradients (f32 took the kernel above).
+        return fused::add_rms_norm(&mut xs.shallow_clone(), None, weight, eps);
     }
     let kind = xs.kind();
     let x = xs.to_kind(Kind::Float);
@@ -867,7 +876,7 @@ impl Mlp {
         fused: bool,
     ) -> Result<Tensor, String> {
         let swiglu = |gate: &Tensor, up: &Tensor| {
-            if fused && fused::applies(&[gate, up]) {
+            if fused && (fused::applies(&[gate, up]) || fused::infers(&[gate, up])) {
                 fused::swiglu(gate, up)
             } else {
                 gate.silu() * up
@@ -903,7 +912,8 @@ pub struct Llama {
     pub(super) lm_head: Option<Tensor>,
     rope: Rope,
     /// Whether RMSNorm, SwiGLU and rotary embeddings run through the fused kernels of
-    /// [`fused`] where they apply (f32 on a CPU; on by default). Off, every layer is libtorch's
+    /// [`fused`] where they apply (f32 on a CPU, and bf16 on a CPU without gradients; on by
+    /// default). Off, every layer is libtorch's
     /// own ops: the plain path that tests and benchmarks compare against.
     pub fused_layers: bool,
 }
@@ -1022,6 +1032,42 @@ impl Llama {
         };
         let rope = self.rope.at(positions, self.embed.kind(), packed.is_some());
         let mut x = Tensor::embedding(&self.embed, batch.ids, -1, false, false);
+        let fused = self.fused_layers;
+        // Without gradients (decoding, scoring under no_grad), each residual add runs in place
+        // in one kernel with the norm after it. `x` is the embedding's fresh output, then only
+        // ever added into.
+        if fused && fused::infers(&[&x, &self.norm.weight]) {
+            x = x.contiguous();
+            let mut normed = block_norm(&self.blocks, 0, &self.norm).forward(&x, fused);
+            for (i, block) in self.blocks.iter().enumerate() {
+                let layer_cache = cache.as_mut().map(|c| LayerCache {
+                    kv: &mut c.layers[i],
+                    start,
+                    shared: c
+                        .shared
+                        .as_ref()
+                        .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
+                });
+                let block_packed = packed.map(|p| &p.blocks[i]);
+                let h = block.attn.forward(
+                    &normed,
+                    &rope,
+                    batch.mask,
+                    layer_cache,
+                    block_packed,
+                    fused,
+                )?;
+                let post = &block.post_norm;
+                normed = fused::add_rms_norm(&mut x, Some(&h), &post.weight, post.eps);
+                let h = block.mlp.forward(&normed, block_packed, fused)?;
+                let next = block_norm(&self.blocks, i + 1, &self.norm);
+                normed = fused::add_rms_norm(&mut x, Some(&h), &next.weight, next.eps);
+            }
+            if let Some(c) = cache {
+                c.len = start + t;
+            }
+            return Ok(normed);
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| LayerCache {
                 kv: &mut c.layers[i],
@@ -1032,7 +1078,6 @@ impl Llama {
                     .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
             });
             let block_packed = packed.map(|p| &p.blocks[i]);
-            let fused = self.fused_layers;
             let h = block.attn.forward(
                 &block.input_norm.forward(&x, fused),
                 &rope,

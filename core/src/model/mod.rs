@@ -855,6 +855,50 @@ mod tests {
     }
 
     #[test]
+    fn the_fused_layers_match_the_plain_ones_in_bf16_without_gradients() {
+        // The inference kernels (the residual add with the norm after it, SwiGLU) in bf16:
+        // whole-sequence logits, and a cached step after a prefix, against libtorch's ops.
+        for family in [Family::Llama, Family::Qwen3] {
+            tch::manual_seed(8);
+            let mut config = tiny_config(family == Family::Llama);
+            config.family = family;
+            let mut half = Policy::from_scratch(config, Device::Cpu)
+                .copy_as(Kind::BFloat16)
+                .unwrap();
+            let ids = Tensor::randint(96, [3, 16], (Kind::Int64, Device::Cpu));
+            let mut runs = Vec::new();
+            for fused in [false, true] {
+                half.model.fused_layers = fused;
+                let m = &half.model;
+                // The condition under which `hidden_with` takes the kernels holds here.
+                assert!(tch::no_grad(|| super::fused::infers(&[&m.embed])));
+                let mut cache = KvCache::new(&m.config, 3, 16, Kind::BFloat16, Device::Cpu);
+                runs.push(tch::no_grad(|| {
+                    let whole = logits_of(m, &ids, None);
+                    let _ = logits_of(m, &ids.narrow(1, 0, 15), Some(&mut cache));
+                    (whole, logits_of(m, &ids.narrow(1, 15, 1), Some(&mut cache)))
+                }));
+            }
+            let ((l0, s0), (l1, s1)) = (&runs[0], &runs[1]);
+            assert_eq!(l1.kind(), Kind::BFloat16);
+            let close = |what: &str, a: &Tensor, b: &Tensor| {
+                let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+                let scale = a.abs().max().double_value(&[]).max(1e-8);
+                let d = (&a - &b).abs().max().double_value(&[]);
+                // Two layers of bf16 activations, where a rounding may fall either way.
+                assert!(d <= 0.03 * scale, "{family:?}: {what}: {d} of {scale}");
+            };
+            close("logits", l0, l1);
+            close("cached step", s0, s1);
+            close(
+                "cached step against the whole sequence",
+                &l1.narrow(1, 15, 1),
+                s1,
+            );
+        }
+    }
+
+    #[test]
     fn a_tensor_with_no_place_in_the_model_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let config = LlamaConfig {
