@@ -460,6 +460,105 @@ at::Tensor swiglu_infer(const at::Tensor& gate, const at::Tensor& up) {
     return y.view(gate.sizes());
 }
 
+// ---- A decode step's q, k and v from one product, paired layout, into the KV cache -----------
+// The packed weights give q and k with each rotated pair of dimensions side by side (x₀, x₁),
+// which a unit complex number (c, s) turns: (x₀c − x₁s, x₀s + x₁c), in f32. Row r of
+// `qkv (rows, (H + 2·KV)·D)` (f32 or bf16) holds H query heads, KV key heads and KV value heads;
+// its rotated keys and its values go straight into the f32 cache at the row's position, its
+// rotated queries into `q (rows, H, D)`. What libtorch ran as a conversion to f32, a complex
+// product and two strided copies into the cache, each with a fresh buffer.
+
+template <typename T>
+inline __attribute__((always_inline)) void turn_pairs(const T* __restrict x,
+                                                      const float* __restrict turn,
+                                                      float* __restrict y, int64_t D) {
+    using A = Act<T>;
+    for (int64_t i = 0; i < D / 2; ++i) {
+        const float x0 = A::load(x[2 * i]), x1 = A::load(x[2 * i + 1]);
+        const float c = turn[2 * i], s = turn[2 * i + 1];
+        y[2 * i] = x0 * c - x1 * s;
+        y[2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
+struct CacheSlot {
+    float* data;
+    int64_t s0, s1, s2;  // element strides (row, head, position); the last dimension is dense
+};
+
+template <typename T>
+inline __attribute__((always_inline)) void qkv_pairs_rows_of(
+    const T* __restrict qkv, const float* __restrict turn, float* __restrict q, CacheSlot k,
+    CacheSlot v, int64_t t, int64_t start, int64_t H, int64_t KV, int64_t D, int64_t begin,
+    int64_t end) {
+    using A = Act<T>;
+    const int64_t n = (H + 2 * KV) * D;
+    for (int64_t r = begin; r < end; ++r) {
+        const T* x = qkv + r * n;
+        const float* tr = turn + r * D;
+        const int64_t b = r / t, pos = start + r % t;
+        for (int64_t h = 0; h < H; ++h) turn_pairs(x + h * D, tr, q + (r * H + h) * D, D);
+        for (int64_t h = 0; h < KV; ++h) {
+            turn_pairs(x + (H + h) * D, tr, k.data + b * k.s0 + h * k.s1 + pos * k.s2, D);
+            const T* xv = x + (H + KV + h) * D;
+            float* yv = v.data + b * v.s0 + h * v.s1 + pos * v.s2;
+            for (int64_t j = 0; j < D; ++j) yv[j] = A::load(xv[j]);
+        }
+    }
+}
+
+SIPT_VECTOR_CLONES
+void qkv_pairs_rows(const void* qkv, bool bf16, const float* turn, float* q, CacheSlot k,
+                    CacheSlot v, int64_t t, int64_t start, int64_t H, int64_t KV, int64_t D,
+                    int64_t begin, int64_t end) {
+    if (bf16) {
+        qkv_pairs_rows_of(static_cast<const uint16_t*>(qkv), turn, q, k, v, t, start, H, KV, D,
+                          begin, end);
+    } else {
+        qkv_pairs_rows_of(static_cast<const float*>(qkv), turn, q, k, v, t, start, H, KV, D,
+                          begin, end);
+    }
+}
+
+at::Tensor qkv_pairs_into_cache(const at::Tensor& qkv, const at::Tensor& turn, at::Tensor& ck,
+                                at::Tensor& cv, int64_t start, int64_t H, int64_t KV) {
+    TORCH_CHECK(is_cpu_act(qkv) && qkv.dim() == 3, "paired q, k, v of ", qkv.scalar_type(),
+                " and shape ", qkv.sizes(), " (expected (B, T, n) f32 or bf16 on a CPU)");
+    const int64_t B = qkv.size(0), T = qkv.size(1);
+    TORCH_CHECK(H > 0 && KV > 0 && qkv.size(2) % (H + 2 * KV) == 0,
+                "paired q, k, v: ", qkv.size(2), " columns for ", H, " + 2 × ", KV, " heads");
+    const int64_t D = qkv.size(2) / (H + 2 * KV);
+    TORCH_CHECK(D % 2 == 0, "paired rotation of heads of odd size ", D);
+    TORCH_CHECK(turn.scalar_type() == at::kComplexFloat && turn.numel() == B * T * (D / 2),
+                "rotation of ", turn.scalar_type(), " and shape ", turn.sizes(), " for ", B,
+                " × ", T, " positions of ", D / 2, " pairs (expected complex f32)");
+    for (const at::Tensor* c : {&ck, &cv}) {
+        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->dim() == 4 &&
+                        c->size(0) == B && c->size(1) == KV &&
+                        c->size(3) == D && c->stride(3) == 1 && start >= 0 &&
+                        start + T <= c->size(2),
+                    "cache of ", c->scalar_type(), " and shape ", c->sizes(), " for ", T,
+                    " positions at ", start, " of ", B, " rows, ", KV, " heads of ", D,
+                    " (expected f32, dense rows)");
+    }
+    TORCH_CHECK(no_gradient({&qkv}), "the paired rotation into the cache runs without gradients");
+    auto x = qkv.contiguous();
+    auto tr = at::view_as_real(turn.contiguous()).contiguous();
+    auto q = at::empty({B, T, H, D}, qkv.options().dtype(at::kFloat));
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    const void* xp = x.const_data_ptr();
+    const float* tp = tr.const_data_ptr<float>();
+    float* qp = q.mutable_data_ptr<float>();
+    const CacheSlot k{ck.mutable_data_ptr<float>(), ck.stride(0), ck.stride(1), ck.stride(2)};
+    const CacheSlot v{cv.mutable_data_ptr<float>(), cv.stride(0), cv.stride(1), cv.stride(2)};
+    at::parallel_for(0, B * T, grain_rows(x.size(2)), [&](int64_t begin, int64_t end) {
+        qkv_pairs_rows(xp, bf16, tp, qp, k, v, T, start, H, KV, D, begin, end);
+    });
+    ck.unsafeGetTensorImpl()->bump_version();
+    cv.unsafeGetTensorImpl()->bump_version();
+    return q;
+}
+
 // ---- Rotary embeddings, rotate-half layout --------------------------------------------------
 // x (N, H, D): N positions of H heads (rows of positions may be strided); cos and sin (N, D). With x = (x1, x2) the two halves of
 // a head: y1 = x1 · cos1 − x2 · sin1, y2 = x2 · cos2 + x1 · sin2.
@@ -945,6 +1044,19 @@ at::Tensor* sipt_fused_swiglu(const at::Tensor* gate, const at::Tensor* up, char
         }
         TORCH_CHECK(f32, "fused SwiGLU takes f32 on a CPU (or bf16 without gradients)");
         return SwiGlu::apply(*gate, *up);
+    });
+}
+
+// Without gradients: q, k and v of a cached step from `qkv (B, T, (H + 2·KV)·D)` (f32 or bf16,
+// paired layout), `turn` the positions' rotations (complex f32, B · T · D/2 of them): rotated
+// keys and the values written into `cache_k`, `cache_v (B, KV, capacity, D)` (f32) at positions
+// `start ..`; returns the rotated queries `(B, T, H, D)` in f32, or null with `err`.
+at::Tensor* sipt_fused_qkv_pairs_into_cache(const at::Tensor* qkv, const at::Tensor* turn,
+                                            at::Tensor* cache_k, at::Tensor* cache_v,
+                                            int64_t start, int64_t heads, int64_t kv_heads,
+                                            char* err, size_t err_len) {
+    return guarded(err, err_len, [&] {
+        return qkv_pairs_into_cache(*qkv, *turn, *cache_k, *cache_v, start, heads, kv_heads);
     });
 }
 

@@ -70,6 +70,17 @@ extern "C" {
         err_len: usize,
     ) -> *mut C_tensor;
     fn sipt_fused_grad_enabled() -> std::ffi::c_int;
+    fn sipt_fused_qkv_pairs_into_cache(
+        qkv: *const C_tensor,
+        turn: *const C_tensor,
+        cache_k: *mut C_tensor,
+        cache_v: *mut C_tensor,
+        start: i64,
+        heads: i64,
+        kv_heads: i64,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
     #[cfg(test)]
     fn sipt_fused_parallel_threads(tasks: i64) -> i64;
     fn sipt_fused_rope(
@@ -99,6 +110,18 @@ pub fn infers(tensors: &[&Tensor]) -> bool {
         && tensors
             .iter()
             .all(|t| t.device() == Device::Cpu && Some(t.kind()) == kind)
+}
+
+/// Whether [`qkv_pairs_into_cache`] takes a step's product `qkv` into a cache whose keys are
+/// `cache_k`: gradients off, on a CPU, `qkv` f32 or bf16, the cache f32.
+pub fn caches_pairs(qkv: &Tensor, cache_k: &Tensor) -> bool {
+    // SAFETY: reads libtorch's thread-local grad mode.
+    let grad = unsafe { sipt_fused_grad_enabled() } != 0;
+    !grad
+        && qkv.device() == Device::Cpu
+        && matches!(qkv.kind(), Kind::Float | Kind::BFloat16)
+        && cache_k.device() == Device::Cpu
+        && cache_k.kind() == Kind::Float
 }
 
 /// The kernels check only what the model guarantees (types, matching shapes); a failure is a
@@ -136,6 +159,41 @@ pub fn add_rms_norm(
         "RMSNorm",
         call(|err, len| unsafe {
             sipt_fused_add_rms_norm(x.as_mut_ptr(), residual, weight.as_ptr(), eps, err, len)
+        }),
+    )
+}
+
+/// Inference only ([`caches_pairs`]): a cached step's queries, keys and values from the packed
+/// product `qkv (B, T, (heads + 2·kv_heads)·D)` in the paired layout (each rotated pair of
+/// dimensions side by side), rotated by `turn` (complex f32, `B · T · D/2`) in f32 as the
+/// plain path's complex product rotates them. The keys and values go straight into `cache_k`,
+/// `cache_v (B, kv_heads, capacity, D)` at positions `start ..`; returns the queries
+/// `(B, T, heads, D)` in f32.
+pub fn qkv_pairs_into_cache(
+    qkv: &Tensor,
+    turn: &Tensor,
+    cache_k: &mut Tensor,
+    cache_v: &mut Tensor,
+    start: i64,
+    heads: i64,
+    kv_heads: i64,
+) -> Tensor {
+    // SAFETY: every handle stays alive for the call; the caches are borrowed mutably for the
+    // writes; the result is a fresh tensor we own.
+    expect(
+        "rotation into the cache",
+        call(|err, len| unsafe {
+            sipt_fused_qkv_pairs_into_cache(
+                qkv.as_ptr(),
+                turn.as_ptr(),
+                cache_k.as_mut_ptr(),
+                cache_v.as_mut_ptr(),
+                start,
+                heads,
+                kv_heads,
+                err,
+                len,
+            )
         }),
     )
 }
@@ -476,6 +534,50 @@ mod tests {
                 .is_some_and(|m| m.contains("without gradients")),
             "{message:?}"
         );
+    }
+
+    #[test]
+    fn paired_rotation_into_the_cache_matches_the_plain_ops() {
+        tch::manual_seed(9);
+        // 3 rows of 2 positions, 4 query heads and 2 key/value heads of 10 (5 pairs), written
+        // at positions 3 and 4 of a cache of 7.
+        let (b, t, heads, kv, d, start) = (3i64, 2i64, 4i64, 2i64, 10i64, 3i64);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let qkv = Tensor::randn([b, t, (heads + 2 * kv) * d], (Kind::Float, Device::Cpu))
+                .to_kind(kind);
+            let angles = Tensor::randn([b, t, 1, d / 2], (Kind::Float, Device::Cpu)) * 3.0;
+            let turn = Tensor::polar(&angles.ones_like(), &angles);
+            let blank = || Tensor::randn([b, kv, 7, d], (Kind::Float, Device::Cpu));
+            let (mut ck, mut cv) = (blank(), blank());
+            let (pk, pv) = (ck.copy(), cv.copy());
+            tch::no_grad(|| {
+                assert!(caches_pairs(&qkv, &ck));
+                let q = qkv_pairs_into_cache(&qkv, &turn, &mut ck, &mut cv, start, heads, kv);
+                // The plain path (`llama::Attention::forward` with packed weights).
+                let qk = qkv
+                    .narrow(-1, 0, (heads + kv) * d)
+                    .to_kind(Kind::Float)
+                    .view([b, t, heads + kv, d / 2, 2])
+                    .view_as_complex()
+                    * &turn;
+                let qk = qk.view_as_real().view([b, t, heads + kv, d]);
+                let v = qkv.narrow(-1, (heads + kv) * d, kv * d).view([b, t, kv, d]);
+                pk.narrow(2, start, t)
+                    .copy_(&qk.narrow(2, heads, kv).transpose(1, 2));
+                pv.narrow(2, start, t).copy_(&v.transpose(1, 2));
+                assert_eq!(q.size(), [b, t, heads, d]);
+                assert_close(&format!("{kind:?} q"), &q, &qk.narrow(2, 0, heads), 1e-6);
+                // The keys at the step's positions, and every other position left as it was.
+                assert_close(&format!("{kind:?} k"), &ck, &pk, 1e-6);
+                assert!(cv.equal(&pv), "{kind:?} v");
+            });
+        }
+        // Not where a gradient could flow.
+        let x = Tensor::zeros([1, 1, 40], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        assert!(!caches_pairs(
+            &x,
+            &Tensor::zeros([1], (Kind::Float, Device::Cpu))
+        ));
     }
 
     #[test]

@@ -604,6 +604,9 @@ impl Attention {
     ) -> Result<Tensor, String> {
         let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let mut cache = cache;
+        // Whether this step's keys and values are in the cache already.
+        let mut cached_kv = false;
         let (q, k, v) = match (packed, rope) {
             (Some(p), Rotary::Pairs(turn)) => {
                 // One product for q, k and v; q and k (paired rows) rotate together in f32.
@@ -611,33 +614,46 @@ impl Attention {
                 if let Some(bias) = &p.qkv_bias {
                     qkv += bias;
                 }
-                let v = qkv.narrow(-1, (heads + kv_heads) * hd, kv_heads * hd);
-                let mut qk = qkv
-                    .narrow(-1, 0, (heads + kv_heads) * hd)
-                    .to_kind(Kind::Float)
-                    .view([b, t, heads + kv_heads, hd]);
-                if let (Some((q_norm, k_norm)), Some((own, _))) = (&p.qk_norm, &self.qk_norm) {
-                    // The norms' weights come in the paired order of the rows.
-                    qk = Tensor::cat(
-                        &[
-                            rms_norm(&qk.narrow(2, 0, heads), q_norm, own.eps, fused),
-                            rms_norm(&qk.narrow(2, heads, kv_heads), k_norm, own.eps, fused),
-                        ],
-                        2,
-                    );
+                // A cached step without per-head norms rotates and caches in one kernel.
+                if let Some(c) = cache
+                    .as_mut()
+                    .filter(|c| fused && p.qk_norm.is_none() && fused::caches_pairs(&qkv, &c.kv.0))
+                {
+                    let (ck, cv) = (&mut c.kv.0, &mut c.kv.1);
+                    let q =
+                        fused::qkv_pairs_into_cache(&qkv, turn, ck, cv, c.start, heads, kv_heads);
+                    cached_kv = true;
+                    let (k, v) = (ck.narrow(2, c.start, t), cv.narrow(2, c.start, t));
+                    (q.transpose(1, 2), k, v)
+                } else {
+                    let v = qkv.narrow(-1, (heads + kv_heads) * hd, kv_heads * hd);
+                    let mut qk = qkv
+                        .narrow(-1, 0, (heads + kv_heads) * hd)
+                        .to_kind(Kind::Float)
+                        .view([b, t, heads + kv_heads, hd]);
+                    if let (Some((q_norm, k_norm)), Some((own, _))) = (&p.qk_norm, &self.qk_norm) {
+                        // The norms' weights come in the paired order of the rows.
+                        qk = Tensor::cat(
+                            &[
+                                rms_norm(&qk.narrow(2, 0, heads), q_norm, own.eps, fused),
+                                rms_norm(&qk.narrow(2, heads, kv_heads), k_norm, own.eps, fused),
+                            ],
+                            2,
+                        );
+                    }
+                    let qk = qk
+                        .view([b, t, heads + kv_heads, hd / 2, 2])
+                        .view_as_complex()
+                        * turn;
+                    let qk = qk.view_as_real().view([b, t, heads + kv_heads, hd]);
+                    // Attention runs in the cache's type (see `KvCache::kind_for`).
+                    let kind = cache.as_ref().map_or(xs.kind(), |c| c.kv.0.kind());
+                    (
+                        qk.narrow(2, 0, heads).transpose(1, 2).to_kind(kind),
+                        qk.narrow(2, heads, kv_heads).transpose(1, 2).to_kind(kind),
+                        v.view([b, t, kv_heads, hd]).transpose(1, 2),
+                    )
                 }
-                let qk = qk
-                    .view([b, t, heads + kv_heads, hd / 2, 2])
-                    .view_as_complex()
-                    * turn;
-                let qk = qk.view_as_real().view([b, t, heads + kv_heads, hd]);
-                // Attention runs in the cache's type (see `KvCache::kind_for`).
-                let kind = cache.as_ref().map_or(xs.kind(), |c| c.kv.0.kind());
-                (
-                    qk.narrow(2, 0, heads).transpose(1, 2).to_kind(kind),
-                    qk.narrow(2, heads, kv_heads).transpose(1, 2).to_kind(kind),
-                    v.view([b, t, kv_heads, hd]).transpose(1, 2),
-                )
             }
             (_, Rotary::Halves(cos, sin))
                 if fused
@@ -681,8 +697,10 @@ impl Attention {
             shared: Some((prefix, per, prefix_mask)),
         }) = cache
         {
-            ck.narrow(2, start, t).copy_(&k);
-            cv.narrow(2, start, t).copy_(&v);
+            if !cached_kv {
+                ck.narrow(2, start, t).copy_(&k);
+                cv.narrow(2, start, t).copy_(&v);
+            }
             let own = (ck.narrow(2, 0, start + t), cv.narrow(2, 0, start + t));
             // The prefix fills cache indices 0..Lp, the row's own positions follow.
             let lp = prefix.0.size()[2];
@@ -714,8 +732,10 @@ impl Attention {
                 start,
                 ..
             }) => {
-                ck.narrow(2, start, t).copy_(&k);
-                cv.narrow(2, start, t).copy_(&v);
+                if !cached_kv {
+                    ck.narrow(2, start, t).copy_(&k);
+                    cv.narrow(2, start, t).copy_(&v);
+                }
                 // The cache may hold a wider type than the weights (f32 for a bf16 model on a
                 // CPU, see `KvCache::kind_for`); attention then runs in the cache's type.
                 (
