@@ -142,56 +142,55 @@ fn fused_and_plain_decode_attention_give_the_same_rollouts() {
     ] {
         let prefixes = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![2u32, 7]];
         for (n, k) in [(9usize, 3), (24, 3), (9, 1), (24, 1)] {
-            let s = Sampling {
-                max_new_tokens: n,
-                temperature: 1.0,
-                ..Sampling::default()
-            };
-            p.model.fused_layers = false;
-            let plain = generate(&p.model, &prefixes, k, &s, &[], 5);
-            p.model.fused_layers = true;
-            let fused = generate(&p.model, &prefixes, k, &s, &[], 5);
             let what = format!("{name}, {n} tokens, {k} per prefix");
-            assert_eq!(plain.tokens, fused.tokens, "{what}");
-            for (a, b) in plain
-                .logprobs
-                .iter()
-                .flatten()
-                .zip(fused.logprobs.iter().flatten())
-            {
-                assert!((a - b).abs() < 1e-4, "{what}: {a} vs {b}");
-            }
+            assert_fused_samples_like_plain(&mut p, &prefixes, n, k, &what, |_| 1e-4);
         }
     }
 }
 
-/// The bf16 inference kernels (residual add with RMSNorm, SwiGLU) against libtorch's ops in
-/// rollouts of a bf16 copy, plain weights (9 new tokens) and packed ones where the CPU packs
-/// bf16 (24): the same tokens at a fixed seed and the same log-probs within bf16 rounding.
+/// Rollouts of `n` tokens, `k` per prefix, at seed 5 and temperature 1, with the fused layers
+/// and with libtorch's ops: the same tokens, and log-probs `a`, `b` with `|a − b| < tol(a)`.
+fn assert_fused_samples_like_plain(
+    p: &mut Policy,
+    prefixes: &[Vec<u32>],
+    n: usize,
+    k: usize,
+    what: &str,
+    tol: impl Fn(f32) -> f32,
+) {
+    let s = Sampling {
+        max_new_tokens: n,
+        temperature: 1.0,
+        ..Sampling::default()
+    };
+    p.model.fused_layers = false;
+    let plain = generate(&p.model, prefixes, k, &s, &[], 5);
+    p.model.fused_layers = true;
+    let fused = generate(&p.model, prefixes, k, &s, &[], 5);
+    assert_eq!(plain.tokens, fused.tokens, "{what}");
+    for (a, b) in plain
+        .logprobs
+        .iter()
+        .flatten()
+        .zip(fused.logprobs.iter().flatten())
+    {
+        assert!((a - b).abs() < tol(*a), "{what}: {a} vs {b}");
+    }
+}
+
+/// The bf16 inference kernels (residual add with RMSNorm, SwiGLU, and with packed weights the
+/// rotation into the cache) against libtorch's ops in rollouts of a bf16 copy, plain weights
+/// (9 new tokens) and packed ones where the CPU packs bf16 (24): the same tokens at a fixed
+/// seed and the same log-probs within bf16 rounding.
 #[test]
 fn fused_and_plain_layers_give_the_same_bf16_rollouts() {
     let mut half = policy().copy_as(tch::Kind::BFloat16).unwrap();
     let prefixes = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![2u32, 7]];
     for (n, k) in [(9usize, 3), (24, 3), (9, 1)] {
-        let s = Sampling {
-            max_new_tokens: n,
-            temperature: 1.0,
-            ..Sampling::default()
-        };
-        half.model.fused_layers = false;
-        let plain = generate(&half.model, &prefixes, k, &s, &[], 5);
-        half.model.fused_layers = true;
-        let fused = generate(&half.model, &prefixes, k, &s, &[], 5);
         let what = format!("{n} tokens, {k} per prefix");
-        assert_eq!(plain.tokens, fused.tokens, "{what}");
-        for (a, b) in plain
-            .logprobs
-            .iter()
-            .flatten()
-            .zip(fused.logprobs.iter().flatten())
-        {
-            assert!((a - b).abs() < 0.05 + 0.02 * a.abs(), "{what}: {a} vs {b}");
-        }
+        assert_fused_samples_like_plain(&mut half, &prefixes, n, k, &what, |a| {
+            0.05 + 0.02 * a.abs()
+        });
     }
 }
 

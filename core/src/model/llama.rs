@@ -430,6 +430,18 @@ struct LayerCache<'a> {
 }
 
 impl KvCache {
+    /// Layer `i`'s view of the cache for a step whose positions begin at `start`.
+    fn layer(&mut self, i: usize, start: i64) -> LayerCache<'_> {
+        LayerCache {
+            kv: &mut self.layers[i],
+            start,
+            shared: self
+                .shared
+                .as_ref()
+                .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
+        }
+    }
+
     pub fn new(cfg: &LlamaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
         let shape = [
             batch,
@@ -598,13 +610,12 @@ impl Attention {
         xs: &Tensor,
         rope: &Rotary,
         mask: Option<&Tensor>,
-        cache: Option<LayerCache>,
+        mut cache: Option<LayerCache>,
         packed: Option<&PackedBlock>,
         fused: bool,
     ) -> Result<Tensor, String> {
         let (b, t, _) = xs.size3().unwrap_or((1, 1, 1));
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let mut cache = cache;
         // Whether this step's keys and values are in the cache already.
         let mut cached_kv = false;
         let (q, k, v) = match (packed, rope) {
@@ -1054,69 +1065,54 @@ impl Llama {
         let mut x = Tensor::embedding(&self.embed, batch.ids, -1, false, false);
         let fused = self.fused_layers;
         // Without gradients (decoding, scoring under no_grad), each residual add runs in place
-        // in one kernel with the norm after it. `x` is the embedding's fresh output, then only
-        // ever added into.
-        if fused && fused::infers(&[&x, &self.norm.weight]) {
+        // in one kernel with the norm after it, and `normed` carries the next block's input
+        // norm. `x` is the embedding's fresh output, then only ever added into. With gradients
+        // the adds must not be in place: autograd keeps `x` for the backward pass.
+        let in_place = fused && fused::infers(&[&x, &self.norm.weight]);
+        let mut normed = None;
+        if in_place {
             x = x.contiguous();
-            let mut normed = block_norm(&self.blocks, 0, &self.norm).forward(&x, fused);
-            for (i, block) in self.blocks.iter().enumerate() {
-                let layer_cache = cache.as_mut().map(|c| LayerCache {
-                    kv: &mut c.layers[i],
-                    start,
-                    shared: c
-                        .shared
-                        .as_ref()
-                        .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
-                });
-                let block_packed = packed.map(|p| &p.blocks[i]);
-                let h = block.attn.forward(
-                    &normed,
-                    &rope,
-                    batch.mask,
-                    layer_cache,
+            normed = Some(block_norm(&self.blocks, 0, &self.norm).forward(&x, fused));
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| c.layer(i, start));
+            let block_packed = packed.map(|p| &p.blocks[i]);
+            let input = match normed.take() {
+                Some(n) => n,
+                None => block.input_norm.forward(&x, fused),
+            };
+            let h =
+                block
+                    .attn
+                    .forward(&input, &rope, batch.mask, layer_cache, block_packed, fused)?;
+            if in_place {
+                let post = &block.post_norm;
+                let h = block.mlp.forward(
+                    &fused::add_rms_norm(&mut x, Some(&h), &post.weight, post.eps),
                     block_packed,
                     fused,
                 )?;
-                let post = &block.post_norm;
-                normed = fused::add_rms_norm(&mut x, Some(&h), &post.weight, post.eps);
-                let h = block.mlp.forward(&normed, block_packed, fused)?;
                 let next = block_norm(&self.blocks, i + 1, &self.norm);
-                normed = fused::add_rms_norm(&mut x, Some(&h), &next.weight, next.eps);
+                normed = Some(fused::add_rms_norm(
+                    &mut x,
+                    Some(&h),
+                    &next.weight,
+                    next.eps,
+                ));
+            } else {
+                x = &x + h;
+                x = &x
+                    + block.mlp.forward(
+                        &block.post_norm.forward(&x, fused),
+                        block_packed,
+                        fused,
+                    )?;
             }
-            if let Some(c) = cache {
-                c.len = start + t;
-            }
-            return Ok(normed);
-        }
-        for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| LayerCache {
-                kv: &mut c.layers[i],
-                start,
-                shared: c
-                    .shared
-                    .as_ref()
-                    .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
-            });
-            let block_packed = packed.map(|p| &p.blocks[i]);
-            let h = block.attn.forward(
-                &block.input_norm.forward(&x, fused),
-                &rope,
-                batch.mask,
-                layer_cache,
-                block_packed,
-                fused,
-            )?;
-            // Residual adds must not be in place: autograd keeps `x` for the backward pass.
-            x = &x + h;
-            x = &x
-                + block
-                    .mlp
-                    .forward(&block.post_norm.forward(&x, fused), block_packed, fused)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
         }
-        Ok(self.norm.forward(&x, self.fused_layers))
+        Ok(normed.unwrap_or_else(|| self.norm.forward(&x, fused)))
     }
 
     /// Logits for hidden states of any shape `(..., hidden)`.
