@@ -23,6 +23,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // The loops below are compiled for AVX-512, AVX2+FMA and plain x86-64, picked at load time by
@@ -875,6 +876,168 @@ inline f32x16 lane_sums16(const f32x16* a) {
     return SIPT_SHUFFLE1(e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
 }
 
+// Scores of queries `qs[0..nq)` (each D floats) against keys `keys[0..m)` (rows of D floats),
+// times `scale`, into `out[i][off + j]`: 16 keys at a time, one running vector per key over the
+// head's dimension, their lanes summed together (`lane_sums16`); the rest by `dot3`.
+inline __attribute__((always_inline)) void scores_of_rows(const float* const* qs, int64_t nq,
+                                                          const float* const* keys, int64_t m,
+                                                          int64_t D, float scale,
+                                                          float* const* out, int64_t off) {
+    int64_t j0 = 0;
+    for (; D % 16 == 0 && j0 + 16 <= m; j0 += 16) {
+        for (int64_t i = 0; i < nq; ++i) {
+            f32x16 a[16] = {};
+            for (int64_t c = 0; c < D; c += 16) {
+                f32x16 qc;
+                std::memcpy(&qc, qs[i] + c, sizeof qc);
+                for (int l = 0; l < 16; ++l) {
+                    f32x16 kc;
+                    std::memcpy(&kc, keys[j0 + l] + c, sizeof kc);
+                    a[l] += qc * kc;
+                }
+            }
+            const f32x16 dots = lane_sums16(a) * scale;
+            std::memcpy(out[i] + off + j0, &dots, sizeof dots);
+        }
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+        for (int64_t j = j0; j < m; ++j) out[i][off + j] = dot3(qs[i], keys[j], nullptr, D) * scale;
+    }
+}
+
+// The scores of NQ queries against 16·KB keys `j ..` of transposed keys `kt` (D rows `ld`
+// apart): a broadcast entry of each query times a vector of keys, no sums across lanes, and
+// each vector of keys loaded once for all NQ queries.
+template <int NQ, int KB>
+inline __attribute__((always_inline)) void scores_transposed_block(const float* const* qs,
+                                                                   const float* kt, int64_t ld,
+                                                                   int64_t D, float scale,
+                                                                   float* const* out, int64_t j) {
+    f32x16 a[NQ][KB] = {};
+    const float* k = kt + j;
+    for (int64_t d = 0; d < D; ++d, k += ld) {
+        f32x16 kv[KB];
+        for (int b = 0; b < KB; ++b) std::memcpy(&kv[b], k + 16 * b, sizeof kv[b]);
+        for (int i = 0; i < NQ; ++i) {
+            const float x = qs[i][d];
+            for (int b = 0; b < KB; ++b) a[i][b] += x * kv[b];
+        }
+    }
+    for (int i = 0; i < NQ; ++i) {
+        for (int b = 0; b < KB; ++b) {
+            const f32x16 s = a[i][b] * scale;
+            std::memcpy(out[i] + j + 16 * b, &s, sizeof s);
+        }
+    }
+}
+
+// Queries per register block of the kernels below: 6 × 4 running vectors and 4 loaded ones
+// fit AVX-512's 32 registers.
+constexpr int64_t kQueryBlock = 6;
+
+// Calls `f` with the query block's size as a compile-time constant, 1..kQueryBlock.
+template <typename F>
+inline __attribute__((always_inline)) void with_query_block(int64_t n, F f) {
+    switch (n) {
+        case 1: f(std::integral_constant<int, 1>()); break;
+        case 2: f(std::integral_constant<int, 2>()); break;
+        case 3: f(std::integral_constant<int, 3>()); break;
+        case 4: f(std::integral_constant<int, 4>()); break;
+        case 5: f(std::integral_constant<int, 5>()); break;
+        default: f(std::integral_constant<int, 6>()); break;
+    }
+}
+
+// Scores of queries `qs[0..nq)` against the `m` keys of `kt`, transposed (D rows `ld` apart,
+// zero past m up to a multiple of 16 that `ld` holds), into `out[i][0 .. m rounded up to 16)`.
+inline __attribute__((always_inline)) void scores_transposed(const float* const* qs, int64_t nq,
+                                                             const float* kt, int64_t ld,
+                                                             int64_t m, int64_t D, float scale,
+                                                             float* const* out) {
+    for (int64_t j = 0; j < m; j += 32) {
+        for (int64_t i = 0; i < nq; i += kQueryBlock) {
+            const int64_t nb = std::min(kQueryBlock, nq - i);
+            with_query_block(nb, [&](auto n) __attribute__((always_inline)) {
+                if (j + 16 < m) {
+                    scores_transposed_block<decltype(n)::value, 2>(qs + i, kt, ld, D, scale,
+                                                                   out + i, j);
+                } else {
+                    scores_transposed_block<decltype(n)::value, 1>(qs + i, kt, ld, D, scale,
+                                                                   out + i, j);
+                }
+            });
+        }
+    }
+}
+
+// acc[i][c .. c + 16·NV) += Σ_j w[i][off + j] · vals[j][c ..] over keys j0..j1, NQ queries at
+// once: each vector of values loaded once for all of them.
+template <int NQ, int NV>
+inline __attribute__((always_inline)) void values_block(const float* const* w, int64_t off,
+                                                        const float* const* vals, int64_t j0,
+                                                        int64_t j1, int64_t c,
+                                                        float* const* acc) {
+    f32x16 a[NQ][NV];
+    for (int i = 0; i < NQ; ++i) {
+        for (int b = 0; b < NV; ++b) std::memcpy(&a[i][b], acc[i] + c + 16 * b, sizeof a[i][b]);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+        f32x16 v[NV];
+        for (int b = 0; b < NV; ++b) std::memcpy(&v[b], vals[j] + c + 16 * b, sizeof v[b]);
+        for (int i = 0; i < NQ; ++i) {
+            const float x = w[i][off + j];
+            for (int b = 0; b < NV; ++b) a[i][b] += x * v[b];
+        }
+    }
+    for (int i = 0; i < NQ; ++i) {
+        for (int b = 0; b < NV; ++b) std::memcpy(acc[i] + c + 16 * b, &a[i][b], sizeof a[i][b]);
+    }
+}
+
+// acc[i][0..D) += Σ_j w[i][off + j] · vals[j] over the `m` values: 64 keys at a time (they stay
+// in L1 for every block of queries), 64 columns at a time, then 16, then one.
+inline __attribute__((always_inline)) void values_of_rows(const float* const* w, int64_t off,
+                                                          int64_t nq, const float* const* vals,
+                                                          int64_t m, int64_t D,
+                                                          float* const* acc) {
+    for (int64_t j0 = 0; j0 < m; j0 += 64) {
+        const int64_t j1 = std::min(m, j0 + 64);
+        for (int64_t i = 0; i < nq; i += kQueryBlock) {
+            const int64_t nb = std::min(kQueryBlock, nq - i);
+            with_query_block(nb, [&](auto n) __attribute__((always_inline)) {
+                constexpr int NQ = decltype(n)::value;
+                int64_t c = 0;
+                for (; c + 64 <= D; c += 64) {
+                    values_block<NQ, 4>(w + i, off, vals, j0, j1, c, acc + i);
+                }
+                for (; c + 16 <= D; c += 16) {
+                    values_block<NQ, 1>(w + i, off, vals, j0, j1, c, acc + i);
+                }
+                for (int q = 0; c < D && q < NQ; ++q) {
+                    for (int64_t j = j0; j < j1; ++j) {
+                        const float x = w[i + q][off + j];
+                        for (int64_t d = c; d < D; ++d) acc[i + q][d] += x * vals[j][d];
+                    }
+                }
+            });
+        }
+    }
+}
+
+// Softmax of scores `s[0..n)` over the keys that are `live`, zero elsewhere. A row that sees
+// no key at all (never the case in a decode step, whose own position is always live) gets
+// zeros rather than NaN.
+inline __attribute__((always_inline)) void softmax_live(float* __restrict s,
+                                                        const char* __restrict live, int64_t n) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) s[j] = live[j] ? s[j] : neg_inf;
+    const float m = row_max(s, n);
+    for (int64_t j = 0; j < n; ++j) s[j] = exp_f32(s[j] - m);
+    const float inv = m == neg_inf ? 0.0f : 1.0f / sum_of(s, n);
+    for (int64_t j = 0; j < n; ++j) s[j] = live[j] ? s[j] * inv : 0.0f;
+}
+
+// Tasks (row, KV head): the row's keys, prefix then own, read once for the G heads of the group.
 SIPT_VECTOR_CLONES
 void decode_attention_tasks(const float* __restrict q, DecodeView pk, DecodeView pv,
                             const bool* pmask, DecodeView ok, DecodeView ov, const bool* band,
@@ -884,16 +1047,18 @@ void decode_attention_tasks(const float* __restrict q, DecodeView pk, DecodeView
     std::vector<float> scores(static_cast<size_t>(G * n));
     std::vector<float> acc(static_cast<size_t>(G * D));
     std::vector<const float*> keys(static_cast<size_t>(n)), values(static_cast<size_t>(n));
+    std::vector<const float*> qs(static_cast<size_t>(G));
+    std::vector<float*> ws(static_cast<size_t>(G)), accs(static_cast<size_t>(G));
     std::vector<char> live(static_cast<size_t>(n));
-    float* __restrict sc = scores.data();
-    float* __restrict ac = acc.data();
-    const float neg_inf = -std::numeric_limits<float>::infinity();
-    const bool blocks = D % 16 == 0;
+    for (int64_t g = 0; g < G; ++g) {
+        ws[g] = scores.data() + g * n;
+        accs[g] = acc.data() + g * D;
+    }
     for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / KV;
         const int64_t kv = task % KV;
         const int64_t p = r / per;
-        const float* qg = q + task * G * D;
+        for (int64_t g = 0; g < G; ++g) qs[g] = q + (task * G + g) * D;
         for (int64_t j = 0; j < n; ++j) {
             const bool prefix = j < Lp;
             live[j] = (band == nullptr || band[j]) &&
@@ -903,90 +1068,82 @@ void decode_attention_tasks(const float* __restrict q, DecodeView pk, DecodeView
             values[j] = prefix ? pv.data + p * pv.s0 + kv * pv.s1 + j * pv.s2
                                : ov.data + r * ov.s0 + kv * ov.s1 + (j - Lp) * ov.s2;
         }
-        // Scores, 16 keys at a time (one running vector per key over the head's dimension,
-        // summed across lanes together), for every head of the group while the keys are in L1.
-        int64_t j0 = 0;
-        for (; blocks && j0 + 16 <= n; j0 += 16) {
-            for (int64_t g = 0; g < G; ++g) {
-                const float* qv = qg + g * D;
-                f32x16 a[16] = {};
-                for (int64_t c = 0; c < D; c += 16) {
-                    f32x16 qc;
-                    std::memcpy(&qc, qv + c, sizeof qc);
-                    for (int l = 0; l < 16; ++l) {
-                        f32x16 kc;
-                        std::memcpy(&kc, keys[j0 + l] + c, sizeof kc);
-                        a[l] += qc * kc;
-                    }
-                }
-                const f32x16 dots = lane_sums16(a) * scale;
-                std::memcpy(sc + g * n + j0, &dots, sizeof dots);
+        scores_of_rows(qs.data(), G, keys.data(), n, D, scale, ws.data(), 0);
+        for (int64_t g = 0; g < G; ++g) softmax_live(ws[g], live.data(), n);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        values_of_rows(ws.data(), 0, G, values.data(), n, D, accs.data());
+        std::memcpy(out + task * G * D, acc.data(), static_cast<size_t>(G * D) * sizeof(float));
+    }
+}
+
+// Tasks (prefix, KV head, block of the prefix's rows) given the prefix's keys transposed
+// (`kt (P, KV, D, Lt)`, Lt ≥ Lp a multiple of 16, zero past Lp): the scores of every head of
+// the group in every row of the block against the prefix come from one pass over its keys with
+// no sums across lanes, and its values are read once for all of them; each row's own keys and
+// values as in `decode_attention_tasks`. A query's scores are `Lt + S` long: the prefix's
+// padding (never live), then its own keys.
+SIPT_VECTOR_CLONES
+void decode_attention_shared_tasks(const float* __restrict q, DecodeView kt, int64_t Lt,
+                                   DecodeView pv, const bool* pmask, DecodeView ok,
+                                   DecodeView ov, const bool* band, float* __restrict out,
+                                   int64_t KV, int64_t G, int64_t D, int64_t Lp, int64_t S,
+                                   int64_t per, int64_t rows, float scale, int64_t begin,
+                                   int64_t end) {
+    const int64_t n = Lt + S;
+    const int64_t blocks = (per + rows - 1) / rows;
+    const int64_t most = rows * G;
+    std::vector<float> scores(static_cast<size_t>(most * n));
+    std::vector<float> acc(static_cast<size_t>(most * D));
+    std::vector<const float*> own_keys(static_cast<size_t>(S)), own_values(static_cast<size_t>(S));
+    std::vector<const float*> prefix_values(static_cast<size_t>(Lp));
+    std::vector<const float*> qs(static_cast<size_t>(most));
+    std::vector<float*> ws(static_cast<size_t>(most)), accs(static_cast<size_t>(most));
+    std::vector<char> live(static_cast<size_t>(n));
+    for (int64_t i = 0; i < most; ++i) {
+        ws[i] = scores.data() + i * n;
+        accs[i] = acc.data() + i * D;
+    }
+    for (int64_t task = begin; task < end; ++task) {
+        const int64_t p = task / (KV * blocks);
+        const int64_t kv = task / blocks % KV;
+        const int64_t r0 = p * per + task % blocks * rows;
+        const int64_t nr = std::min(rows, (p + 1) * per - r0);
+        const int64_t nq = nr * G;
+        for (int64_t j = 0; j < n; ++j) {
+            const bool prefix = j < Lt;
+            const int64_t key = prefix ? j : Lp + j - Lt;  // the key's index in `band`
+            live[j] = (!prefix || j < Lp) && (band == nullptr || band[key]) &&
+                      (!prefix || pmask == nullptr || pmask[p * Lp + j]);
+        }
+        for (int64_t j = 0; j < Lp; ++j) {
+            prefix_values[j] = pv.data + p * pv.s0 + kv * pv.s1 + j * pv.s2;
+        }
+        for (int64_t i = 0; i < nq; ++i) {
+            // Row r0 + i / G, head kv·G + i % G of the (R, KV·G, 1, D) queries.
+            qs[i] = q + (((r0 + i / G) * KV + kv) * G + i % G) * D;
+        }
+        scores_transposed(qs.data(), nq, kt.data + p * kt.s0 + kv * kt.s1, kt.s2, Lp, D, scale,
+                          ws.data());
+        for (int64_t r = 0; r < nr; ++r) {
+            for (int64_t j = 0; j < S; ++j) {
+                own_keys[j] = ok.data + (r0 + r) * ok.s0 + kv * ok.s1 + j * ok.s2;
             }
+            scores_of_rows(qs.data() + r * G, G, own_keys.data(), S, D, scale, ws.data() + r * G,
+                           Lt);
         }
-        for (int64_t g = 0; g < G; ++g) {
-            float* s = sc + g * n;
-            for (int64_t j = j0; j < n; ++j) s[j] = dot3(qg + g * D, keys[j], nullptr, D) * scale;
-            for (int64_t j = 0; j < n; ++j) s[j] = live[j] ? s[j] : neg_inf;
-        }
-        for (int64_t g = 0; g < G; ++g) {
-            float* s = sc + g * n;
-            const float m = row_max(s, n);
-            for (int64_t j = 0; j < n; ++j) s[j] = exp_f32(s[j] - m);
-            const float sum = sum_of(s, n);
-            // A row that sees no key at all (never the case in a decode step, whose own
-            // position is always live) gets zeros rather than NaN.
-            const float inv = m == neg_inf ? 0.0f : 1.0f / sum;
-            for (int64_t j = 0; j < n; ++j) s[j] = live[j] ? s[j] * inv : 0.0f;
-        }
-        // Outputs, 32 keys at a time for every head of the group (the values stay in L1),
-        // 64 columns at a time in four running vectors.
-        for (int64_t i = 0; i < G * D; ++i) ac[i] = 0.0f;
-        for (int64_t k0 = 0; k0 < n; k0 += 32) {
-            const int64_t k1 = std::min(n, k0 + 32);
-            for (int64_t g = 0; g < G; ++g) {
-                const float* __restrict w = sc + g * n;
-                float* __restrict a = ac + g * D;
-                int64_t c = 0;
-                for (; blocks && c + 64 <= D; c += 64) {
-                    f32x16 a0, a1, a2, a3;
-                    std::memcpy(&a0, a + c, sizeof a0);
-                    std::memcpy(&a1, a + c + 16, sizeof a1);
-                    std::memcpy(&a2, a + c + 32, sizeof a2);
-                    std::memcpy(&a3, a + c + 48, sizeof a3);
-                    for (int64_t j = k0; j < k1; ++j) {
-                        const float* vj = values[j] + c;
-                        f32x16 v0, v1, v2, v3;
-                        std::memcpy(&v0, vj, sizeof v0);
-                        std::memcpy(&v1, vj + 16, sizeof v1);
-                        std::memcpy(&v2, vj + 32, sizeof v2);
-                        std::memcpy(&v3, vj + 48, sizeof v3);
-                        a0 += w[j] * v0;
-                        a1 += w[j] * v1;
-                        a2 += w[j] * v2;
-                        a3 += w[j] * v3;
-                    }
-                    std::memcpy(a + c, &a0, sizeof a0);
-                    std::memcpy(a + c + 16, &a1, sizeof a1);
-                    std::memcpy(a + c + 32, &a2, sizeof a2);
-                    std::memcpy(a + c + 48, &a3, sizeof a3);
-                }
-                for (; blocks && c < D; c += 16) {
-                    f32x16 a0;
-                    std::memcpy(&a0, a + c, sizeof a0);
-                    for (int64_t j = k0; j < k1; ++j) {
-                        f32x16 v0;
-                        std::memcpy(&v0, values[j] + c, sizeof v0);
-                        a0 += w[j] * v0;
-                    }
-                    std::memcpy(a + c, &a0, sizeof a0);
-                }
-                for (int64_t j = k0; c < D && j < k1; ++j) {
-                    const float* __restrict vj = values[j];
-                    for (int64_t d = c; d < D; ++d) a[d] += w[j] * vj[d];
-                }
+        for (int64_t i = 0; i < nq; ++i) softmax_live(ws[i], live.data(), n);
+        std::fill(acc.begin(), acc.begin() + nq * D, 0.0f);
+        values_of_rows(ws.data(), 0, nq, prefix_values.data(), Lp, D, accs.data());
+        for (int64_t r = 0; r < nr; ++r) {
+            for (int64_t j = 0; j < S; ++j) {
+                own_values[j] = ov.data + (r0 + r) * ov.s0 + kv * ov.s1 + j * ov.s2;
             }
+            values_of_rows(ws.data() + r * G, Lt, G, own_values.data(), S, D, accs.data() + r * G);
         }
-        std::memcpy(out + task * G * D, ac, static_cast<size_t>(G * D) * sizeof(float));
+        for (int64_t i = 0; i < nq; ++i) {
+            std::memcpy(out + (((r0 + i / G) * KV + kv) * G + i % G) * D, accs[i],
+                        static_cast<size_t>(D) * sizeof(float));
+        }
     }
 }
 
@@ -1115,13 +1272,16 @@ at::Tensor* sipt_fused_xent_chunk(const at::Tensor* logits, const at::Tensor* ta
 // (`prefix_k`, `prefix_v (P, KV, Lp, D)`, rows p·per .. (p+1)·per − 1 continue prefix p;
 // `prefix_mask (P, 1, 1, Lp)` bool, true at real positions, or null) followed by each row's own
 // positions (`own_k`, `own_v (R, KV, S, D)`, e.g. views of a cache); `band (1, Lp + S)` bool, the
-// keys a sliding window still sees, or null. All f32 on a CPU, last dimensions contiguous.
-// Returns `(R, H, 1, D)`.
+// keys a sliding window still sees, or null. `prefix_kt (P, KV, D, Lt)`, or null: the prefix's
+// keys transposed, Lt ≥ Lp a multiple of 16 and zero past Lp, with which a task reads them once
+// for a block of the prefix's rows. All f32 on a CPU, last dimensions contiguous. Returns
+// `(R, H, 1, D)`.
 at::Tensor* sipt_fused_decode_attention(const at::Tensor* q, const at::Tensor* prefix_k,
                                         const at::Tensor* prefix_v,
                                         const at::Tensor* prefix_mask, const at::Tensor* own_k,
                                         const at::Tensor* own_v, const at::Tensor* band,
-                                        int64_t per, char* err, size_t err_len) {
+                                        const at::Tensor* prefix_kt, int64_t per, char* err,
+                                        size_t err_len) {
     return guarded(err, err_len, [&] {
         for (const at::Tensor* t : {q, prefix_k, prefix_v, own_k, own_v}) {
             TORCH_CHECK(is_cpu_f32(*t) && t->dim() == 4,
@@ -1168,6 +1328,26 @@ at::Tensor* sipt_fused_decode_attention(const at::Tensor* q, const at::Tensor* p
         const float scale = 1.0f / std::sqrt(static_cast<float>(D));
         const DecodeView vpk = decode_view(pk), vpv = decode_view(pv);
         const DecodeView vok = decode_view(ok), vov = decode_view(ov);
+        if (prefix_kt != nullptr) {
+            const at::Tensor& kt = *prefix_kt;
+            TORCH_CHECK(is_cpu_f32(kt) && kt.dim() == 4 && kt.size(0) == P && kt.size(1) == KV &&
+                            kt.size(2) == D && kt.size(3) >= Lp && kt.size(3) % 16 == 0 &&
+                            kt.stride(3) == 1,
+                        "fused decode attention: transposed prefix keys of ", kt.scalar_type(),
+                        " and shape ", kt.sizes(), " strides ", kt.strides(), " for keys of ",
+                        prefix_k->sizes(), " (expected f32 (P, KV, D, a multiple of 16 >= Lp), ",
+                        "last dimension contiguous)");
+            // Blocks of at most four rows: with three heads a group, 12 queries share each
+            // loaded key, and a prefix of 16 rows still makes four tasks a KV head.
+            const int64_t blocks = (per + 3) / 4;
+            const int64_t rows = (per + blocks - 1) / blocks;
+            const DecodeView vkt = decode_view(kt);
+            at::parallel_for(0, P * KV * blocks, 1, [&](int64_t begin, int64_t end) {
+                decode_attention_shared_tasks(qp, vkt, kt.size(3), vpv, pmp, vok, vov, bp, op, KV,
+                                              H / KV, D, Lp, S, per, rows, scale, begin, end);
+            });
+            return out;
+        }
         at::parallel_for(0, R * KV, 1, [&](int64_t begin, int64_t end) {
             decode_attention_tasks(qp, vpk, vpv, pmp, vok, vov, bp, op, KV, H / KV, D, Lp, S, per,
                                    scale, begin, end);

@@ -49,6 +49,7 @@ extern "C" {
         own_k: *const C_tensor,
         own_v: *const C_tensor,
         band: *const C_tensor,
+        prefix_kt: *const C_tensor,
         per: i64,
         err: *mut std::ffi::c_char,
         err_len: usize,
@@ -223,8 +224,11 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 /// `llama::shared_prefix_attention` in one kernel, with the same result: the
 /// attention of one new position per row, `q (R, H, 1, D)`, over its prefix and its own cached
 /// positions. One task per row and KV head reads its keys and values once for all the heads of
-/// its group. Masks are bool, true where seen. A decode step without a shared prefix passes each
-/// row's cache as a prefix of its own (`per` 1, the padding mask per row, `own` empty).
+/// its group; given the prefix's keys transposed (`prefix_t`, [`transposed_keys`]), one task per
+/// block of up to four rows of a prefix and KV head reads the prefix once for all their heads,
+/// with no sums across vector lanes. Masks are bool, true where seen. A decode step without a
+/// shared prefix passes each row's cache as a prefix of its own (`per` 1, the padding mask per
+/// row, `own` empty).
 pub(super) fn decode_attention(q: &Tensor, keys: &DecodeKeys) -> Tensor {
     let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr());
     // SAFETY: every handle stays alive for the call (the optional ones are null or borrowed);
@@ -240,12 +244,26 @@ pub(super) fn decode_attention(q: &Tensor, keys: &DecodeKeys) -> Tensor {
                 keys.own.0.as_ptr(),
                 keys.own.1.as_ptr(),
                 opt(keys.band),
+                opt(keys.prefix_t),
                 keys.per,
                 err,
                 len,
             )
         }),
     )
+}
+
+/// A shared prefix's keys `(P, KV, Lp, D)` as [`decode_attention`] reads them fastest,
+/// transposed to `(P, KV, D, Lt)` with `Lt` the next multiple of 16 and zeros past `Lp`; `None`
+/// where the kernel does not apply (not f32 on a CPU).
+pub(super) fn transposed_keys(keys: &Tensor) -> Option<Tensor> {
+    let (p, kv, lp, d) = keys.size4().ok()?;
+    if !applies(&[keys]) {
+        return None;
+    }
+    let padded = Tensor::zeros([p, kv, d, (lp + 15) / 16 * 16], (Kind::Float, Device::Cpu));
+    padded.narrow(3, 0, lp).copy_(&keys.transpose(2, 3));
+    Some(padded)
 }
 
 /// The NLL `(n,)` of each row of `logits (n, V)` (contiguous f32 on a CPU) at `targets (n,)`:
@@ -652,11 +670,17 @@ mod tests {
         // padding mask, sliding-window band): head sizes 64 and 32 run the kernel's 16-wide
         // blocks, 24 its scalar loops; lengths that are not whole blocks; grouped heads (3 per
         // KV head) and one per KV head.
+        //
+        // With the prefix's keys transposed, rows come in blocks of up to four (16 rows: four
+        // blocks; 6: two of 3; 5: 3 and 2) and queries in register blocks of up to six (eight
+        // heads a KV head: 6 and 2); prefix lengths of 37 and 20 pad their last block of 16.
         for (p, per, h, kv, d, lp, s, masked, banded) in [
             (1, 4, 6, 2, 64, 37, 5, true, false),
             (3, 2, 4, 4, 32, 16, 1, false, true),
             (2, 2, 2, 1, 24, 20, 19, true, true),
             (1, 16, 9, 3, 64, 256, 64, false, false),
+            (2, 6, 8, 1, 64, 33, 0, true, true),
+            (1, 5, 6, 3, 128, 70, 17, false, true),
         ] {
             let r = p * per;
             let q = randn(&[r, h, 1, d]);
@@ -675,8 +699,9 @@ mod tests {
                 let _ = b.narrow(1, lp + s - 1, 1).fill_(1);
                 b
             });
-            let keys = DecodeKeys {
+            let mut keys = DecodeKeys {
                 prefix: &prefix,
+                prefix_t: None,
                 own: &own,
                 per,
                 prefix_mask: mask.as_ref(),
@@ -686,6 +711,15 @@ mod tests {
             let fused = decode_attention(&q, &keys);
             assert_eq!(fused.size(), [r, h, 1, d]);
             assert_close(&format!("{p}x{per}, d {d}"), &fused, &plain, 1e-5);
+            let transposed = transposed_keys(&prefix.0).expect("f32 on a CPU");
+            keys.prefix_t = Some(&transposed);
+            let fused = decode_attention(&q, &keys);
+            assert_close(
+                &format!("{p}x{per}, d {d}, transposed"),
+                &fused,
+                &plain,
+                1e-5,
+            );
         }
     }
 

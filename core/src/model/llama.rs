@@ -415,18 +415,29 @@ pub struct KvCache {
 
 /// Prefill keys and values `(P, kv_heads, prefix_len, head_dim)` per layer, shared by `per`
 /// consecutive rows each; `mask (P, 1, 1, prefix_len)` is true at real (not padding) positions.
+/// Where the fused decode attention applies, `keys_t` holds each layer's keys transposed for it
+/// ([`fused::transposed_keys`]), made once for every decode step.
 struct SharedPrefix {
     layers: Vec<(Tensor, Tensor)>,
+    keys_t: Vec<Option<Tensor>>,
     per: i64,
     mask: Option<Tensor>,
+}
+
+/// One layer's view of a shared prefix during a decode step.
+#[derive(Clone, Copy)]
+struct SharedLayer<'a> {
+    kv: &'a (Tensor, Tensor),
+    keys_t: Option<&'a Tensor>,
+    per: i64,
+    mask: Option<&'a Tensor>,
 }
 
 /// One layer's view of a cache during a forward pass.
 struct LayerCache<'a> {
     kv: &'a mut (Tensor, Tensor),
     start: i64,
-    /// The shared prefix's keys and values, rows per prefix, and padding mask.
-    shared: Option<(&'a (Tensor, Tensor), i64, Option<&'a Tensor>)>,
+    shared: Option<SharedLayer<'a>>,
 }
 
 impl KvCache {
@@ -435,10 +446,12 @@ impl KvCache {
         LayerCache {
             kv: &mut self.layers[i],
             start,
-            shared: self
-                .shared
-                .as_ref()
-                .map(|s| (&s.layers[i], s.per, s.mask.as_ref())),
+            shared: self.shared.as_ref().map(|s| SharedLayer {
+                kv: &s.layers[i],
+                keys_t: s.keys_t[i].as_ref(),
+                per: s.per,
+                mask: s.mask.as_ref(),
+            }),
         }
     }
 
@@ -470,12 +483,17 @@ impl KvCache {
     /// padded, marks their real positions. Nothing of the prefix is copied, and each decode step
     /// reads it once per prefix instead of once per row.
     pub fn share_rows(&self, times: i64, capacity: i64, valid: Option<&Tensor>) -> KvCache {
+        let layers: Vec<_> = self
+            .layers
+            .iter()
+            .map(|(k, v)| (k.narrow(2, 0, self.len), v.narrow(2, 0, self.len)))
+            .collect();
         let shared = SharedPrefix {
-            layers: self
-                .layers
+            keys_t: layers
                 .iter()
-                .map(|(k, v)| (k.narrow(2, 0, self.len), v.narrow(2, 0, self.len)))
+                .map(|(k, _)| fused::transposed_keys(k))
                 .collect(),
+            layers,
             per: times,
             mask: valid.map(|m| {
                 let (p, l) = m.size2().unwrap_or((1, 1));
@@ -705,7 +723,7 @@ impl Attention {
         if let Some(LayerCache {
             kv: (ck, cv),
             start,
-            shared: Some((prefix, per, prefix_mask)),
+            shared: Some(shared),
         }) = cache
         {
             if !cached_kv {
@@ -714,20 +732,21 @@ impl Attention {
             }
             let own = (ck.narrow(2, 0, start + t), cv.narrow(2, 0, start + t));
             // The prefix fills cache indices 0..Lp, the row's own positions follow.
-            let lp = prefix.0.size()[2];
+            let lp = shared.kv.0.size()[2];
             let band = self.window_band(lp + start, t, lp + start + t, xs.device());
             let q = q.to_kind(ck.kind());
             let keys = DecodeKeys {
-                prefix,
+                prefix: shared.kv,
+                prefix_t: shared.keys_t,
                 own: &own,
-                per,
-                prefix_mask,
+                per: shared.per,
+                prefix_mask: shared.mask,
                 band: band.as_ref(),
             };
             let y = if fused
                 && t == 1
-                && prefix_mask.map_or(true, |m| m.kind() == Kind::Bool)
-                && fused::applies(&[&q, &prefix.0, &prefix.1, &own.0, &own.1])
+                && shared.mask.map_or(true, |m| m.kind() == Kind::Bool)
+                && fused::applies(&[&q, &shared.kv.0, &shared.kv.1, &own.0, &own.1])
             {
                 fused::decode_attention(&q, &keys)
             } else {
@@ -770,6 +789,7 @@ impl Attention {
             let after = (k.narrow(2, 0, 0), v.narrow(2, 0, 0));
             let keys = DecodeKeys {
                 prefix: &rows,
+                prefix_t: None,
                 own: &after,
                 per: 1,
                 prefix_mask: mask,
@@ -818,6 +838,8 @@ impl Attention {
 #[derive(Clone, Copy)]
 pub(super) struct DecodeKeys<'a> {
     pub(super) prefix: &'a (Tensor, Tensor),
+    /// The prefix's keys as [`fused::transposed_keys`] lays them out, for the fused kernel.
+    pub(super) prefix_t: Option<&'a Tensor>,
     pub(super) own: &'a (Tensor, Tensor),
     pub(super) per: i64,
     pub(super) prefix_mask: Option<&'a Tensor>,
@@ -833,6 +855,7 @@ pub(super) fn shared_prefix_attention(q: &Tensor, keys: &DecodeKeys) -> Tensor {
         per,
         prefix_mask,
         band,
+        prefix_t: _,
     } = *keys;
     let (r, h, _, d) = q.size4().unwrap_or((1, 1, 1, 1));
     let (p, kv, lp, _) = prefix.0.size4().unwrap_or((1, 1, 1, 1));
