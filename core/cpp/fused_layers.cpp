@@ -1037,6 +1037,28 @@ inline __attribute__((always_inline)) void softmax_live(float* __restrict s,
     for (int64_t j = 0; j < n; ++j) s[j] = live[j] ? s[j] * inv : 0.0f;
 }
 
+// A task's scratch space for up to `nq` queries over `n` keys: their scores (`ws[i]`, n each)
+// and outputs (`accs[i]`, D each), the queries themselves (`qs`), and which keys are live.
+struct AttentionScratch {
+    std::vector<float> scores, acc;
+    std::vector<const float*> qs;
+    std::vector<float*> ws, accs;
+    std::vector<char> live;
+
+    AttentionScratch(int64_t nq, int64_t n, int64_t D)
+        : scores(static_cast<size_t>(nq * n)),
+          acc(static_cast<size_t>(nq * D)),
+          qs(static_cast<size_t>(nq)),
+          ws(static_cast<size_t>(nq)),
+          accs(static_cast<size_t>(nq)),
+          live(static_cast<size_t>(n)) {
+        for (int64_t i = 0; i < nq; ++i) {
+            ws[i] = scores.data() + i * n;
+            accs[i] = acc.data() + i * D;
+        }
+    }
+};
+
 // Tasks (row, KV head): the row's keys, prefix then own, read once for the G heads of the group.
 SIPT_VECTOR_CLONES
 void decode_attention_tasks(const float* __restrict q, DecodeView pk, DecodeView pv,
@@ -1044,35 +1066,27 @@ void decode_attention_tasks(const float* __restrict q, DecodeView pk, DecodeView
                             float* __restrict out, int64_t KV, int64_t G, int64_t D, int64_t Lp,
                             int64_t S, int64_t per, float scale, int64_t begin, int64_t end) {
     const int64_t n = Lp + S;
-    std::vector<float> scores(static_cast<size_t>(G * n));
-    std::vector<float> acc(static_cast<size_t>(G * D));
+    AttentionScratch x(G, n, D);
     std::vector<const float*> keys(static_cast<size_t>(n)), values(static_cast<size_t>(n));
-    std::vector<const float*> qs(static_cast<size_t>(G));
-    std::vector<float*> ws(static_cast<size_t>(G)), accs(static_cast<size_t>(G));
-    std::vector<char> live(static_cast<size_t>(n));
-    for (int64_t g = 0; g < G; ++g) {
-        ws[g] = scores.data() + g * n;
-        accs[g] = acc.data() + g * D;
-    }
     for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / KV;
         const int64_t kv = task % KV;
         const int64_t p = r / per;
-        for (int64_t g = 0; g < G; ++g) qs[g] = q + (task * G + g) * D;
+        for (int64_t g = 0; g < G; ++g) x.qs[g] = q + (task * G + g) * D;
         for (int64_t j = 0; j < n; ++j) {
             const bool prefix = j < Lp;
-            live[j] = (band == nullptr || band[j]) &&
+            x.live[j] = (band == nullptr || band[j]) &&
                       (!prefix || pmask == nullptr || pmask[p * Lp + j]);
             keys[j] = prefix ? pk.data + p * pk.s0 + kv * pk.s1 + j * pk.s2
                              : ok.data + r * ok.s0 + kv * ok.s1 + (j - Lp) * ok.s2;
             values[j] = prefix ? pv.data + p * pv.s0 + kv * pv.s1 + j * pv.s2
                                : ov.data + r * ov.s0 + kv * ov.s1 + (j - Lp) * ov.s2;
         }
-        scores_of_rows(qs.data(), G, keys.data(), n, D, scale, ws.data(), 0);
-        for (int64_t g = 0; g < G; ++g) softmax_live(ws[g], live.data(), n);
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        values_of_rows(ws.data(), 0, G, values.data(), n, D, accs.data());
-        std::memcpy(out + task * G * D, acc.data(), static_cast<size_t>(G * D) * sizeof(float));
+        scores_of_rows(x.qs.data(), G, keys.data(), n, D, scale, x.ws.data(), 0);
+        for (int64_t g = 0; g < G; ++g) softmax_live(x.ws[g], x.live.data(), n);
+        std::fill(x.acc.begin(), x.acc.end(), 0.0f);
+        values_of_rows(x.ws.data(), 0, G, values.data(), n, D, x.accs.data());
+        std::memcpy(out + task * G * D, x.acc.data(), static_cast<size_t>(G * D) * sizeof(float));
     }
 }
 
@@ -1091,18 +1105,9 @@ void decode_attention_shared_tasks(const float* __restrict q, DecodeView kt, int
                                    int64_t end) {
     const int64_t n = Lt + S;
     const int64_t blocks = (per + rows - 1) / rows;
-    const int64_t most = rows * G;
-    std::vector<float> scores(static_cast<size_t>(most * n));
-    std::vector<float> acc(static_cast<size_t>(most * D));
+    AttentionScratch x(rows * G, n, D);
     std::vector<const float*> own_keys(static_cast<size_t>(S)), own_values(static_cast<size_t>(S));
     std::vector<const float*> prefix_values(static_cast<size_t>(Lp));
-    std::vector<const float*> qs(static_cast<size_t>(most));
-    std::vector<float*> ws(static_cast<size_t>(most)), accs(static_cast<size_t>(most));
-    std::vector<char> live(static_cast<size_t>(n));
-    for (int64_t i = 0; i < most; ++i) {
-        ws[i] = scores.data() + i * n;
-        accs[i] = acc.data() + i * D;
-    }
     for (int64_t task = begin; task < end; ++task) {
         const int64_t p = task / (KV * blocks);
         const int64_t kv = task / blocks % KV;
@@ -1112,7 +1117,7 @@ void decode_attention_shared_tasks(const float* __restrict q, DecodeView kt, int
         for (int64_t j = 0; j < n; ++j) {
             const bool prefix = j < Lt;
             const int64_t key = prefix ? j : Lp + j - Lt;  // the key's index in `band`
-            live[j] = (!prefix || j < Lp) && (band == nullptr || band[key]) &&
+            x.live[j] = (!prefix || j < Lp) && (band == nullptr || band[key]) &&
                       (!prefix || pmask == nullptr || pmask[p * Lp + j]);
         }
         for (int64_t j = 0; j < Lp; ++j) {
@@ -1120,28 +1125,29 @@ void decode_attention_shared_tasks(const float* __restrict q, DecodeView kt, int
         }
         for (int64_t i = 0; i < nq; ++i) {
             // Row r0 + i / G, head kv·G + i % G of the (R, KV·G, 1, D) queries.
-            qs[i] = q + (((r0 + i / G) * KV + kv) * G + i % G) * D;
+            x.qs[i] = q + (((r0 + i / G) * KV + kv) * G + i % G) * D;
         }
-        scores_transposed(qs.data(), nq, kt.data + p * kt.s0 + kv * kt.s1, kt.s2, Lp, D, scale,
-                          ws.data());
+        scores_transposed(x.qs.data(), nq, kt.data + p * kt.s0 + kv * kt.s1, kt.s2, Lp, D,
+                          scale, x.ws.data());
         for (int64_t r = 0; r < nr; ++r) {
             for (int64_t j = 0; j < S; ++j) {
                 own_keys[j] = ok.data + (r0 + r) * ok.s0 + kv * ok.s1 + j * ok.s2;
             }
-            scores_of_rows(qs.data() + r * G, G, own_keys.data(), S, D, scale, ws.data() + r * G,
-                           Lt);
+            scores_of_rows(x.qs.data() + r * G, G, own_keys.data(), S, D, scale,
+                           x.ws.data() + r * G, Lt);
         }
-        for (int64_t i = 0; i < nq; ++i) softmax_live(ws[i], live.data(), n);
-        std::fill(acc.begin(), acc.begin() + nq * D, 0.0f);
-        values_of_rows(ws.data(), 0, nq, prefix_values.data(), Lp, D, accs.data());
+        for (int64_t i = 0; i < nq; ++i) softmax_live(x.ws[i], x.live.data(), n);
+        std::fill(x.acc.begin(), x.acc.begin() + nq * D, 0.0f);
+        values_of_rows(x.ws.data(), 0, nq, prefix_values.data(), Lp, D, x.accs.data());
         for (int64_t r = 0; r < nr; ++r) {
             for (int64_t j = 0; j < S; ++j) {
                 own_values[j] = ov.data + (r0 + r) * ov.s0 + kv * ov.s1 + j * ov.s2;
             }
-            values_of_rows(ws.data() + r * G, Lt, G, own_values.data(), S, D, accs.data() + r * G);
+            values_of_rows(x.ws.data() + r * G, Lt, G, own_values.data(), S, D,
+                           x.accs.data() + r * G);
         }
         for (int64_t i = 0; i < nq; ++i) {
-            std::memcpy(out + (((r0 + i / G) * KV + kv) * G + i % G) * D, accs[i],
+            std::memcpy(out + (((r0 + i / G) * KV + kv) * G + i % G) * D, x.accs[i],
                         static_cast<size_t>(D) * sizeof(float));
         }
     }
