@@ -1076,7 +1076,7 @@ void decode_attention_tasks(const float* __restrict q, DecodeView pk, DecodeView
         for (int64_t j = 0; j < n; ++j) {
             const bool prefix = j < Lp;
             x.live[j] = (band == nullptr || band[j]) &&
-                      (!prefix || pmask == nullptr || pmask[p * Lp + j]);
+                        (!prefix || pmask == nullptr || pmask[p * Lp + j]);
             keys[j] = prefix ? pk.data + p * pk.s0 + kv * pk.s1 + j * pk.s2
                              : ok.data + r * ok.s0 + kv * ok.s1 + (j - Lp) * ok.s2;
             values[j] = prefix ? pv.data + p * pv.s0 + kv * pv.s1 + j * pv.s2
@@ -1118,7 +1118,7 @@ void decode_attention_shared_tasks(const float* __restrict q, DecodeView kt, int
             const bool prefix = j < Lt;
             const int64_t key = prefix ? j : Lp + j - Lt;  // the key's index in `band`
             x.live[j] = (!prefix || j < Lp) && (band == nullptr || band[key]) &&
-                      (!prefix || pmask == nullptr || pmask[p * Lp + j]);
+                        (!prefix || pmask == nullptr || pmask[p * Lp + j]);
         }
         for (int64_t j = 0; j < Lp; ++j) {
             prefix_values[j] = pv.data + p * pv.s0 + kv * pv.s1 + j * pv.s2;
