@@ -325,6 +325,54 @@ fn packed_weights_decode_like_the_model() {
 }
 
 #[test]
+fn padded_packed_weights_give_the_plain_products() {
+    use sipt_core::model::packed::{linear, linear_strided, repack};
+    let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(5);
+    let w = Tensor::randn([1024, 40], (Kind::Float, Device::Cpu));
+    let x = Tensor::randn([16, 40], (Kind::Float, Device::Cpu));
+    drop(_init);
+    let want = x.matmul(&w.tr());
+    // 1024 f32 outputs make rows of 4 KiB, which `repack` pads with zero rows; 1000 do not.
+    let padded = repack(&w, 16).unwrap();
+    assert!(padded.is_padded());
+    assert_eq!(padded.out_features(), 1024);
+    assert!(!repack(&w.narrow(0, 0, 1000), 16).unwrap().is_padded());
+    let (y, view) = tch::no_grad(|| {
+        (
+            linear(&x, &padded).unwrap(),
+            linear_strided(&x, &padded).unwrap(),
+        )
+    });
+    assert!(y.is_contiguous());
+    for (what, y) in [("linear", &y), ("linear_strided", &view)] {
+        assert_eq!(y.size(), [16, 1024], "{what}");
+        let diff = (y - &want).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{what}: max |diff| {diff}");
+    }
+
+    // A model whose fused gate/up product is 2 × 512 wide (padded) decodes like its plain
+    // weights: the same logits and the same sampled tokens at a fixed seed.
+    let p = policy_with(|c| c.intermediate_size = 512);
+    let packed = p.model.pack(2).expect("f32 weights pack on every CPU");
+    let plain = prefill_and_decode(&p.model, None);
+    let fast = prefill_and_decode(&p.model, Some(&packed));
+    for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "pass {i}: max |diff| {diff}");
+    }
+    let s = Sampling {
+        max_new_tokens: 24,
+        temperature: 1.0,
+        ..Sampling::default()
+    };
+    let prefixes = [vec![1u32, 2, 3], vec![4u32, 5]];
+    let sampled = generate_packed(&p.model, &prefixes, 2, &s, &[], 3, Some(&packed));
+    let unpacked = generate_packed(&p.model, &prefixes, 2, &s, &[], 3, None);
+    assert_eq!(sampled.tokens, unpacked.tokens);
+}
+
+#[test]
 fn a_failing_packed_kernel_is_an_error_and_sampling_falls_back() {
     let p = policy();
     // Weights packed for another model: their products refuse this model's activations.

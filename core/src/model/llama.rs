@@ -938,8 +938,9 @@ impl Mlp {
         };
         match packed {
             Some(p) => {
-                let gate_up = packed::linear(xs, &p.gate_up)?;
-                let i = gate_up.size().last().copied().unwrap_or(0) / 2;
+                // A view when the packed weight is padded: the halves read it strided.
+                let gate_up = packed::linear_strided(xs, &p.gate_up)?;
+                let i = p.gate_up.out_features() / 2;
                 let h = swiglu(&gate_up.narrow(-1, 0, i), &gate_up.narrow(-1, i, i));
                 packed::linear(&h, &p.down)
             }

@@ -7,7 +7,8 @@
 //! gate/up into another, the rows of q and k reordered so that rotary embeddings become one
 //! complex product per step, see `llama::pair_halves`), through libtorch's own `mkldnn::_reorder_linear_weight` and
 //! `mkldnn::_linear_pointwise` kernels. The products are the same oneDNN products the plain path
-//! computes (bit-identical in the tests), only without the repeated repacking.
+//! computes (bit-identical in the tests), only without the repeated repacking. f32 weights
+//! whose product rows would be a multiple of 4 KiB get zero rows more (see `packed_rows`).
 //!
 //! The packed weights are a snapshot: [`Llama::pack`] makes them from the current variables and
 //! they never see later updates, so sampling packs again at each call. They serve inference
@@ -48,11 +49,72 @@ pub(super) fn call(f: impl FnOnce(*mut c_char, usize) -> *mut C_tensor) -> Resul
     }
 }
 
-/// `weight (out, in)` repacked for inputs of about `rows` rows.
-pub fn repack(weight: &Tensor, rows: i64) -> Result<Tensor, String> {
-    let weight = weight.contiguous();
+/// A weight matrix in oneDNN's blocked format, with the width of its product's rows.
+pub struct PackedWeight {
+    packed: Tensor,
+    /// The weight's output features; the packed matrix may have more (zero) rows.
+    out: i64,
+    /// The packed matrix's rows: `out`, or more where [`packed_rows`] pads.
+    rows: i64,
+}
+
+/// Zero rows added below an f32 weight whose product's rows would be a multiple of 4 KiB long.
+const PAD_ROWS: i64 = 64;
+
+/// How many rows `weight (out, in)` is packed with. oneDNN writes a product of a few rows
+/// straight into its output: when a row of that output is a multiple of 4 KiB (an f32
+/// weight with a multiple of 1024 outputs, as the fused gate/up of SmolLM2 has, 2 × 1536), all
+/// the rows fall on the same sets of the L1 cache and a product of 16 rows runs at a third
+/// of its speed (docs/benchmarks.md). 64 zero rows more break that stride and cost 2% more
+/// arithmetic; the padded outputs are dropped. bf16 products were not slower at such widths
+/// (measured) and are not padded.
+fn packed_rows(weight: &Tensor) -> i64 {
+    let (out, elem) = (weight.size()[0], weight.kind().elt_size_in_bytes() as i64);
+    if weight.kind() == Kind::Float && (out * elem) % 4096 == 0 {
+        out + PAD_ROWS
+    } else {
+        out
+    }
+}
+
+/// `weight (out, in)` repacked for inputs of about `rows` rows, padded where
+/// [`packed_rows`] says.
+pub fn repack(weight: &Tensor, rows: i64) -> Result<PackedWeight, String> {
+    repack_with(weight, rows, true)
+}
+
+fn repack_with(weight: &Tensor, rows: i64, pad: bool) -> Result<PackedWeight, String> {
+    let out = weight.size().first().copied().unwrap_or(0);
+    let padded = if pad { packed_rows(weight) } else { out };
+    let weight = if padded > out {
+        let zeros = weight.new_zeros(
+            [padded - out, weight.size()[1]],
+            (weight.kind(), weight.device()),
+        );
+        Tensor::cat(&[weight, &zeros], 0)
+    } else {
+        weight.contiguous()
+    };
     // SAFETY: both handles stay alive for the call; the shim copies what it keeps.
-    call(|err, len| unsafe { sipt_reorder_linear_weight(weight.as_ptr(), rows, err, len) })
+    let packed =
+        call(|err, len| unsafe { sipt_reorder_linear_weight(weight.as_ptr(), rows, err, len) })?;
+    Ok(PackedWeight {
+        packed,
+        out,
+        rows: padded,
+    })
+}
+
+impl PackedWeight {
+    /// The weight's output features.
+    pub fn out_features(&self) -> i64 {
+        self.out
+    }
+
+    /// Whether the packed matrix has zero rows below the weight's (see [`packed_rows`]).
+    pub fn is_padded(&self) -> bool {
+        self.rows > self.out
+    }
 }
 
 fn try_linear(input: &Tensor, packed: &Tensor) -> Result<Tensor, String> {
@@ -61,12 +123,23 @@ fn try_linear(input: &Tensor, packed: &Tensor) -> Result<Tensor, String> {
     call(|err, len| unsafe { sipt_linear_packed(input.as_ptr(), packed.as_ptr(), err, len) })
 }
 
-/// `input (..., in)` times a [`repack`]ed weight, transposed: `(..., out)`. Inference only.
-/// `kernels_work` checked the kernel before anything was packed, but oneDNN can still refuse
-/// an input (a shape or type it has no kernel for); that is an error for the caller to handle,
-/// which sampling does by decoding again without packed weights.
-pub fn linear(input: &Tensor, packed: &Tensor) -> Result<Tensor, String> {
-    try_linear(input, packed).map_err(|e| format!("packed linear layer failed: {e}"))
+/// `input (..., in)` times a [`repack`]ed weight, transposed: `(..., out)`, contiguous.
+/// Inference only. `kernels_work` checked the kernel before anything was packed, but oneDNN
+/// can still refuse an input (a shape or type it has no kernel for); that is an error for the
+/// caller to handle, which sampling does by decoding again without packed weights.
+pub fn linear(input: &Tensor, w: &PackedWeight) -> Result<Tensor, String> {
+    let y = linear_strided(input, w)?;
+    Ok(if w.is_padded() { y.contiguous() } else { y })
+}
+
+/// [`linear`] without copying a padded product: `(..., out)` may be a view with longer rows.
+pub fn linear_strided(input: &Tensor, w: &PackedWeight) -> Result<Tensor, String> {
+    let y = try_linear(input, &w.packed).map_err(|e| format!("packed linear layer failed: {e}"))?;
+    Ok(if w.is_padded() {
+        y.narrow(-1, 0, w.out)
+    } else {
+        y
+    })
 }
 
 /// Whether libtorch's packed linear kernels work here for weights of `kind`, checked once per
@@ -85,7 +158,7 @@ fn kernels_work(kind: Kind) -> bool {
         let check = || -> Result<(), String> {
             let w = Tensor::ones([4, 8], (kind, Device::Cpu));
             let x = Tensor::ones([2, 8], (kind, Device::Cpu));
-            let y = tch::no_grad(|| try_linear(&x, &repack(&w, 2)?))?;
+            let y = tch::no_grad(|| try_linear(&x, &repack(&w, 2)?.packed))?;
             if y.size() == [2, 4]
                 && y.to_kind(Kind::Float).allclose(
                     &Tensor::full([2, 4], 8.0, (Kind::Float, Device::Cpu)),
@@ -116,20 +189,20 @@ fn pairs(w: &Tensor, heads: i64, head_dim: i64) -> Tensor {
 
 /// One block's projections, packed: q/k/v fused, o, gate/up fused, down.
 pub(super) struct PackedBlock {
-    pub qkv: Tensor,
+    pub qkv: PackedWeight,
     /// The q/k/v biases in the packed rows' order, when the model has them (Qwen2).
     pub qkv_bias: Option<Tensor>,
     /// Qwen3's q and k norm weights, in the paired order of a head's dimensions.
     pub qk_norm: Option<(Tensor, Tensor)>,
-    pub o: Tensor,
-    pub gate_up: Tensor,
-    pub down: Tensor,
+    pub o: PackedWeight,
+    pub gate_up: PackedWeight,
+    pub down: PackedWeight,
 }
 
 /// A model's weight matrices repacked for decoding (see the module docs).
 pub struct Packed {
     pub(super) blocks: Vec<PackedBlock>,
-    pub(super) lm_head: Tensor,
+    pub(super) lm_head: PackedWeight,
 }
 
 impl Llama {
@@ -181,7 +254,9 @@ impl Llama {
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             Ok(Packed {
                 blocks,
-                lm_head: repack(head, rows)?,
+                // Not padded: the output layer's product (49152 wide on SmolLM2) ran no
+                // faster padded, and its logits would need a copy.
+                lm_head: repack_with(head, rows, false)?,
             })
         });
         match packed {
