@@ -4,6 +4,7 @@ fn main() {
         "sipt_packed_linear",
         &[
             "cpp/packed_linear.cpp",
+            "cpp/panel_linear.cpp",
             "cpp/fused_optim.cpp",
             "cpp/fused_layers.cpp",
         ],

@@ -192,6 +192,10 @@ pub struct RolloutBench {
     /// kernels (for measuring the two side by side).
     #[arg(long)]
     pub plain_layers: bool,
+    /// Decode with f32 weights packed in oneDNN's format for its kernels instead of in panels
+    /// for sipt's AVX-512 products (for measuring the two side by side).
+    #[arg(long)]
+    pub onednn_products: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -271,6 +275,7 @@ pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
     let device = crate::model::select_device(&b.device)?;
     let mut policy = Policy::load(&b.model, device)?;
     policy.model.fused_layers = !b.plain_layers;
+    policy.model.panel_products = !b.onednn_products;
     if b.dtype == Dtype::Bf16 {
         policy.vs.set_kind(Kind::BFloat16);
     }
@@ -307,10 +312,24 @@ pub fn rollouts(b: &RolloutBench) -> Result<serde_json::Value> {
         "seconds": seconds,
         "generated_tokens_per_second": generated / seconds,
         "layers": if b.plain_layers { "plain" } else { "fused" },
+        "products": products(&policy, policy.model.kind()),
         "parameters": policy.model.config.parameters(),
         "device": format!("{device:?}"),
         "threads": tch::get_num_threads(),
     }))
+}
+
+/// Whose kernels multiply by the weights when `policy` decodes in `kind`: `panels` or `onednn`
+/// (packed weights on a CPU), `libtorch` elsewhere.
+fn products(policy: &Policy, kind: Kind) -> &'static str {
+    use crate::model::packed::{layout_for, Layout};
+    if policy.device() != Device::Cpu {
+        return "libtorch";
+    }
+    match layout_for(kind, policy.model.panel_products) {
+        Layout::Panels => "panels",
+        Layout::Onednn => "onednn",
+    }
 }
 
 fn sync(device: Device) {
@@ -357,6 +376,10 @@ pub struct SipStepBench {
     /// kernels (for measuring the two side by side).
     #[arg(long)]
     pub plain_layers: bool,
+    /// Decode with f32 weights packed in oneDNN's format for its kernels instead of in panels
+    /// for sipt's AVX-512 products (for measuring the two side by side).
+    #[arg(long)]
+    pub onednn_products: bool,
 }
 
 /// One online-DPO step through the SIP loop's own phases: rollouts (shared prefill), pools, a
@@ -367,6 +390,7 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
     let device = crate::model::select_device(&b.device)?;
     let mut policy = Policy::load(&b.model, device)?;
     policy.model.fused_layers = !b.plain_layers;
+    policy.model.panel_products = !b.onednn_products;
     let tokenizer = Tokenizer::load(&b.model.join(TOKENIZER_JSON))?;
     let objective = crate::objective::build("online-dpo", serde_json::json!({"beta": 0.1}))
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -465,6 +489,13 @@ pub fn sip_step(b: &SipStepBench) -> Result<serde_json::Value> {
         "optimizer": if learner.optimizer.fused { "fused" } else { "plain" },
         "shared_prefixes": !b.unshared_prefixes,
         "layers": if b.plain_layers { "plain" } else { "fused" },
+        "products": products(
+            &policy,
+            match b.sample_dtype {
+                Dtype::Bf16 => Kind::BFloat16,
+                Dtype::F32 => Kind::Float,
+            },
+        ),
         "deferred": learner.scoring.defers_tokens(
             policy.model.config.vocab_size,
             b.prompts * b.completions * b.new_tokens,

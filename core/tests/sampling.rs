@@ -4,6 +4,7 @@
 #[path = "../../tests/common/needs.rs"]
 mod needs;
 
+use sipt_core::model::packed::{self, Layout};
 use sipt_core::model::{Batch, KvCache, Llama, LlamaConfig, Packed, Policy};
 use sipt_core::sample::{continuation_logprobs, generate, generate_packed, Sampling};
 use tch::{Device, Kind, Tensor};
@@ -279,7 +280,22 @@ fn packed_weights_decode_like_the_model() {
         // or AMX, f16 AVX512-FP16 (Intel only). bf16 must pack where the CPU has those
         // instructions; otherwise the packed path is not compared (said so), and sampling
         // above ran on the fallback.
-        let Some(packed) = model.model.pack(2) else {
+        // f32 is compared in both layouts: sipt's panels (where the CPU has AVX-512) and
+        // oneDNN's.
+        if kind == Kind::Float && packed::panels_supported() {
+            let panels = model
+                .model
+                .pack_as(2, Layout::Panels)
+                .expect("f32 panels pack");
+            let plain = prefill_and_decode(&model.model, None);
+            let fast = prefill_and_decode(&model.model, Some(&panels));
+            for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "panels, pass {i}: max |diff| {diff}");
+                assert_eq!(a.argmax(-1, false), b.argmax(-1, false), "panels, pass {i}");
+            }
+        }
+        let Some(packed) = model.model.pack_as(2, Layout::Onednn) else {
             match kind {
                 Kind::Float => panic!("f32 weights could not be packed"),
                 Kind::BFloat16 => {
@@ -326,7 +342,8 @@ fn packed_weights_decode_like_the_model() {
 
 #[test]
 fn padded_packed_weights_give_the_plain_products() {
-    use sipt_core::model::packed::{linear, linear_strided, repack};
+    use sipt_core::model::packed::{linear, linear_strided, repack_as};
+    let repack = |w: &Tensor, rows| repack_as(w, rows, Layout::Onednn);
     let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(5);
     let w = Tensor::randn([1024, 40], (Kind::Float, Device::Cpu));
@@ -354,7 +371,10 @@ fn padded_packed_weights_give_the_plain_products() {
     // A model whose fused gate/up product is 2 × 512 wide (padded) decodes like its plain
     // weights: the same logits and the same sampled tokens at a fixed seed.
     let p = policy_with(|c| c.intermediate_size = 512);
-    let packed = p.model.pack(2).expect("f32 weights pack on every CPU");
+    let packed = p
+        .model
+        .pack_as(2, Layout::Onednn)
+        .expect("f32 weights pack on every CPU");
     let plain = prefill_and_decode(&p.model, None);
     let fast = prefill_and_decode(&p.model, Some(&packed));
     for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
@@ -370,6 +390,92 @@ fn padded_packed_weights_give_the_plain_products() {
     let sampled = generate_packed(&p.model, &prefixes, 2, &s, &[], 3, Some(&packed));
     let unpacked = generate_packed(&p.model, &prefixes, 2, &s, &[], 3, None);
     assert_eq!(sampled.tokens, unpacked.tokens);
+}
+
+#[test]
+fn panel_products_match_the_plain_products() {
+    use sipt_core::model::packed::{linear, repack_as};
+    if !packed::panels_supported() {
+        eprintln!("not compared: this CPU has no AVX-512 for the panel products");
+        return;
+    }
+    let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(7);
+    let cases: Vec<(Tensor, Vec<Tensor>)> =
+        [(1, 1), (15, 7), (16, 40), (17, 40), (100, 33), (1024, 64)]
+            .into_iter()
+            .map(|(out, inputs)| {
+                let w = Tensor::randn([out, inputs], (Kind::Float, Device::Cpu));
+                // Rows in one chunk, in two uneven ones, in several; and a (B, T, in) batch.
+                let xs = [1i64, 5, 12, 13, 16, 30, 64]
+                    .into_iter()
+                    .map(|rows| Tensor::randn([rows, inputs], (Kind::Float, Device::Cpu)))
+                    .chain([Tensor::randn([3, 7, inputs], (Kind::Float, Device::Cpu))])
+                    .collect();
+                (w, xs)
+            })
+            .collect();
+    drop(_init);
+    for (w, xs) in &cases {
+        let packed = repack_as(w, 4, Layout::Panels).unwrap();
+        assert_eq!(packed.layout(), Layout::Panels);
+        assert!(!packed.is_padded());
+        for x in xs {
+            let want = x.matmul(&w.tr());
+            let got = tch::no_grad(|| linear(x, &packed).unwrap());
+            assert_eq!(got.size(), want.size(), "{:?} x {:?}", x.size(), w.size());
+            assert!(got.is_contiguous());
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            let scale = want.abs().max().double_value(&[]).max(1.0);
+            assert!(
+                diff < 1e-5 * scale,
+                "{:?} x {:?}: max |diff| {diff}",
+                x.size(),
+                w.size()
+            );
+        }
+        // A strided input (a transposed view) gives the same product.
+        let x = xs[4].tr().contiguous().tr();
+        let diff = (tch::no_grad(|| linear(&x, &packed).unwrap()) - x.matmul(&w.tr()))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "strided input: max |diff| {diff}");
+    }
+    // Inputs the panels have no product for are errors, not crashes.
+    let packed = repack_as(&cases[2].0, 4, Layout::Panels).unwrap();
+    for bad in [
+        Tensor::ones([2, 39], (Kind::Float, Device::Cpu)),
+        Tensor::ones([2, 40], (Kind::Double, Device::Cpu)),
+    ] {
+        let err = linear(&bad, &packed).unwrap_err();
+        assert!(err.contains("packed linear layer failed"), "{err}");
+    }
+    assert!(repack_as(&cases[2].0.to_kind(Kind::BFloat16), 4, Layout::Panels).is_err());
+
+    // A model decodes with panels as with its plain weights: the same logits and the same
+    // sampled tokens at a fixed seed, with and without shared prefixes.
+    let p = policy();
+    let panels = p.model.pack_as(2, Layout::Panels).expect("f32 panels pack");
+    let s = Sampling {
+        max_new_tokens: 24,
+        temperature: 1.0,
+        ..Sampling::default()
+    };
+    let prefixes = [vec![1u32, 2, 3], vec![4u32, 5]];
+    for per_prefix in [1, 3] {
+        let sampled = generate_packed(&p.model, &prefixes, per_prefix, &s, &[], 3, Some(&panels));
+        let unpacked = generate_packed(&p.model, &prefixes, per_prefix, &s, &[], 3, None);
+        assert_eq!(sampled.tokens, unpacked.tokens, "{per_prefix} per prefix");
+        for (a, b) in sampled
+            .logprobs
+            .iter()
+            .flatten()
+            .zip(unpacked.logprobs.iter().flatten())
+        {
+            assert!((a - b).abs() < 1e-4, "log-probs {a} and {b}");
+        }
+    }
 }
 
 #[test]

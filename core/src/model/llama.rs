@@ -971,6 +971,10 @@ pub struct Llama {
     /// default). Off, every layer is libtorch's
     /// own ops: the plain path that tests and benchmarks compare against.
     pub fused_layers: bool,
+    /// Whether [`Llama::pack`] lays f32 weights out in panels for sipt's own AVX-512 products
+    /// where the CPU has them (on by default), instead of in oneDNN's format for its kernels
+    /// (see [`super::packed`]).
+    pub panel_products: bool,
 }
 
 /// How attention sees a batch: plain causal (no padding) or with an explicit mask.
@@ -1041,6 +1045,7 @@ impl Llama {
             lm_head,
             rope,
             fused_layers: true,
+            panel_products: true,
         }
     }
 

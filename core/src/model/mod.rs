@@ -93,6 +93,7 @@ impl Policy {
     pub fn copy_as(&self, kind: Kind) -> Result<Policy> {
         let mut copy = Policy::zeroed(self.model.config.clone(), self.vs.device());
         copy.model.fused_layers = self.model.fused_layers;
+        copy.model.panel_products = self.model.panel_products;
         copy.vs.set_kind(kind);
         copy.copy_from(self)?;
         Ok(copy)

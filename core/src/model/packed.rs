@@ -3,12 +3,19 @@
 //! A decode step multiplies a few rows by every weight matrix of the model. libtorch's plain
 //! linear layers re-lay each weight into the blocked format oneDNN's kernels read on every call,
 //! which costs about as much as the product itself at 16 rows (see docs/benchmarks.md). Here
-//! each weight is repacked once per sampling call into that format (q/k/v fused into one matrix,
-//! gate/up into another, the rows of q and k reordered so that rotary embeddings become one
-//! complex product per step, see `llama::pair_halves`), through libtorch's own `mkldnn::_reorder_linear_weight` and
-//! `mkldnn::_linear_pointwise` kernels. The products are the same oneDNN products the plain path
-//! computes (bit-identical in the tests), only without the repeated repacking. f32 weights
-//! whose product rows would be a multiple of 4 KiB get zero rows more (see `packed_rows`).
+//! each weight is repacked once per sampling call (q/k/v fused into one matrix, gate/up into
+//! another, the rows of q and k reordered so that rotary embeddings become one complex product
+//! per step, see `llama::pair_halves`), in one of two [`Layout`]s:
+//!
+//! - [`Layout::Panels`], f32 weights on a CPU with AVX-512: panels of 16 outputs that sipt's own
+//!   kernels (`core/cpp/panel_linear.cpp`) read once, in order, per product. At the few rows of a
+//!   decode step they run near the memory's bandwidth, where oneDNN's reach about half of it
+//!   (docs/benchmarks.md); they match the plain products up to f32 rounding (tests).
+//! - [`Layout::Onednn`], every other case: oneDNN's blocked format, through libtorch's own
+//!   `mkldnn::_reorder_linear_weight` and `mkldnn::_linear_pointwise` kernels, the same products
+//!   the plain path computes (bit-identical in the tests), only without the repeated repacking.
+//!   f32 weights whose product rows would be a multiple of 4 KiB get zero rows more (see
+//!   `packed_rows`).
 //!
 //! The packed weights are a snapshot: [`Llama::pack`] makes them from the current variables and
 //! they never see later updates, so sampling packs again at each call. They serve inference
@@ -33,6 +40,43 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> *mut C_tensor;
+    fn sipt_panels_supported() -> bool;
+    fn sipt_panel_linear(
+        input: *const C_tensor,
+        panels: *const C_tensor,
+        out_features: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+}
+
+/// How a packed weight is laid out, and so whose kernels multiply by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// oneDNN's blocked format, for its kernels (any type oneDNN has kernels for).
+    Onednn,
+    /// Panels of 16 outputs `(panels, in, 16)`, an even number of them, zero-padded, for sipt's
+    /// AVX-512 kernels (f32 only).
+    Panels,
+}
+
+/// Outputs per panel: one AVX-512 vector of f32.
+const PANEL: i64 = 16;
+
+/// Whether this CPU runs the panel kernels (AVX-512).
+pub fn panels_supported() -> bool {
+    // SAFETY: a pure query of the CPU's features.
+    unsafe { sipt_panels_supported() }
+}
+
+/// The layout [`Llama::pack`] gives weights of `kind`: panels for f32 where the CPU has
+/// AVX-512 and `panels` allows them, oneDNN's otherwise.
+pub fn layout_for(kind: Kind, panels: bool) -> Layout {
+    if panels && kind == Kind::Float && panels_supported() {
+        Layout::Panels
+    } else {
+        Layout::Onednn
+    }
 }
 
 /// Call a shim function that returns a new tensor or fills `err`.
@@ -52,6 +96,7 @@ pub(super) fn call(f: impl FnOnce(*mut c_char, usize) -> *mut C_tensor) -> Resul
 /// A weight matrix in oneDNN's blocked format, with the width of its product's rows.
 pub struct PackedWeight {
     packed: Tensor,
+    layout: Layout,
     /// The weight's output features; the packed matrix may have more (zero) rows.
     out: i64,
     /// The packed matrix's rows: `out`, or more where [`packed_rows`] pads.
@@ -78,14 +123,59 @@ fn packed_rows(weight: &Tensor) -> i64 {
     }
 }
 
-/// `weight (out, in)` repacked for inputs of about `rows` rows, padded where
-/// [`packed_rows`] says.
+/// `weight (out, in)` repacked in the layout of [`layout_for`] (panels allowed), for inputs of
+/// about `rows` rows.
 pub fn repack(weight: &Tensor, rows: i64) -> Result<PackedWeight, String> {
-    repack_with(weight, rows, true)
+    repack_as(weight, rows, layout_for(weight.kind(), true))
 }
 
-fn repack_with(weight: &Tensor, rows: i64, pad: bool) -> Result<PackedWeight, String> {
+/// `weight (out, in)` repacked in `layout`; in oneDNN's, for inputs of about `rows` rows and
+/// padded where [`packed_rows`] says.
+pub fn repack_as(weight: &Tensor, rows: i64, layout: Layout) -> Result<PackedWeight, String> {
+    repack_with(weight, rows, layout, true)
+}
+
+/// `weight (out, in)` as panels: `(panels, in, 16)` with `panels` even, the outputs past `out`
+/// zero.
+fn panels(weight: &Tensor) -> Result<Tensor, String> {
+    let (out, inputs) = weight
+        .size2()
+        .map_err(|e| format!("a weight to pack must be a matrix: {e}"))?;
+    if weight.kind() != Kind::Float || weight.device() != Device::Cpu {
+        return Err(format!(
+            "panels hold f32 weights on the CPU, not {:?} on {:?}",
+            weight.kind(),
+            weight.device()
+        ));
+    }
+    let count = (out + 2 * PANEL - 1) / (2 * PANEL) * 2;
+    let weight = if count * PANEL > out {
+        let zeros = weight.new_zeros([count * PANEL - out, inputs], (Kind::Float, Device::Cpu));
+        Tensor::cat(&[weight, &zeros], 0)
+    } else {
+        weight.shallow_clone()
+    };
+    Ok(weight
+        .view([count, PANEL, inputs])
+        .transpose(1, 2)
+        .contiguous())
+}
+
+fn repack_with(
+    weight: &Tensor,
+    rows: i64,
+    layout: Layout,
+    pad: bool,
+) -> Result<PackedWeight, String> {
     let out = weight.size().first().copied().unwrap_or(0);
+    if layout == Layout::Panels {
+        return Ok(PackedWeight {
+            packed: panels(weight)?,
+            layout,
+            out,
+            rows: out,
+        });
+    }
     let padded = if pad { packed_rows(weight) } else { out };
     let weight = if padded > out {
         let zeros = weight.new_zeros(
@@ -101,6 +191,7 @@ fn repack_with(weight: &Tensor, rows: i64, pad: bool) -> Result<PackedWeight, St
         call(|err, len| unsafe { sipt_reorder_linear_weight(weight.as_ptr(), rows, err, len) })?;
     Ok(PackedWeight {
         packed,
+        layout,
         out,
         rows: padded,
     })
@@ -112,16 +203,27 @@ impl PackedWeight {
         self.out
     }
 
-    /// Whether the packed matrix has zero rows below the weight's (see [`packed_rows`]).
+    /// Whether the packed matrix has zero rows below the weight's (see [`packed_rows`]) that
+    /// its products carry; panel products never do.
     pub fn is_padded(&self) -> bool {
         self.rows > self.out
     }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
 }
 
-fn try_linear(input: &Tensor, packed: &Tensor) -> Result<Tensor, String> {
+fn try_linear(input: &Tensor, w: &PackedWeight) -> Result<Tensor, String> {
     let input = input.contiguous();
-    // SAFETY: as in `repack`.
-    call(|err, len| unsafe { sipt_linear_packed(input.as_ptr(), packed.as_ptr(), err, len) })
+    let packed = &w.packed;
+    // SAFETY: both handles stay alive for the call; the shim copies what it keeps.
+    call(|err, len| unsafe {
+        match w.layout {
+            Layout::Onednn => sipt_linear_packed(input.as_ptr(), packed.as_ptr(), err, len),
+            Layout::Panels => sipt_panel_linear(input.as_ptr(), packed.as_ptr(), w.out, err, len),
+        }
+    })
 }
 
 /// `input (..., in)` times a [`repack`]ed weight, transposed: `(..., out)`, contiguous.
@@ -135,7 +237,7 @@ pub fn linear(input: &Tensor, w: &PackedWeight) -> Result<Tensor, String> {
 
 /// [`linear`] without copying a padded product: `(..., out)` may be a view with longer rows.
 pub fn linear_strided(input: &Tensor, w: &PackedWeight) -> Result<Tensor, String> {
-    let y = try_linear(input, &w.packed).map_err(|e| format!("packed linear layer failed: {e}"))?;
+    let y = try_linear(input, w).map_err(|e| format!("packed linear layer failed: {e}"))?;
     Ok(if w.is_padded() {
         y.narrow(-1, 0, w.out)
     } else {
@@ -143,23 +245,26 @@ pub fn linear_strided(input: &Tensor, w: &PackedWeight) -> Result<Tensor, String
     })
 }
 
-/// Whether libtorch's packed linear kernels work here for weights of `kind`, checked once per
-/// type (they need oneDNN, and 16-bit types need CPU support that not every CPU has).
-fn kernels_work(kind: Kind) -> bool {
+/// Whether the packed linear kernels of `layout` work here for weights of `kind`, checked once
+/// per type and layout (oneDNN's need oneDNN, and 16-bit types need CPU support that not
+/// every CPU has; the panels need AVX-512).
+fn kernels_work(kind: Kind, layout: Layout) -> bool {
     static F32: OnceLock<bool> = OnceLock::new();
+    static F32_PANELS: OnceLock<bool> = OnceLock::new();
     static BF16: OnceLock<bool> = OnceLock::new();
     static F16: OnceLock<bool> = OnceLock::new();
-    let cell = match kind {
-        Kind::Float => &F32,
-        Kind::BFloat16 => &BF16,
-        Kind::Half => &F16,
+    let cell = match (kind, layout) {
+        (Kind::Float, Layout::Onednn) => &F32,
+        (Kind::Float, Layout::Panels) => &F32_PANELS,
+        (Kind::BFloat16, Layout::Onednn) => &BF16,
+        (Kind::Half, Layout::Onednn) => &F16,
         _ => return false,
     };
     *cell.get_or_init(|| {
         let check = || -> Result<(), String> {
             let w = Tensor::ones([4, 8], (kind, Device::Cpu));
             let x = Tensor::ones([2, 8], (kind, Device::Cpu));
-            let y = tch::no_grad(|| try_linear(&x, &repack(&w, 2)?.packed))?;
+            let y = tch::no_grad(|| try_linear(&x, &repack_as(&w, 2, layout)?))?;
             if y.size() == [2, 4]
                 && y.to_kind(Kind::Float).allclose(
                     &Tensor::full([2, 4], 8.0, (Kind::Float, Device::Cpu)),
@@ -176,7 +281,7 @@ fn kernels_work(kind: Kind) -> bool {
         match check() {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!("decoding {kind:?} weights without packing them: {e}");
+                tracing::warn!("decoding {kind:?} weights without packing them ({layout:?}): {e}");
                 false
             }
         }
@@ -207,12 +312,19 @@ pub struct Packed {
 }
 
 impl Llama {
-    /// The weights repacked for decoding batches of about `rows` rows, or `None` where that
-    /// does not apply: off the CPU (CUDA has no per-call repacking to save) or without oneDNN.
+    /// The weights repacked for decoding batches of about `rows` rows, in the layout of
+    /// [`layout_for`] (panels as [`Llama::panel_products`] allows), or `None` where that does
+    /// not apply: off the CPU (CUDA has no per-call repacking to save) or without the kernels.
     pub fn pack(&self, rows: i64) -> Option<Packed> {
-        if self.device() != Device::Cpu || !kernels_work(self.kind()) {
+        self.pack_as(rows, layout_for(self.kind(), self.panel_products))
+    }
+
+    /// [`Llama::pack`] in a given layout.
+    pub fn pack_as(&self, rows: i64, layout: Layout) -> Option<Packed> {
+        if self.device() != Device::Cpu || !kernels_work(self.kind(), layout) {
             return None;
         }
+        let repack = |w: &Tensor, rows: i64| repack_as(w, rows, layout);
         let packed = tch::no_grad(|| -> Result<Packed, String> {
             let blocks = self
                 .blocks
@@ -257,7 +369,7 @@ impl Llama {
                 blocks,
                 // Not padded: the output layer's product (49152 wide on SmolLM2) ran no
                 // faster padded, and its logits would need a copy.
-                lm_head: repack_with(head, rows, false)?,
+                lm_head: repack_with(head, rows, layout, false)?,
             })
         });
         match packed {
