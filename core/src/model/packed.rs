@@ -93,7 +93,8 @@ pub(super) fn call(f: impl FnOnce(*mut c_char, usize) -> *mut C_tensor) -> Resul
     }
 }
 
-/// A weight matrix in oneDNN's blocked format, with the width of its product's rows.
+/// A weight matrix packed for decoding (in one of the [`Layout`]s), with the width of its
+/// product's rows.
 pub struct PackedWeight {
     packed: Tensor,
     layout: Layout,
