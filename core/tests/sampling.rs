@@ -258,6 +258,18 @@ fn prefill_and_decode(model: &Llama, packed: Option<&Packed>) -> Vec<Tensor> {
     })
 }
 
+/// f32 logits through `packed` weights within 1e-4 of the plain ones, with the same greedy
+/// tokens, over a padded prefill and two cached steps.
+fn assert_decodes_like_plain(model: &Llama, packed: &Packed, what: &str) {
+    let plain = prefill_and_decode(model, None);
+    let fast = prefill_and_decode(model, Some(packed));
+    for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{what}, pass {i}: max |diff| {diff}");
+        assert_eq!(a.argmax(-1, false), b.argmax(-1, false), "{what}, pass {i}");
+    }
+}
+
 /// The CPU's feature flags as Linux lists them (empty elsewhere).
 fn cpu_flags() -> std::collections::HashSet<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -276,25 +288,16 @@ fn packed_weights_decode_like_the_model() {
         // Sampling works whether or not this CPU can pack weights of this type.
         let out = generate(&model.model, &[vec![1u32, 2, 3]], 2, &greedy(20), &[], 0);
         assert!(out.tokens.iter().all(|t| t.len() == 20));
+        // f32 is compared in both layouts: sipt's panels (where the CPU has AVX-512) and
+        // oneDNN's.
+        if kind == Kind::Float && packed::panels_supported() {
+            let panels = model.model.pack_as(2, Layout::Panels);
+            assert_decodes_like_plain(&model.model, &panels.expect("f32 panels pack"), "panels");
+        }
         // f32 packing needs only oneDNN; 16-bit types also need CPU support: bf16 AVX512-BF16
         // or AMX, f16 AVX512-FP16 (Intel only). bf16 must pack where the CPU has those
         // instructions; otherwise the packed path is not compared (said so), and sampling
         // above ran on the fallback.
-        // f32 is compared in both layouts: sipt's panels (where the CPU has AVX-512) and
-        // oneDNN's.
-        if kind == Kind::Float && packed::panels_supported() {
-            let panels = model
-                .model
-                .pack_as(2, Layout::Panels)
-                .expect("f32 panels pack");
-            let plain = prefill_and_decode(&model.model, None);
-            let fast = prefill_and_decode(&model.model, Some(&panels));
-            for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
-                let diff = (a - b).abs().max().double_value(&[]);
-                assert!(diff < 1e-4, "panels, pass {i}: max |diff| {diff}");
-                assert_eq!(a.argmax(-1, false), b.argmax(-1, false), "panels, pass {i}");
-            }
-        }
         let Some(packed) = model.model.pack_as(2, Layout::Onednn) else {
             match kind {
                 Kind::Float => panic!("f32 weights could not be packed"),
@@ -375,12 +378,7 @@ fn padded_packed_weights_give_the_plain_products() {
         .model
         .pack_as(2, Layout::Onednn)
         .expect("f32 weights pack on every CPU");
-    let plain = prefill_and_decode(&p.model, None);
-    let fast = prefill_and_decode(&p.model, Some(&packed));
-    for (i, (a, b)) in plain.iter().zip(&fast).enumerate() {
-        let diff = (a - b).abs().max().double_value(&[]);
-        assert!(diff < 1e-4, "pass {i}: max |diff| {diff}");
-    }
+    assert_decodes_like_plain(&p.model, &packed, "padded");
     let s = Sampling {
         max_new_tokens: 24,
         temperature: 1.0,
