@@ -150,16 +150,24 @@ fn panels(weight: &Tensor) -> Result<Tensor, String> {
         ));
     }
     let count = (out + 2 * PANEL - 1) / (2 * PANEL) * 2;
-    let weight = if count * PANEL > out {
-        let zeros = weight.new_zeros([count * PANEL - out, inputs], (Kind::Float, Device::Cpu));
-        Tensor::cat(&[weight, &zeros], 0)
-    } else {
-        weight.shallow_clone()
-    };
-    Ok(weight
+    Ok(with_zero_rows(weight, count * PANEL)
         .view([count, PANEL, inputs])
         .transpose(1, 2)
         .contiguous())
+}
+
+/// `weight (out, in)` contiguous, with zero rows below it up to `rows` rows.
+fn with_zero_rows(weight: &Tensor, rows: i64) -> Tensor {
+    let out = weight.size().first().copied().unwrap_or(0);
+    if rows > out {
+        let zeros = weight.new_zeros(
+            [rows - out, weight.size()[1]],
+            (weight.kind(), weight.device()),
+        );
+        Tensor::cat(&[weight, &zeros], 0)
+    } else {
+        weight.contiguous()
+    }
 }
 
 fn repack_with(
@@ -178,15 +186,7 @@ fn repack_with(
         });
     }
     let padded = if pad { packed_rows(weight) } else { out };
-    let weight = if padded > out {
-        let zeros = weight.new_zeros(
-            [padded - out, weight.size()[1]],
-            (weight.kind(), weight.device()),
-        );
-        Tensor::cat(&[weight, &zeros], 0)
-    } else {
-        weight.contiguous()
-    };
+    let weight = with_zero_rows(weight, padded);
     // SAFETY: both handles stay alive for the call; the shim copies what it keeps.
     let packed =
         call(|err, len| unsafe { sipt_reorder_linear_weight(weight.as_ptr(), rows, err, len) })?;
